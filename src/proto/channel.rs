@@ -1,0 +1,158 @@
+//! The channel kinds vmcrelay knows, as one table.
+//!
+//! Adding a kind means adding one row to [`KINDS`]. User-defined types
+//! (128..=255, the 2011 spicevmc proposal's `SPICE_CHANNEL_USER_DEFINED_START`)
+//! are synthesised by [`ChannelKind::of`]: upstream SPICE never adopted them,
+//! so only vmcrelay's own server and client carry them. They use exactly the
+//! port channel's message set, so one code path serves every pass-through kind.
+
+use super::consts::*;
+
+/// `SPICE_CHANNEL_MAIN`.
+pub const CH_MAIN: u8 = 1;
+/// `SPICE_CHANNEL_INPUTS` (always present under QEMU; vmcrelay ignores it).
+pub const CH_INPUTS: u8 = 3;
+/// `SPICE_CHANNEL_SMARTCARD`.
+pub const CH_SMARTCARD: u8 = 8;
+/// `SPICE_CHANNEL_USBREDIR`.
+pub const CH_USBREDIR: u8 = 9;
+/// `SPICE_CHANNEL_PORT`.
+pub const CH_PORT: u8 = 10;
+/// `SPICE_CHANNEL_WEBDAV`.
+pub const CH_WEBDAV: u8 = 11;
+/// First user-defined channel type (the seed's proposal).
+pub const CH_USER_DEFINED_START: u8 = 128;
+
+/// What a channel carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelClass {
+    /// The session's main channel.
+    Main,
+    /// A byte pipe: DATA (101) both ways, maybe COMPRESSED_DATA (102),
+    /// maybe PORT_INIT/PORT_EVENT.
+    PassThrough,
+    /// A channel vmcrelay does not carry (display, inputs, …); known only so
+    /// that a client can name it in `--list`.
+    Foreign,
+}
+
+/// One row of the channel table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelKind {
+    /// Wire type number.
+    pub channel_type: u8,
+    /// Name used in configs, logs and `--list`.
+    pub name: &'static str,
+    /// What the channel carries.
+    pub class: ChannelClass,
+    /// Whether LZ4 COMPRESSED_DATA (102) may be announced and accepted.
+    pub lz4: bool,
+    /// Whether PORT_INIT / PORT_EVENT are part of the message set.
+    pub port_messages: bool,
+}
+
+const fn row(t: u8, name: &'static str, class: ChannelClass, lz4: bool, port: bool) -> ChannelKind {
+    ChannelKind { channel_type: t, name, class, lz4, port_messages: port }
+}
+
+/// Every built-in kind.
+pub const KINDS: &[ChannelKind] = &[
+    row(CH_MAIN, "main", ChannelClass::Main, false, false),
+    row(2, "display", ChannelClass::Foreign, false, false),
+    row(CH_INPUTS, "inputs", ChannelClass::Foreign, false, false),
+    row(4, "cursor", ChannelClass::Foreign, false, false),
+    row(5, "playback", ChannelClass::Foreign, false, false),
+    row(6, "record", ChannelClass::Foreign, false, false),
+    // Smartcard DATA carries VSC messages; vmcrelay passes them unchanged.
+    row(CH_SMARTCARD, "smartcard", ChannelClass::PassThrough, false, false),
+    row(CH_USBREDIR, "usbredir", ChannelClass::PassThrough, true, false),
+    row(CH_PORT, "port", ChannelClass::PassThrough, true, true),
+    row(CH_WEBDAV, "webdav", ChannelClass::PassThrough, true, true),
+];
+
+/// The user-defined kind template.
+const USER_DEFINED: ChannelKind = row(CH_USER_DEFINED_START, "user", ChannelClass::PassThrough, true, true);
+
+impl ChannelKind {
+    /// Looks a wire type up; `None` for types nobody defines (12..=127).
+    pub fn of(channel_type: u8) -> Option<ChannelKind> {
+        if channel_type >= CH_USER_DEFINED_START {
+            return Some(ChannelKind { channel_type, ..USER_DEFINED });
+        }
+        KINDS.iter().copied().find(|k| k.channel_type == channel_type)
+    }
+
+    /// Looks a config name up (`usbredir`, `port`, …; not user types).
+    pub fn by_name(name: &str) -> Option<ChannelKind> {
+        KINDS.iter().copied().find(|k| k.name == name)
+    }
+
+    /// Whether this is a user-defined type (128..=255).
+    pub fn is_user_defined(&self) -> bool {
+        self.channel_type >= CH_USER_DEFINED_START
+    }
+
+    /// Channel caps this side announces for the kind.
+    pub fn channel_caps(&self, want_lz4: bool) -> super::caps::Caps {
+        match self.class {
+            ChannelClass::Main => super::caps::Caps::EMPTY,
+            _ if self.lz4 && want_lz4 => super::caps::Caps::from_bits(&[SPICEVMC_CAP_DATA_COMPRESS_LZ4]),
+            _ => super::caps::Caps::EMPTY,
+        }
+    }
+
+    /// Whether a client → server message type is part of this kind's set.
+    /// spice-server disconnects on anything else; so do we.
+    pub fn client_msg_allowed(&self, msg_type: u16) -> bool {
+        if (MSGC_ACK_SYNC..=MSGC_DISCONNECTING).contains(&msg_type) {
+            return true;
+        }
+        match self.class {
+            ChannelClass::Main => (101..=112).contains(&msg_type),
+            ChannelClass::PassThrough => {
+                msg_type == MSG_SPICEVMC_DATA
+                    || (self.lz4 && msg_type == MSG_SPICEVMC_COMPRESSED_DATA)
+                    || (self.port_messages && msg_type == MSGC_PORT_EVENT)
+            }
+            ChannelClass::Foreign => false,
+        }
+    }
+}
+
+impl std::fmt::Display for ChannelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_user_defined() { write!(f, "{}", self.channel_type) } else { f.write_str(self.name) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_lookups() {
+        assert_eq!(ChannelKind::of(9).map(|k| k.name), Some("usbredir"));
+        assert_eq!(ChannelKind::of(12), None);
+        assert_eq!(ChannelKind::of(127), None);
+        let u = ChannelKind::of(200).expect("user type");
+        assert!(u.is_user_defined() && u.port_messages && u.lz4);
+        assert_eq!(u.to_string(), "200");
+        assert_eq!(ChannelKind::by_name("webdav").map(|k| k.channel_type), Some(11));
+    }
+
+    #[test]
+    fn message_sets() {
+        let usb = ChannelKind::of(CH_USBREDIR).expect("usbredir");
+        assert!(usb.client_msg_allowed(101) && usb.client_msg_allowed(102) && usb.client_msg_allowed(3));
+        assert!(!usb.client_msg_allowed(201));
+        let sc = ChannelKind::of(CH_SMARTCARD).expect("smartcard");
+        assert!(!sc.client_msg_allowed(102));
+        let port = ChannelKind::of(CH_PORT).expect("port");
+        assert!(port.client_msg_allowed(201));
+        assert!(ChannelKind::of(CH_MAIN).expect("main").client_msg_allowed(104));
+        // no kind numbers overlap
+        for (i, a) in KINDS.iter().enumerate() {
+            assert!(KINDS[i + 1..].iter().all(|b| b.channel_type != a.channel_type && b.name != a.name));
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! Client side of the link stage, as a sans-IO state machine.
+//!
+//! The link message is queued at construction; feed the server's bytes
+//! with [`ClientLink::handle_input`] (any split), send what
+//! [`ClientLink::poll_output`] yields, and act on
+//! [`ClientLink::poll_action`]. Input is consumed exactly up to the final
+//! link result.
+
+use rand::rngs::StdRng;
+
+use super::auth::{AuthError, encrypt_ticket, seeded_rng};
+use super::caps::Caps;
+use super::consts::*;
+use super::framing::HeaderKind;
+use super::link::{HeaderError, LinkErrorCode, LinkHeader, LinkMess, LinkReply};
+use super::server_link::Linked;
+use super::wire::Writer;
+
+/// What to link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientLinkConfig {
+    /// 0 for the main channel of a new session, else the session id.
+    pub connection_id: u32,
+    /// Channel type.
+    pub channel_type: u8,
+    /// Channel id.
+    pub channel_id: u8,
+    /// Channel caps to announce (e.g. LZ4 on spicevmc channels).
+    pub channel_caps: Caps,
+    /// Password (≤ 60 bytes); empty when the server has ticketing disabled.
+    pub password: Vec<u8>,
+    /// Whether to offer the mini header.
+    pub mini_header: bool,
+}
+
+/// Why a client link failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ClientLinkFailure {
+    /// The server's link header was refused.
+    #[error("bad reply header: {0}")]
+    Header(HeaderError),
+    /// The reply does not parse.
+    #[error("malformed link reply")]
+    BadReply,
+    /// The server answered with an error reply.
+    #[error("server refused the link: {0}")]
+    ErrorReply(LinkErrorCode),
+    /// The server offers no authentication we speak (SASL only).
+    #[error("server requires SASL authentication, which vmcrelay does not support")]
+    NoCommonAuth,
+    /// Ticket encryption failed.
+    #[error("{0}")]
+    Auth(AuthError),
+    /// The final link result was not OK.
+    #[error("link refused: {0}")]
+    Result(LinkErrorCode),
+}
+
+/// What the caller must do next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Linked: switch to the data stage.
+    Linked(Linked),
+    /// Close the connection.
+    Close(ClientLinkFailure),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    ReplyHeader,
+    ReplyBody { size: usize },
+    Result,
+    Done,
+}
+
+const OUT_CAP: usize = LINK_HEADER_LEN + LINK_MESS_LEN + 8 * 4 * super::caps::KEPT_CAP_WORDS + 4 + TICKET_LEN;
+
+/// The client side of one link.
+#[derive(Debug)]
+pub struct ClientLink {
+    state: State,
+    config: ClientLinkConfig,
+    common_caps: Caps,
+    rng: StdRng,
+    inbuf: Box<[u8; MAX_LINK_BODY_LEN as usize]>,
+    have: usize,
+    out: [u8; OUT_CAP],
+    out_start: usize,
+    out_end: usize,
+    reply: Option<LinkReply>,
+    action: Option<Action>,
+}
+
+impl ClientLink {
+    /// Queues the link message. `rng_seed` seeds OAEP padding: take it
+    /// from the OS in production, fixed in tests.
+    pub fn new(config: ClientLinkConfig, rng_seed: [u8; 32]) -> Result<Self, AuthError> {
+        if config.password.len() > MAX_PASSWORD_LEN {
+            return Err(AuthError::PasswordTooLong);
+        }
+        let mut common_caps = Caps::from_bits(&[CAP_AUTH_SELECTION, CAP_AUTH_SPICE]);
+        if config.mini_header {
+            common_caps.set(CAP_MINI_HEADER);
+        }
+        let mess = LinkMess {
+            connection_id: config.connection_id,
+            channel_type: config.channel_type,
+            channel_id: config.channel_id,
+            common_caps,
+            channel_caps: config.channel_caps,
+        };
+        let mut out = [0u8; OUT_CAP];
+        let mut w = Writer::new(&mut out);
+        mess.emit(&mut w).map_err(|_| AuthError::Rsa)?;
+        let out_end = w.written();
+        Ok(Self {
+            state: State::ReplyHeader,
+            config,
+            common_caps,
+            rng: seeded_rng(rng_seed),
+            inbuf: Box::new([0; MAX_LINK_BODY_LEN as usize]),
+            have: 0,
+            out,
+            out_start: 0,
+            out_end,
+            reply: None,
+            action: None,
+        })
+    }
+
+    /// Whether the link stage is over.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Feeds server bytes; returns how many were consumed.
+    pub fn handle_input(&mut self, input: &[u8]) -> usize {
+        let mut used = 0;
+        while used < input.len() && self.action.is_none() {
+            let want = match self.state {
+                State::ReplyHeader => LINK_HEADER_LEN,
+                State::ReplyBody { size } => size,
+                State::Result => 4,
+                State::Done => break,
+            };
+            let n = (want - self.have).min(input.len() - used);
+            self.inbuf[self.have..self.have + n].copy_from_slice(&input[used..used + n]);
+            self.have += n;
+            used += n;
+            if self.have == want {
+                self.have = 0;
+                self.step();
+            }
+        }
+        used
+    }
+
+    fn fail(&mut self, f: ClientLinkFailure) {
+        self.state = State::Done;
+        self.action = Some(Action::Close(f));
+    }
+
+    fn step(&mut self) {
+        match self.state {
+            State::ReplyHeader => {
+                let mut h = [0u8; LINK_HEADER_LEN];
+                h.copy_from_slice(&self.inbuf[..LINK_HEADER_LEN]);
+                match LinkHeader::parse(&h) {
+                    Err(e) => self.fail(ClientLinkFailure::Header(e)),
+                    // An error reply is 178 bytes; anything shorter cannot hold the key.
+                    Ok(h) if h.size < 4 || h.size > MAX_LINK_BODY_LEN => {
+                        self.fail(ClientLinkFailure::Header(HeaderError::Size(h.size)))
+                    }
+                    Ok(h) => self.state = State::ReplyBody { size: h.size as usize },
+                }
+            }
+            State::ReplyBody { size } => {
+                let body = &self.inbuf[..size];
+                // Check the error word before anything else: an error reply
+                // carries no caps and may be shorter than a full reply.
+                let error = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+                if error != 0 {
+                    return self.fail(ClientLinkFailure::ErrorReply(LinkErrorCode::from_code(error)));
+                }
+                let Some(reply) = LinkReply::parse(body) else {
+                    return self.fail(ClientLinkFailure::BadReply);
+                };
+                self.send_ticket(&reply);
+                self.reply = Some(reply);
+            }
+            State::Result => {
+                let code = u32::from_le_bytes([self.inbuf[0], self.inbuf[1], self.inbuf[2], self.inbuf[3]]);
+                if code != 0 {
+                    return self.fail(ClientLinkFailure::Result(LinkErrorCode::from_code(code)));
+                }
+                let Some(reply) = self.reply else { return self.fail(ClientLinkFailure::BadReply) };
+                self.state = State::Done;
+                self.action = Some(Action::Linked(Linked {
+                    connection_id: self.config.connection_id,
+                    channel_type: self.config.channel_type,
+                    channel_id: self.config.channel_id,
+                    peer_common_caps: reply.common_caps,
+                    peer_channel_caps: reply.channel_caps,
+                    our_channel_caps: self.config.channel_caps,
+                    header_kind: HeaderKind::negotiate(
+                        self.common_caps.has(CAP_MINI_HEADER),
+                        reply.common_caps.has(CAP_MINI_HEADER),
+                    ),
+                }));
+            }
+            State::Done => {}
+        }
+    }
+
+    fn send_ticket(&mut self, reply: &LinkReply) {
+        let server = reply.common_caps;
+        if server.has(CAP_AUTH_SELECTION) {
+            if !server.has(CAP_AUTH_SPICE) {
+                return self.fail(ClientLinkFailure::NoCommonAuth);
+            }
+            self.push_out(&AUTH_MECH_SPICE.to_le_bytes());
+        }
+        match encrypt_ticket(&mut self.rng, &reply.pub_key, &self.config.password) {
+            Ok(t) => self.push_out(&t),
+            Err(e) => return self.fail(ClientLinkFailure::Auth(e)),
+        }
+        self.state = State::Result;
+    }
+
+    fn push_out(&mut self, b: &[u8]) {
+        if self.out_start == self.out_end {
+            self.out_start = 0;
+            self.out_end = 0;
+        }
+        let n = b.len().min(OUT_CAP - self.out_end);
+        self.out[self.out_end..self.out_end + n].copy_from_slice(&b[..n]);
+        self.out_end += n;
+    }
+
+    /// Bytes waiting to be sent.
+    pub fn pending_output(&self) -> &[u8] {
+        &self.out[self.out_start..self.out_end]
+    }
+
+    /// Copies pending output into `buf`; returns the bytes copied.
+    pub fn poll_output(&mut self, buf: &mut [u8]) -> usize {
+        let n = buf.len().min(self.out_end - self.out_start);
+        buf[..n].copy_from_slice(&self.out[self.out_start..self.out_start + n]);
+        self.out_start += n;
+        n
+    }
+
+    /// The next action, once.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.action.take()
+    }
+}

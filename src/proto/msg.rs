@@ -1,0 +1,1 @@
+//! Data-stage messages (placeholder until the codec lands).
