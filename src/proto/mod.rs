@@ -8,6 +8,7 @@
 //! caller acts on. Every byte is treated as hostile: malformed input becomes
 //! a typed error, never a panic.
 
+pub mod ack;
 pub mod auth;
 pub mod caps;
 pub mod channel;

@@ -1,0 +1,1 @@
+//! ACK window accounting (placeholder until the codec lands).
