@@ -1,0 +1,408 @@
+//! Ring set-up, the in-flight op table, one function per SQE kind, and
+//! completion reaping.
+
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
+
+use super::arena::{Arena, BufId};
+
+/// Most iovecs one readv/writev carries.
+pub const MAX_IOV: usize = 16;
+
+/// Ring sizing and flags.
+#[derive(Debug, Clone, Copy)]
+pub struct RingConfig {
+    /// Submission queue entries (completion queue is twice that).
+    pub entries: u32,
+    /// Registered buffers.
+    pub buffers: usize,
+    /// Bytes per buffer.
+    pub buf_size: usize,
+    /// In-flight op table size; pushing past it is refused.
+    pub max_ops: usize,
+    /// SINGLE_ISSUER | DEFER_TASKRUN (completions run only when we wait).
+    pub defer_taskrun: bool,
+}
+
+/// Start-up failures, each saying what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    /// io_uring_setup failed.
+    #[error(
+        "cannot create an io_uring ({0}); vmcrelay needs Linux ≥ 6.1 with io_uring enabled \
+         (check `sysctl kernel.io_uring_disabled` is 0, and that seccomp/containers allow io_uring_setup)"
+    )]
+    Setup(std::io::Error),
+    /// An opcode the relay needs is missing.
+    #[error("this kernel's io_uring lacks {0}; vmcrelay needs Linux ≥ 6.1")]
+    MissingOpcode(&'static str),
+    /// Buffer registration failed.
+    #[error(
+        "cannot register {count} buffers of {size} bytes ({err}); lower --max-channels or \
+         --buffer-kib, or raise the locked-memory limit (ulimit -l)"
+    )]
+    Register {
+        /// Buffers.
+        count: usize,
+        /// Bytes each.
+        size: usize,
+        /// Cause.
+        err: std::io::Error,
+    },
+    /// Arena allocation failed.
+    #[error("cannot allocate the buffer arena: {0}")]
+    Arena(std::io::Error),
+}
+
+/// Why an op could not be pushed. Each is our bug or a bound being hit;
+/// none silently drops the op.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The in-flight op table is full.
+    #[error("in-flight op table full")]
+    OpsFull,
+    /// The buffer is lent to the kernel already, or the range is outside it.
+    #[error("buffer unavailable or range out of bounds")]
+    Buffer,
+    /// io_uring_enter failed while making room in the submission queue.
+    #[error("io_uring_enter: {0}")]
+    Enter(std::io::Error),
+}
+
+/// A reaped completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The caller's token, as pushed.
+    pub token: u64,
+    /// The CQE result (bytes, fd, or `-errno`).
+    pub result: i32,
+    /// More CQEs will follow for this op (multishot).
+    pub more: bool,
+    /// The buffer the op used; it is back in the caller's hands unless `more`.
+    pub buf: Option<BufId>,
+    /// The eventfd counter read by [`Ring::read_counter`].
+    pub counter: u64,
+}
+
+/// Everything an in-flight op needs kept alive until its CQE.
+struct OpRecord {
+    in_use: bool,
+    generation: u32,
+    token: u64,
+    buf: Option<BufId>,
+    iov: [libc::iovec; MAX_IOV],
+    addr: libc::sockaddr_storage,
+    ts: types::Timespec,
+    counter: u64,
+}
+
+impl OpRecord {
+    fn new() -> Self {
+        Self {
+            in_use: false,
+            generation: 0,
+            token: 0,
+            buf: None,
+            iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV],
+            // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+            addr: unsafe { std::mem::zeroed() },
+            ts: types::Timespec::new(),
+            counter: 0,
+        }
+    }
+}
+
+/// Opcodes the relay uses, probed at start-up.
+const NEEDED: &[(u8, &str)] = &[
+    (opcode::AcceptMulti::CODE, "ACCEPT"),
+    (opcode::ReadFixed::CODE, "READ_FIXED"),
+    (opcode::WriteFixed::CODE, "WRITE_FIXED"),
+    (opcode::Readv::CODE, "READV"),
+    (opcode::Writev::CODE, "WRITEV"),
+    (opcode::Read::CODE, "READ"),
+    (opcode::Splice::CODE, "SPLICE"),
+    (opcode::Connect::CODE, "CONNECT"),
+    (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    (opcode::Timeout::CODE, "TIMEOUT"),
+];
+
+/// One worker's ring with its arena and op table.
+pub struct Ring {
+    // Field order matters: the ring is dropped (and the kernel lets go of
+    // every registered buffer) before the arena frees its memory.
+    ring: IoUring,
+    ops: Box<[OpRecord]>,
+    free_ops: Vec<u32>,
+    arena: Arena,
+    stale_cqes: u64,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring").field("inflight", &self.inflight()).finish_non_exhaustive()
+    }
+}
+
+impl Ring {
+    /// Creates the ring, probes opcodes, allocates and registers the arena.
+    pub fn new(cfg: RingConfig) -> Result<Self, RingError> {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(cfg.entries.saturating_mul(2)).setup_coop_taskrun();
+        if cfg.defer_taskrun {
+            b.setup_single_issuer().setup_defer_taskrun();
+        }
+        let ring = b.build(cfg.entries).map_err(RingError::Setup)?;
+        let mut probe = Probe::new();
+        ring.submitter().register_probe(&mut probe).map_err(RingError::Setup)?;
+        if let Some((_, name)) = NEEDED.iter().find(|(code, _)| !probe.is_supported(*code)) {
+            return Err(RingError::MissingOpcode(name));
+        }
+        let arena = Arena::new(cfg.buffers, cfg.buf_size).map_err(RingError::Arena)?;
+        let iovecs = arena.iovecs();
+        // SAFETY: the iovecs describe the arena's allocation, which outlives
+        // the registration: `ring` is declared before `arena` in `Ring`, so
+        // it is dropped (unregistering the buffers) first.
+        unsafe { ring.submitter().register_buffers(&iovecs) }.map_err(|err| RingError::Register {
+            count: arena.count(),
+            size: arena.buf_size(),
+            err,
+        })?;
+        let ops: Box<[OpRecord]> = (0..cfg.max_ops).map(|_| OpRecord::new()).collect();
+        let free_ops = (0..u32::try_from(cfg.max_ops).unwrap_or(u32::MAX)).rev().collect();
+        Ok(Self { ring, ops, free_ops, arena, stale_cqes: 0 })
+    }
+
+    /// The buffer arena.
+    pub fn arena(&self) -> &Arena {
+        &self.arena
+    }
+
+    /// The buffer arena, mutable.
+    pub fn arena_mut(&mut self) -> &mut Arena {
+        &mut self.arena
+    }
+
+    /// Ops pushed and not yet completed.
+    pub fn inflight(&self) -> usize {
+        self.ops.len() - self.free_ops.len()
+    }
+
+    /// Op table capacity.
+    pub fn max_ops(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// CQEs whose user_data matched no live op (must stay 0).
+    pub fn stale_cqes(&self) -> u64 {
+        self.stale_cqes
+    }
+
+    /// Takes an op record for `token`; returns its index and user_data.
+    fn take_op(&mut self, token: u64, buf: Option<BufId>) -> Result<(usize, u64), SubmitError> {
+        let i = self.free_ops.pop().ok_or(SubmitError::OpsFull)? as usize;
+        let rec = &mut self.ops[i];
+        rec.in_use = true;
+        rec.generation = rec.generation.wrapping_add(1);
+        rec.token = token;
+        rec.buf = buf;
+        Ok((i, (u64::from(rec.generation) << 32) | i as u64))
+    }
+
+    /// Gives a record back when its push failed.
+    fn put_op(&mut self, i: usize) {
+        if let Some(b) = self.ops[i].buf.take() {
+            self.arena.unlend(b);
+        }
+        self.ops[i].in_use = false;
+        self.free_ops.push(u32::try_from(i).unwrap_or(0));
+    }
+
+    /// Pushes an SQE whose memory is kept alive by record `i`. A full
+    /// submission queue is flushed to the kernel and the push retried.
+    fn push(&mut self, i: usize, entry: squeue::Entry) -> Result<(), SubmitError> {
+        for _ in 0..3 {
+            // SAFETY: every pointer in `entry` refers to memory owned by the
+            // arena (lent until the CQE) or by op record `i`, which stays
+            // in use, unmoved (boxed slice), until its CQE is reaped.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return Ok(());
+            }
+            if let Err(e) = self.ring.submit() {
+                self.put_op(i);
+                return Err(SubmitError::Enter(e));
+            }
+        }
+        self.put_op(i);
+        Err(SubmitError::Enter(std::io::Error::other("submission queue stays full")))
+    }
+
+    fn lend(&mut self, buf: BufId, offset: usize, len: usize) -> Result<*mut u8, SubmitError> {
+        if self.arena.is_lent(buf) {
+            return Err(SubmitError::Buffer);
+        }
+        self.arena.lend(buf, offset, len).ok_or(SubmitError::Buffer)
+    }
+
+    /// Multishot accept on a listening socket.
+    pub fn accept_multi(&mut self, fd: RawFd, token: u64) -> Result<(), SubmitError> {
+        let (i, ud) = self.take_op(token, None)?;
+        let e = opcode::AcceptMulti::new(types::Fd(fd)).flags(libc::SOCK_CLOEXEC).build().user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Reads into `buf[offset..offset + len]` (registered buffer).
+    pub fn read_fixed(
+        &mut self,
+        fd: RawFd,
+        buf: BufId,
+        offset: usize,
+        len: usize,
+        token: u64,
+    ) -> Result<(), SubmitError> {
+        let len32 = u32::try_from(len).map_err(|_| SubmitError::Buffer)?;
+        let ptr = self.lend(buf, offset, len)?;
+        let (i, ud) = self.take_op(token, Some(buf))?;
+        // offset u64::MAX (-1): use the file position, as for a stream.
+        let e = opcode::ReadFixed::new(types::Fd(fd), ptr, len32, buf.0).offset(u64::MAX).build().user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Writes `buf[offset..offset + len]` (registered buffer).
+    pub fn write_fixed(
+        &mut self,
+        fd: RawFd,
+        buf: BufId,
+        offset: usize,
+        len: usize,
+        token: u64,
+    ) -> Result<(), SubmitError> {
+        let len32 = u32::try_from(len).map_err(|_| SubmitError::Buffer)?;
+        let ptr = self.lend(buf, offset, len)?;
+        let (i, ud) = self.take_op(token, Some(buf))?;
+        let e = opcode::WriteFixed::new(types::Fd(fd), ptr, len32, buf.0).offset(u64::MAX).build().user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Builds the record's iovec array for `(offset, len)` ranges of `buf`.
+    fn vectored(&mut self, buf: BufId, ranges: &[(usize, usize)], token: u64) -> Result<(usize, u64), SubmitError> {
+        if ranges.is_empty() || ranges.len() > MAX_IOV || self.arena.is_lent(buf) {
+            return Err(SubmitError::Buffer);
+        }
+        let mut ptrs = [std::ptr::null_mut::<u8>(); MAX_IOV];
+        for (p, &(off, len)) in ptrs.iter_mut().zip(ranges) {
+            *p = self.arena.range_ptr(buf, off, len).ok_or(SubmitError::Buffer)?;
+        }
+        self.lend(buf, 0, 0)?;
+        let (i, ud) = self.take_op(token, Some(buf))?;
+        for (k, &(_, len)) in ranges.iter().enumerate() {
+            self.ops[i].iov[k] = libc::iovec { iov_base: ptrs[k].cast(), iov_len: len };
+        }
+        Ok((i, ud))
+    }
+
+    /// Gathers `(offset, len)` ranges of `buf` into one write.
+    pub fn writev(&mut self, fd: RawFd, buf: BufId, ranges: &[(usize, usize)], token: u64) -> Result<(), SubmitError> {
+        let (i, ud) = self.vectored(buf, ranges, token)?;
+        let n = u32::try_from(ranges.len()).unwrap_or(0);
+        let e =
+            opcode::Writev::new(types::Fd(fd), self.ops[i].iov.as_ptr(), n).offset(u64::MAX).build().user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Scatters one read over `(offset, len)` ranges of `buf`.
+    pub fn readv(&mut self, fd: RawFd, buf: BufId, ranges: &[(usize, usize)], token: u64) -> Result<(), SubmitError> {
+        let (i, ud) = self.vectored(buf, ranges, token)?;
+        let n = u32::try_from(ranges.len()).unwrap_or(0);
+        let e =
+            opcode::Readv::new(types::Fd(fd), self.ops[i].iov.as_ptr(), n).offset(u64::MAX).build().user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Moves up to `len` bytes between two fds, one of which is a pipe.
+    pub fn splice(&mut self, fd_in: RawFd, fd_out: RawFd, len: u32, token: u64) -> Result<(), SubmitError> {
+        let (i, ud) = self.take_op(token, None)?;
+        let e = opcode::Splice::new(types::Fd(fd_in), -1, types::Fd(fd_out), -1, len)
+            .flags(libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK)
+            .build()
+            .user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Connects a socket to `addr` (`len` bytes of it are meaningful).
+    pub fn connect(
+        &mut self,
+        fd: RawFd,
+        addr: &libc::sockaddr_storage,
+        len: libc::socklen_t,
+        token: u64,
+    ) -> Result<(), SubmitError> {
+        let (i, ud) = self.take_op(token, None)?;
+        self.ops[i].addr = *addr;
+        let p = (&raw const self.ops[i].addr).cast::<libc::sockaddr>();
+        let e = opcode::Connect::new(types::Fd(fd), p, len).build().user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Completes after `after` (result `-ETIME`).
+    pub fn timeout(&mut self, after: Duration, token: u64) -> Result<(), SubmitError> {
+        let (i, ud) = self.take_op(token, None)?;
+        self.ops[i].ts = types::Timespec::from(after);
+        let e = opcode::Timeout::new(&raw const self.ops[i].ts).build().user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Reads an eventfd's 8-byte counter (returned in `Completion::counter`).
+    pub fn read_counter(&mut self, fd: RawFd, token: u64) -> Result<(), SubmitError> {
+        let (i, ud) = self.take_op(token, None)?;
+        let p = (&raw mut self.ops[i].counter).cast::<u8>();
+        let e = opcode::Read::new(types::Fd(fd), p, 8).build().user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Cancels every in-flight op on `fd`. Their CQEs still arrive
+    /// (`-ECANCELED` or their real result) and must be reaped before the
+    /// owner of those ops lets go of its buffers.
+    pub fn cancel_fd(&mut self, fd: RawFd, token: u64) -> Result<(), SubmitError> {
+        let (i, ud) = self.take_op(token, None)?;
+        let e = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all()).build().user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Submits pushed SQEs and waits for at least `want` completions.
+    pub fn submit_and_wait(&mut self, want: usize) -> std::io::Result<usize> {
+        match self.ring.submit_and_wait(want) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => Ok(0),
+            r => r,
+        }
+    }
+
+    /// Moves every available completion into `out`, releasing op records
+    /// (and buffers) of ops that are finished.
+    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        let mut cq = self.ring.completion();
+        cq.sync();
+        for cqe in &mut cq {
+            let ud = cqe.user_data();
+            let i = (ud & 0xffff_ffff) as usize;
+            let generation = (ud >> 32) as u32;
+            let more = cqueue::more(cqe.flags());
+            let Some(rec) = self.ops.get_mut(i).filter(|r| r.in_use && r.generation == generation) else {
+                self.stale_cqes += 1;
+                continue;
+            };
+            let buf = rec.buf;
+            let c = Completion { token: rec.token, result: cqe.result(), more, buf, counter: rec.counter };
+            if !more {
+                rec.in_use = false;
+                rec.buf = None;
+                if let Some(b) = buf {
+                    self.arena.unlend(b);
+                }
+                self.free_ops.push(u32::try_from(i).unwrap_or(0));
+            }
+            out.push(c);
+        }
+    }
+}
