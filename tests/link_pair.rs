@@ -42,6 +42,10 @@ fn run(
                         s_final = Some(a);
                     }
                 }
+                Some(server_link::Action::Authenticated(_)) => {
+                    s.confirm(Err(LinkErrorCode::ChannelNotAvailable));
+                    s_final = s.poll_action();
+                }
                 Some(a) => s_final = Some(a),
                 None if used == 0 => break,
                 None => {}
@@ -137,4 +141,19 @@ fn garbage_gets_error_reply() {
     let out = s.pending_output();
     assert_eq!(out.len(), 194);
     assert_eq!(&out[16..20], &2u32.to_le_bytes(), "INVALID_MAGIC");
+}
+
+#[test]
+fn endpoint_failure_after_auth_gets_9() {
+    let o = run(ServerLinkConfig::default(), client(b"", 9, true), 5, |_| Decision::AcceptThenConfirm {
+        channel_caps: Caps::EMPTY,
+    });
+    assert_eq!(
+        o.server,
+        Some(server_link::Action::Close(LinkFailure::Refused(LinkErrorCode::ChannelNotAvailable)))
+    );
+    assert_eq!(
+        o.client,
+        Some(client_link::Action::Close(ClientLinkFailure::Result(LinkErrorCode::ChannelNotAvailable)))
+    );
 }

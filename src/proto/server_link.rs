@@ -54,6 +54,14 @@ pub enum Decision {
         /// Channel caps the server announces.
         channel_caps: Caps,
     },
+    /// Reply and authenticate, then emit [`Action::Authenticated`] and wait
+    /// for [`ServerLink::confirm`] before sending the result. Lets the
+    /// caller open the channel's endpoint only for an authenticated client
+    /// and still answer with a link error when it cannot.
+    AcceptThenConfirm {
+        /// Channel caps the server announces.
+        channel_caps: Caps,
+    },
     /// Reply and authenticate, then answer `BAD_CONNECTION_ID` (no session
     /// has this connection id), as spice-server does.
     BadConnectionId,
@@ -131,6 +139,9 @@ impl LinkFailure {
 pub enum Action {
     /// Look the channel up and call [`ServerLink::decide`].
     Request(LinkRequest),
+    /// The ticket is good; call [`ServerLink::confirm`] (only after
+    /// [`Decision::AcceptThenConfirm`]).
+    Authenticated(LinkRequest),
     /// Linked: flush output, then switch to the data stage.
     Linked(Linked),
     /// Flush output, then close the connection.
@@ -144,6 +155,7 @@ enum State {
     AwaitDecision,
     AuthMechanism,
     Ticket,
+    AwaitConfirm,
     Done,
 }
 
@@ -212,7 +224,7 @@ impl ServerLink {
                 State::Body { size } => size,
                 State::AuthMechanism => 4,
                 State::Ticket => TICKET_LEN,
-                State::AwaitDecision | State::Done => break,
+                State::AwaitDecision | State::AwaitConfirm | State::Done => break,
             };
             let n = (want - self.have).min(input.len() - used);
             self.inbuf[self.have..self.have + n].copy_from_slice(&input[used..used + n]);
@@ -268,7 +280,7 @@ impl ServerLink {
                 t.copy_from_slice(&self.inbuf[..TICKET_LEN]);
                 self.check_ticket(&t);
             }
-            State::AwaitDecision | State::Done => {}
+            State::AwaitDecision | State::AwaitConfirm | State::Done => {}
         }
     }
 
@@ -286,22 +298,42 @@ impl ServerLink {
             return self.fail_with_result(f);
         }
         match (self.decision, self.request) {
-            (Some(Decision::Accept { channel_caps }), Some(req)) => {
-                self.push_out(&0u32.to_le_bytes());
-                self.state = State::Done;
-                let header_kind = HeaderKind::negotiate(self.mini_header, req.common_caps.has(CAP_MINI_HEADER));
-                self.action = Some(Action::Linked(Linked {
-                    connection_id: req.connection_id,
-                    channel_type: req.channel_type,
-                    channel_id: req.channel_id,
-                    peer_common_caps: req.common_caps,
-                    peer_channel_caps: req.channel_caps,
-                    our_channel_caps: channel_caps,
-                    header_kind,
-                }));
+            (Some(Decision::Accept { channel_caps }), Some(req)) => self.link(req, channel_caps),
+            (Some(Decision::AcceptThenConfirm { .. }), Some(req)) => {
+                self.state = State::AwaitConfirm;
+                self.action = Some(Action::Authenticated(req));
             }
             (Some(Decision::FailAfterAuth(code)), _) => self.fail_with_result(LinkFailure::Refused(code)),
             _ => self.fail_with_result(LinkFailure::Refused(LinkErrorCode::BadConnectionId)),
+        }
+    }
+
+    fn link(&mut self, req: LinkRequest, channel_caps: Caps) {
+        self.push_out(&0u32.to_le_bytes());
+        self.state = State::Done;
+        let header_kind = HeaderKind::negotiate(self.mini_header, req.common_caps.has(CAP_MINI_HEADER));
+        self.action = Some(Action::Linked(Linked {
+            connection_id: req.connection_id,
+            channel_type: req.channel_type,
+            channel_id: req.channel_id,
+            peer_common_caps: req.common_caps,
+            peer_channel_caps: req.channel_caps,
+            our_channel_caps: channel_caps,
+            header_kind,
+        }));
+    }
+
+    /// Finishes a link held by [`Decision::AcceptThenConfirm`]: `Ok` sends
+    /// result OK and yields [`Action::Linked`]; `Err(code)` sends `code`
+    /// and yields [`Action::Close`].
+    pub fn confirm(&mut self, result: Result<(), LinkErrorCode>) {
+        if self.state != State::AwaitConfirm {
+            return;
+        }
+        match (result, self.decision, self.request) {
+            (Ok(()), Some(Decision::AcceptThenConfirm { channel_caps }), Some(req)) => self.link(req, channel_caps),
+            (Err(code), ..) => self.fail_with_result(LinkFailure::Refused(code)),
+            _ => self.fail_with_result(LinkFailure::Refused(LinkErrorCode::Error)),
         }
     }
 
@@ -318,7 +350,7 @@ impl ServerLink {
                 self.action = Some(Action::Close(LinkFailure::UnknownChannel));
                 return;
             }
-            Decision::Accept { channel_caps } => channel_caps,
+            Decision::Accept { channel_caps } | Decision::AcceptThenConfirm { channel_caps } => channel_caps,
             Decision::BadConnectionId | Decision::FailAfterAuth(_) => Caps::EMPTY,
         };
         let reply = LinkReply {
