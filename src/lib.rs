@@ -17,3 +17,4 @@
 pub mod proto;
 #[allow(unsafe_code)]
 pub mod uring;
+pub mod relay;

@@ -20,7 +20,7 @@ impl BufId {
 }
 
 /// Most buffers an arena holds (fixed-buffer indices are u16).
-pub(crate) const MAX_BUFFERS: usize = u16::MAX as usize;
+pub const MAX_BUFFERS: usize = u16::MAX as usize;
 
 /// A region of registered buffers.
 #[derive(Debug)]

@@ -16,6 +16,6 @@ mod arena;
 mod errno;
 mod ring;
 
-pub use arena::{Arena, BufId};
+pub use arena::{Arena, BufId, MAX_BUFFERS};
 pub use errno::{Errno, classify};
 pub use ring::{Completion, MAX_IOV, Ring, RingConfig, RingError, SubmitError};

@@ -1,0 +1,501 @@
+//! Serve configuration: services (one per VM), their channels and
+//! endpoints, and the engine's limits. Built from a TOML file or from
+//! command-line flags; every error names where it is and what to write.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::proto::channel::{CH_PORT, ChannelClass, ChannelKind};
+
+/// Where a channel's bytes go on the host side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointSpec {
+    /// Connect to a unix stream socket (e.g. QEMU `-chardev socket,server=on`).
+    Unix(PathBuf),
+    /// Listen on a unix socket; QEMU or the app connects to us.
+    UnixListen(PathBuf),
+    /// Open a character device or FIFO read-write.
+    File(PathBuf),
+    /// Connect to a TCP address.
+    Tcp(SocketAddr),
+    /// Built-in: echo every byte back.
+    Echo,
+    /// Built-in: discard every byte.
+    Sink,
+}
+
+impl std::fmt::Display for EndpointSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+            Self::UnixListen(p) => write!(f, "unix-listen:{}", p.display()),
+            Self::File(p) => write!(f, "file:{}", p.display()),
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+            Self::Echo => f.write_str("echo:"),
+            Self::Sink => f.write_str("sink:"),
+        }
+    }
+}
+
+/// One channel a service offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelConf {
+    /// Kind (usbredir, port, 128, …).
+    pub kind: ChannelKind,
+    /// Channel id (per type, 0-based).
+    pub id: u8,
+    /// Port name for port/webdav channels (sent in PORT_INIT), and for
+    /// user-defined channels (vmcrelay's own convention).
+    pub port_name: Option<String>,
+    /// Where the bytes go.
+    pub endpoint: EndpointSpec,
+}
+
+impl ChannelConf {
+    /// `usbredir:0`, `port:NAME`, `128:0` — for logs.
+    pub fn label(&self) -> String {
+        match &self.port_name {
+            Some(n) if self.kind.channel_type == CH_PORT => format!("port:{n}"),
+            _ => format!("{}:{}", self.kind, self.id),
+        }
+    }
+}
+
+/// One SPICE server (usually one per VM).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// Name used in logs.
+    pub name: String,
+    /// TCP addresses to listen on.
+    pub listen: Vec<SocketAddr>,
+    /// Ticket password; `None` when ticketing is disabled.
+    pub password: Option<Vec<u8>>,
+    /// Offered channels.
+    pub channels: Vec<ChannelConf>,
+}
+
+/// What to do when a client links a channel that already has a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BusyPolicy {
+    /// The newest client wins (spice-server's behaviour): the old link
+    /// closes and the endpoint connection is reset.
+    #[default]
+    Replace,
+    /// Keep the first client; the new link gets CHANNEL_NOT_AVAILABLE.
+    Refuse,
+}
+
+/// How client → endpoint payload bytes move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataPath {
+    /// Through registered buffers (read fixed, gathered write).
+    #[default]
+    Copy,
+    /// Large payloads spliced socket → pipe → endpoint without touching
+    /// user memory (not implemented yet: behaves as `copy`).
+    Splice,
+}
+
+/// Engine limits and knobs, each with a default and a flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Worker threads (one io_uring each).
+    pub workers: usize,
+    /// Client connections (any stage) per worker.
+    pub max_conns_per_worker: usize,
+    /// Bytes per registered buffer; each connection holds two.
+    pub buffer_bytes: usize,
+    /// Largest DATA payload sent to the client.
+    pub max_payload_bytes: usize,
+    /// Largest control-message body accepted from a client.
+    pub max_control_bytes: usize,
+    /// Seconds a client may take to finish the link stage.
+    pub link_timeout_secs: u64,
+    /// Busy-channel policy.
+    pub busy: BusyPolicy,
+    /// Data path for client → endpoint payloads.
+    pub data_path: DataPath,
+    /// Send LZ4 COMPRESSED_DATA to clients that accept it.
+    pub lz4_to_client: bool,
+    /// Keep a `unix-listen` endpoint connection open when the client goes.
+    pub keep_listen_endpoint: bool,
+    /// RSA keys kept ready per worker.
+    pub key_pool_per_worker: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max_conns_per_worker: 256,
+            // Four 64 KiB DATA messages with 18-byte headers fit in one buffer.
+            buffer_bytes: 4 * (64 * 1024 + 18),
+            max_payload_bytes: 64 * 1024,
+            max_control_bytes: 64 * 1024,
+            link_timeout_secs: 10,
+            busy: BusyPolicy::Replace,
+            data_path: DataPath::Copy,
+            lz4_to_client: false,
+            keep_listen_endpoint: false,
+            key_pool_per_worker: 8,
+        }
+    }
+}
+
+/// The whole serve configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// Services.
+    pub services: Vec<Service>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+/// A configuration error with where it is and what to write instead.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    /// `FILE:LINE`, or `--channel`, …
+    pub origin: String,
+    /// What is wrong and what to write instead.
+    pub message: String,
+}
+
+fn err(origin: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError { origin: origin.into(), message: message.into() }
+}
+
+const KIND_HELP: &str = "KIND is usbredir, smartcard, webdav, port:NAME or a number 128..=255";
+const ENDPOINT_HELP: &str =
+    "ENDPOINT is unix:PATH, unix-listen:PATH, file:PATH, tcp:HOST:PORT, echo: or sink:";
+
+/// Parses an endpoint (`unix:/run/x.sock`, `echo:`, …).
+pub fn parse_endpoint(s: &str) -> Result<EndpointSpec, String> {
+    let (scheme, rest) = s.split_once(':').ok_or_else(|| format!("endpoint `{s}` has no scheme; {ENDPOINT_HELP}"))?;
+    let path = |what: &str| -> Result<PathBuf, String> {
+        if rest.is_empty() {
+            Err(format!("`{what}:` needs a path, e.g. `{what}:/run/vm1/ur0.sock`"))
+        } else {
+            Ok(PathBuf::from(rest))
+        }
+    };
+    Ok(match scheme {
+        "unix" => EndpointSpec::Unix(path("unix")?),
+        "unix-listen" => EndpointSpec::UnixListen(path("unix-listen")?),
+        "file" => EndpointSpec::File(path("file")?),
+        "tcp" => EndpointSpec::Tcp(
+            rest.to_socket_addrs()
+                .map_err(|e| format!("`tcp:{rest}`: {e}; write tcp:HOST:PORT, e.g. tcp:127.0.0.1:4444"))?
+                .next()
+                .ok_or_else(|| format!("`tcp:{rest}` resolves to no address"))?,
+        ),
+        "echo" if rest.is_empty() => EndpointSpec::Echo,
+        "sink" if rest.is_empty() => EndpointSpec::Sink,
+        _ => return Err(format!("unknown endpoint `{s}`; {ENDPOINT_HELP}")),
+    })
+}
+
+/// Parses `KIND[:ID]=ENDPOINT`. `next_id` gives the next free id of a type
+/// when the spec has none.
+pub fn parse_channel(spec: &str, next_id: &mut dyn FnMut(u8) -> u8) -> Result<ChannelConf, String> {
+    let (lhs, rhs) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("channel `{spec}` has no `=ENDPOINT`; write KIND[:ID]=ENDPOINT ({KIND_HELP})"))?;
+    let endpoint = parse_endpoint(rhs)?;
+    let (kind_s, arg) = match lhs.split_once(':') {
+        Some((k, a)) => (k, Some(a)),
+        None => (lhs, None),
+    };
+    let kind = if let Ok(n) = kind_s.parse::<u16>() {
+        match u8::try_from(n).ok().and_then(ChannelKind::of) {
+            Some(k) if k.is_user_defined() => k,
+            _ => return Err(format!("channel type {n} is not user-defined; numbers must be 128..=255 ({KIND_HELP})")),
+        }
+    } else {
+        match ChannelKind::by_name(kind_s) {
+            Some(k) if k.class == ChannelClass::PassThrough => k,
+            _ => return Err(format!("unknown channel kind `{kind_s}`; {KIND_HELP}")),
+        }
+    };
+    let (id, port_name) = if kind.channel_type == CH_PORT {
+        let name = arg.filter(|a| !a.is_empty()).ok_or_else(|| {
+            format!("a port channel needs its name: `port:NAME=...`, e.g. `port:org.qemu.monitor.qmp.0=unix:/run/vm1/qmp.sock`")
+        })?;
+        if name.len() > 255 || name.contains('\0') {
+            return Err(format!("port name `{name}` must be 1..=255 bytes without NUL"));
+        }
+        (next_id(kind.channel_type), Some(name.to_string()))
+    } else {
+        let id = match arg {
+            Some(a) => a.parse::<u8>().map_err(|_| format!("channel id `{a}` must be a number 0..=255"))?,
+            None => next_id(kind.channel_type),
+        };
+        let name = match kind.channel_type {
+            11 => Some("org.spice-space.webdav.0".to_string()),
+            _ if kind.is_user_defined() => Some(format!("vmcrelay.user.{}.{id}", kind.channel_type)),
+            _ => None,
+        };
+        (id, name)
+    };
+    Ok(ChannelConf { kind, id, port_name, endpoint })
+}
+
+/// Builds a channel list, assigning ids and refusing duplicates.
+pub fn parse_channels<'a>(
+    specs: impl IntoIterator<Item = (&'a str, String)>,
+) -> Result<Vec<ChannelConf>, ConfigError> {
+    let mut out: Vec<ChannelConf> = Vec::new();
+    for (spec, origin) in specs {
+        let taken: Vec<(u8, u8)> = out.iter().map(|c| (c.kind.channel_type, c.id)).collect();
+        let mut next = |t: u8| (0..=255u8).find(|i| !taken.contains(&(t, *i))).unwrap_or(255);
+        let c = parse_channel(spec, &mut next).map_err(|m| err(&origin, m))?;
+        if taken.contains(&(c.kind.channel_type, c.id)) {
+            return Err(err(origin, format!("channel {} is configured twice; give each its own id", c.label())));
+        }
+        if let Some(n) = &c.port_name
+            && c.kind.channel_type == CH_PORT
+            && out.iter().any(|o| o.port_name.as_deref() == Some(n))
+        {
+            return Err(err(origin, format!("port name `{n}` is configured twice")));
+        }
+        out.push(c);
+    }
+    if out.is_empty() {
+        return Err(err("channels", "a service needs at least one channel, e.g. --channel port:com.example.0=echo:"));
+    }
+    Ok(out)
+}
+
+/// Reads a password from a file (first line, without the newline).
+pub fn read_password_file(path: &Path) -> Result<Vec<u8>, String> {
+    let raw = std::fs::read(path).map_err(|e| format!("cannot read password file {}: {e}", path.display()))?;
+    let line = raw.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    check_password(line.to_vec())
+}
+
+/// Reads a password from an environment variable.
+pub fn read_password_env(var: &str) -> Result<Vec<u8>, String> {
+    let v = std::env::var_os(var).ok_or_else(|| format!("environment variable {var} is not set"))?;
+    check_password(v.into_encoded_bytes())
+}
+
+fn check_password(p: Vec<u8>) -> Result<Vec<u8>, String> {
+    if p.len() > crate::proto::consts::MAX_PASSWORD_LEN {
+        return Err(format!("password is {} bytes; SPICE allows at most 60", p.len()));
+    }
+    if p.is_empty() {
+        return Err("password is empty; use disable-ticketing to serve without a password".into());
+    }
+    Ok(p)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    #[serde(default)]
+    relay: FileRelay,
+    #[serde(default)]
+    service: Vec<toml::Spanned<FileService>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileRelay {
+    workers: Option<usize>,
+    max_conns_per_worker: Option<usize>,
+    buffer_kib: Option<usize>,
+    max_payload_kib: Option<usize>,
+    link_timeout_secs: Option<u64>,
+    busy: Option<BusyPolicy>,
+    data_path: Option<DataPath>,
+    lz4_to_client: Option<bool>,
+    keep_listen_endpoint: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileService {
+    name: Option<String>,
+    listen: Vec<toml::Spanned<String>>,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    #[serde(default)]
+    disable_ticketing: bool,
+    channels: Vec<toml::Spanned<String>>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(1, |t| t.bytes().filter(|&b| b == b'\n').count() + 1)
+}
+
+/// Resolves a listen address (`127.0.0.1:5930`, `[::1]:5930`, `localhost:5930`).
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.to_socket_addrs()
+        .map_err(|e| format!("listen address `{s}`: {e}; write HOST:PORT, e.g. 127.0.0.1:5930"))?
+        .next()
+        .ok_or_else(|| format!("listen address `{s}` resolves to nothing"))
+}
+
+/// Chooses the password from the mutually exclusive sources.
+pub fn resolve_password(
+    file: Option<&Path>,
+    env: Option<&str>,
+    disable_ticketing: bool,
+) -> Result<Option<Vec<u8>>, String> {
+    match (file, env, disable_ticketing) {
+        (Some(f), None, false) => read_password_file(f).map(Some),
+        (None, Some(v), false) => read_password_env(v).map(Some),
+        (None, None, true) => Ok(None),
+        (None, None, false) => Err("no password source: set password-file, password-env, or disable-ticketing \
+             (spice-server refuses every client in that case; vmcrelay refuses to start)"
+            .into()),
+        _ => Err("choose exactly one of password-file, password-env, disable-ticketing".into()),
+    }
+}
+
+impl ServeConfig {
+    /// Loads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| err(&origin, format!("cannot read: {e}")))?;
+        Self::from_toml(&text, &origin)
+    }
+
+    /// Parses TOML text; `origin` names the file in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let at = |off: usize| format!("{origin}:{}", line_of(text, off));
+        let fc: FileConfig = toml::from_str(text).map_err(|e| {
+            let place = e.span().map_or_else(|| origin.to_string(), |s| at(s.start));
+            err(place, e.message().to_string())
+        })?;
+        let mut limits = Limits::default();
+        let r = fc.relay;
+        if let Some(w) = r.workers {
+            limits.workers = w;
+        }
+        if let Some(v) = r.max_conns_per_worker {
+            limits.max_conns_per_worker = v;
+        }
+        if let Some(v) = r.buffer_kib {
+            limits.buffer_bytes = v * 1024;
+        }
+        if let Some(v) = r.max_payload_kib {
+            limits.max_payload_bytes = v * 1024;
+        }
+        if let Some(v) = r.link_timeout_secs {
+            limits.link_timeout_secs = v;
+        }
+        limits.busy = r.busy.unwrap_or(limits.busy);
+        limits.data_path = r.data_path.unwrap_or(limits.data_path);
+        limits.lz4_to_client = r.lz4_to_client.unwrap_or(limits.lz4_to_client);
+        limits.keep_listen_endpoint = r.keep_listen_endpoint.unwrap_or(limits.keep_listen_endpoint);
+        let mut services = Vec::new();
+        for (n, sp) in fc.service.iter().enumerate() {
+            let s = sp.get_ref();
+            let here = at(sp.span().start);
+            let name = s.name.clone().unwrap_or_else(|| format!("service{n}"));
+            let mut listen = Vec::new();
+            for l in &s.listen {
+                listen.push(parse_listen(l.get_ref()).map_err(|m| err(at(l.span().start), m))?);
+            }
+            if listen.is_empty() {
+                return Err(err(here, "a service needs listen = [\"127.0.0.1:5930\"]"));
+            }
+            let password =
+                resolve_password(s.password_file.as_deref(), s.password_env.as_deref(), s.disable_ticketing)
+                    .map_err(|m| err(&here, m))?;
+            let channels =
+                parse_channels(s.channels.iter().map(|c| (c.get_ref().as_str(), at(c.span().start))))
+                    .map_err(|e| if e.origin == "channels" { err(&here, e.message) } else { e })?;
+            services.push(Service { name, listen, password, channels });
+        }
+        let cfg = Self { services, limits };
+        cfg.validate().map_err(|m| err(origin, m))?;
+        Ok(cfg)
+    }
+
+    /// Cross-service checks and limit sanity.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.services.is_empty() {
+            return Err("no service configured: add a [[service]] table".into());
+        }
+        let mut seen: Vec<SocketAddr> = Vec::new();
+        for s in &self.services {
+            for a in &s.listen {
+                if seen.contains(a) {
+                    return Err(format!("listen address {a} is used by two services"));
+                }
+                seen.push(*a);
+            }
+        }
+        let l = &self.limits;
+        if l.workers == 0 || l.workers > 256 {
+            return Err(format!("workers = {} must be 1..=256", l.workers));
+        }
+        if l.max_conns_per_worker == 0 || l.max_conns_per_worker * 2 > crate::uring::MAX_BUFFERS {
+            return Err(format!("max-conns-per-worker = {} must be 1..=16383", l.max_conns_per_worker));
+        }
+        if l.buffer_bytes < 16 * 1024 || l.buffer_bytes > 16 * 1024 * 1024 {
+            return Err("buffer size must be 16 KiB..=16 MiB".into());
+        }
+        if l.max_payload_bytes == 0 || l.max_payload_bytes + 18 > l.buffer_bytes {
+            return Err("max payload must be > 0 and fit in one buffer with its header".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(spec: &str) -> Result<ChannelConf, String> {
+        parse_channel(spec, &mut |_| 0)
+    }
+
+    #[test]
+    fn channel_specs() {
+        let c = one("usbredir:1=unix:/run/vm1/ur0.sock").expect("ok");
+        assert_eq!((c.kind.channel_type, c.id), (9, 1));
+        assert_eq!(c.endpoint, EndpointSpec::Unix("/run/vm1/ur0.sock".into()));
+        let c = one("port:org.qemu.monitor.qmp.0=unix-listen:/x").expect("ok");
+        assert_eq!(c.port_name.as_deref(), Some("org.qemu.monitor.qmp.0"));
+        assert_eq!(c.label(), "port:org.qemu.monitor.qmp.0");
+        let c = one("128=echo:").expect("ok");
+        assert!(c.kind.is_user_defined());
+        assert_eq!(one("tcp:1=echo:").unwrap_err().contains("unknown channel kind"), true);
+        assert!(one("100=echo:").unwrap_err().contains("128..=255"));
+        assert!(one("port=echo:").unwrap_err().contains("needs its name"));
+        assert!(one("usbredir").unwrap_err().contains("no `=ENDPOINT`"));
+        assert!(one("usbredir=ftp:x").unwrap_err().contains("unknown endpoint"));
+        assert!(one("usbredir=unix:").unwrap_err().contains("needs a path"));
+    }
+
+    #[test]
+    fn toml_errors_name_the_line() {
+        let text = "[[service]]\nlisten = [\"127.0.0.1:5930\"]\ndisable-ticketing = true\nchannels = [\n  \"usbredir=echo:\",\n  \"bogus=echo:\",\n]\n";
+        let e = ServeConfig::from_toml(text, "vm.toml").unwrap_err();
+        assert_eq!(e.origin, "vm.toml:6", "{e}");
+        assert!(e.message.contains("unknown channel kind"));
+        let e = ServeConfig::from_toml("[[service]]\nlisten = [\"127.0.0.1:1\"]\nchannels = [\"128=sink:\"]\n", "f")
+            .unwrap_err();
+        assert!(e.to_string().contains("no password source"), "{e}");
+        let e = ServeConfig::from_toml("[relay]\nworkerz = 2\n", "f").unwrap_err();
+        assert_eq!(e.origin, "f:2");
+    }
+
+    #[test]
+    fn toml_full() {
+        let text = "[relay]\nworkers = 1\nbusy = \"refuse\"\n[[service]]\nname = \"vm1\"\nlisten = [\"127.0.0.1:5930\"]\ndisable-ticketing = true\nchannels = [\"usbredir=echo:\", \"usbredir=sink:\", \"port:a.b=echo:\", \"200=sink:\"]\n";
+        let c = ServeConfig::from_toml(text, "f").expect("ok");
+        assert_eq!(c.limits.workers, 1);
+        assert_eq!(c.limits.busy, BusyPolicy::Refuse);
+        let ids: Vec<_> = c.services[0].channels.iter().map(|c| (c.kind.channel_type, c.id)).collect();
+        assert_eq!(ids, vec![(9, 0), (9, 1), (10, 0), (200, 0)]);
+    }
+}

@@ -1,0 +1,5 @@
+//! `relay`: policy. Workers (one io_uring each), the connection table,
+//! sessions, endpoints and configuration. The only place `proto` and
+//! `uring` meet.
+
+pub mod config;
