@@ -170,6 +170,16 @@ class _Direction:
         while view:
             if self.state == "opaque":
                 return
+            if self.state == "auth-pending":
+                # The client sends its auth bytes only after reading the server's reply, which
+                # this tap has parsed before forwarding it: the server caps are known now.
+                if not self.conn.reply_seen:
+                    self._opaque("client auth bytes before the server reply")
+                    return
+                if self.conn.auth_selection():
+                    self.state, self.need = "auth", 4
+                else:
+                    self.state, self.need = "ticket", TICKET_BYTES
             if self.state == "data-body":
                 take = min(self.body_left, len(view))
                 self._body(view[:take])
@@ -201,10 +211,8 @@ class _Direction:
         elif self.state == "link-body":
             if self.from_client:
                 conn.on_link_mess(block)
-                self.state = "auth"
-                self.need = 4 if conn.auth_selection() else TICKET_BYTES
-                if not conn.auth_selection():
-                    self.state = "ticket"
+                self.state = "auth-pending"
+                self.need = 1
             else:
                 conn.on_link_reply(block)
                 if conn.link_error:
@@ -256,7 +264,7 @@ class _Direction:
             return
         if self.body_type == MSG_SPICEVMC_DATA:
             self.payload_bytes += len(chunk)
-            if not self.from_client and len(self.capture) < CAPTURE_PAYLOAD_BYTES:
+            if len(self.capture) < CAPTURE_PAYLOAD_BYTES:
                 self.capture += chunk[:CAPTURE_PAYLOAD_BYTES - len(self.capture)]
         elif self.body_type == MSG_SPICEVMC_COMPRESSED_DATA:
             self.compressed_wire_bytes += len(chunk)
@@ -305,6 +313,7 @@ class _TapConnection:
         self.server_caps = ([], [])
         self.link_error = 0
         self.link_result = None
+        self.reply_seen = False
         self.auth_mechanism = None
         self.notes = []
         self.injected = []                 # list of bytes objects already sent
@@ -323,6 +332,7 @@ class _TapConnection:
         self.inject_pending = list(self.tap.inject_for(ctype, cid))
 
     def on_link_reply(self, body):
+        self.reply_seen = True
         if len(body) < LINK_REPLY_FIXED_BYTES:
             self.link_error = -1
             return
@@ -353,8 +363,14 @@ class _TapConnection:
         return MINI_HEADER_BYTES if self.mini_header() else FULL_HEADER_BYTES
 
     def try_inject(self):
-        """Send queued DATA messages toward the server, only between two client messages."""
+        """Send queued DATA messages toward the server, only between two client messages.
+
+        Waits until both peers have sent payload of their own (for usbredir: both hellos),
+        so injected bytes never take the place of the client's first packet.
+        """
         if not self.inject_pending or self.link_result != 0:
+            return
+        if self.c2s.payload_bytes == 0 or self.s2c.payload_bytes == 0:
             return
         if not self.c2s.at_message_boundary() or self.s2c.state == "opaque":
             return
@@ -378,6 +394,7 @@ class _TapConnection:
                "server_caps": {"common": self.server_caps[0], "channel": self.server_caps[1]},
                "client_to_server": self.c2s.report(), "server_to_client": self.s2c.report(),
                "server_payload_head_hex": bytes(self.s2c.capture).hex(),
+               "client_payload_head_hex": bytes(self.c2s.capture).hex(),
                "injected_bytes": sum(len(p) for p in self.injected),
                "closed": self.closed, "opened_at_s": self.opened_at}
         if self.notes:
@@ -692,14 +709,21 @@ class Client:
         emit_and_exit(self.result, code, reason)
 
     def disconnect_gracefully(self):
-        """Close channels politely (P14: abrupt kills can wedge QEMU), bounded to 0.3 s."""
+        """Linger, then close channels politely, all bounded in time.
+
+        Lingering lets the server's device consume what we wrote: spice-server 0.15.1
+        crashes QEMU when a client leaves while a device still holds a partly written
+        client message (see README). The close itself avoids abrupt kills (P14).
+        """
         try:
-            self.session.disconnect()
             ctx = self.GLib.MainContext.default()
-            deadline = time.monotonic() + 0.3
-            while time.monotonic() < deadline:
-                if not ctx.iteration(False):
-                    time.sleep(0.01)
+            for seconds, action in ((self.args.linger, None), (0.3, self.session.disconnect)):
+                if action is not None:
+                    action()
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    if not ctx.iteration(False):
+                        time.sleep(0.01)
         except Exception:
             pass
 
@@ -1217,7 +1241,8 @@ class Usbredir(Client):
                 return False, "no complete usbredir hello (%d payload bytes)" % conn.s2c.payload_bytes
         elif conn.s2c.payload_bytes == 0:
             return False, "no payload from server"
-        if self.args.send_hex and sum(len(p) for p in conn.injected) == 0:
+        inject_here = self.args.channel_id is None or self.args.channel_id == cid
+        if self.args.send_hex and inject_here and sum(len(p) for p in conn.injected) == 0:
             return False, "injection pending"
         return True, "ok"
 
@@ -1252,8 +1277,11 @@ class Usbredir(Client):
                         entry["server_raw_bytes"] = conn.s2c.raw_bytes
                         entry["client_raw_bytes"] = conn.c2s.raw_bytes
                         head = bytes(conn.s2c.capture)
+                        client_head = bytes(conn.c2s.capture)
                     entry["hello"] = parse_usbredir_hello(head)
+                    entry["client_hello"] = parse_usbredir_hello(client_head)
                     entry["server_payload_head_hex"] = head[:160].hex()
+                    entry["client_payload_head_hex"] = client_head[:160].hex()
             per.append(entry)
         self.result["usbredir"] = per
         if getattr(self, "status", None):
@@ -1278,6 +1306,8 @@ def build_parser():
     common.add_argument("--timeout", type=float, default=10.0, help="seconds before giving up (default 10)")
     common.add_argument("--settle", type=float, default=0.5,
                         help="seconds to wait for late events (channel list, replies) (default 0.5)")
+    common.add_argument("--linger", type=float, default=0.0,
+                        help="seconds to keep running after the verdict, before disconnecting (default 0)")
     common.add_argument("--tap", action="store_true",
                         help="relay through an in-process wire tap that counts SPICE payload bytes per channel")
 
