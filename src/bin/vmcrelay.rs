@@ -1,1 +1,180 @@
-fn main() {}
+//! `vmcrelay`: a SPICE relay for spicevmc channels (usbredir, port, webdav,
+//! smartcard, user-defined types 128..=255).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use vmcrelay::relay::config::{self, BusyPolicy, Limits, ServeConfig, Service};
+use vmcrelay::relay::{log, serve};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Exit codes: 0 success, 1 runtime failure, 2 usage or configuration
+/// error, 3 start-up failure (io_uring, listen address, endpoint socket).
+const EXIT_RUNTIME: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+const EXIT_STARTUP: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmcrelay",
+    version,
+    about = "Relay SPICE spicevmc channels (usbredir, port, webdav, user-defined) between SPICE clients and local sockets",
+    long_about = "vmcrelay carries SPICE spicevmc channels outside QEMU's main loop, on one io_uring per core.\n\n\
+        `serve` is a SPICE server: remote-viewer or any spice-gtk client connects to it, and each \
+        channel is spliced to a local endpoint (QEMU chardev socket, char device, FIFO, any app).",
+    after_help = "Exit codes: 0 success, 1 runtime failure, 2 usage/configuration error, 3 start-up failure."
+)]
+struct Cli {
+    /// Log verbosity: -q errors and warnings only, -v debug.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Serve spicevmc channels to SPICE clients, each spliced to a local endpoint.
+    #[command(after_help = SERVE_HELP)]
+    Serve(ServeArgs),
+}
+
+const SERVE_HELP: &str = "\
+CHANNEL SPECS (--channel, repeatable): KIND[:ID]=ENDPOINT
+  KIND      usbredir | smartcard | webdav | port:NAME | 128..=255 (user-defined, vmcrelay's own)
+  ID        channel id within its type; default: the next free one
+  ENDPOINT  unix:PATH         connect to a unix socket (QEMU -chardev socket,server=on,wait=off)
+            unix-listen:PATH  listen; QEMU or the app connects to vmcrelay
+            file:PATH         a char device (/dev/virtio-ports/NAME) or FIFO
+            tcp:HOST:PORT     connect over TCP
+            echo: | sink:     built-in, for demos and tests
+
+EXAMPLES
+  # one VM, no password, QMP and a USB redirection slot
+  vmcrelay serve --listen 127.0.0.1:5930 --disable-ticketing \\
+      --channel usbredir:0=unix:/run/vm1/ur0.sock \\
+      --channel port:org.qemu.monitor.qmp.0=unix:/run/vm1/qmp.sock
+  remote-viewer spice://127.0.0.1:5930
+
+  # password from a file; a whole host from a config file
+  vmcrelay serve --listen 0.0.0.0:5930 --password-file /etc/vmcrelay/vm1.pass --channel 128=unix-listen:/run/vm1/app.sock
+  vmcrelay serve --config /etc/vmcrelay/host.toml
+
+Logs go to stderr, one line per link and per close (grep `link ` / `close `).
+SIGTERM or SIGINT: stop accepting, flush accepted data, close, exit 0.";
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// TOML file with [relay] knobs and one [[service]] per VM (see README).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "channel"])]
+    config: Option<PathBuf>,
+    /// Address to listen on (repeatable), e.g. 127.0.0.1:5930.
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Vec<String>,
+    /// A channel and its endpoint (repeatable): KIND[:ID]=ENDPOINT.
+    #[arg(long, value_name = "SPEC")]
+    channel: Vec<String>,
+    /// Read the SPICE password from the first line of FILE.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Read the SPICE password from environment variable VAR.
+    #[arg(long, value_name = "VAR")]
+    password_env: Option<String>,
+    /// Accept clients without a password (as QEMU's disable-ticketing).
+    #[arg(long)]
+    disable_ticketing: bool,
+    /// Service name used in logs.
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Worker threads, one io_uring each [default: all cores].
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Client connections per worker (each holds two buffers).
+    #[arg(long, value_name = "N")]
+    max_conns: Option<usize>,
+    /// Size of each registered buffer in KiB.
+    #[arg(long, value_name = "KIB")]
+    buffer_kib: Option<usize>,
+    /// A busy channel: `replace` (newest client wins, as spice-server) or `refuse`.
+    #[arg(long, value_enum)]
+    busy: Option<BusyPolicy>,
+    /// Keep a unix-listen endpoint connection open when the client goes away.
+    #[arg(long)]
+    keep_listen_endpoint: bool,
+}
+
+fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
+    let mut cfg = match &a.config {
+        Some(path) => ServeConfig::from_file(path).map_err(|e| e.to_string())?,
+        None => {
+            if a.listen.is_empty() {
+                return Err("give --listen HOST:PORT and --channel SPEC..., or --config FILE (see --help)".into());
+            }
+            let listen =
+                a.listen.iter().map(|l| config::parse_listen(l)).collect::<Result<Vec<_>, _>>()?;
+            let password = config::resolve_password(
+                a.password_file.as_deref(),
+                a.password_env.as_deref(),
+                a.disable_ticketing,
+            )
+            .map_err(|m| format!("{m} (flags: --password-file, --password-env, --disable-ticketing)"))?;
+            let channels = config::parse_channels(a.channel.iter().map(|c| (c.as_str(), "--channel".to_string())))
+                .map_err(|e| e.to_string())?;
+            ServeConfig {
+                services: vec![Service { name: a.name.clone(), listen, password, channels }],
+                limits: Limits::default(),
+            }
+        }
+    };
+    let l = &mut cfg.limits;
+    if let Some(w) = a.workers {
+        l.workers = w;
+    }
+    if let Some(m) = a.max_conns {
+        l.max_conns_per_worker = m;
+    }
+    if let Some(k) = a.buffer_kib {
+        l.buffer_bytes = k * 1024;
+    }
+    if let Some(b) = a.busy {
+        l.busy = b;
+    }
+    if a.keep_listen_endpoint {
+        l.keep_listen_endpoint = true;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    log::set_level(if cli.quiet { 1 } else { 2 + cli.verbose });
+    match cli.cmd {
+        Cmd::Serve(a) => {
+            let cfg = match build_config(&a) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("vmcrelay: configuration error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match serve::run(cfg) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(serve::ServeError::Startup(e)) => {
+                    eprintln!("vmcrelay: cannot start: {e}");
+                    ExitCode::from(EXIT_STARTUP)
+                }
+                Err(e) => {
+                    eprintln!("vmcrelay: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+    }
+}

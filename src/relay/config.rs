@@ -88,18 +88,6 @@ pub enum BusyPolicy {
     Refuse,
 }
 
-/// How client → endpoint payload bytes move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum DataPath {
-    /// Through registered buffers (read fixed, gathered write).
-    #[default]
-    Copy,
-    /// Large payloads spliced socket → pipe → endpoint without touching
-    /// user memory (not implemented yet: behaves as `copy`).
-    Splice,
-}
-
 /// Engine limits and knobs, each with a default and a flag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -117,14 +105,12 @@ pub struct Limits {
     pub link_timeout_secs: u64,
     /// Busy-channel policy.
     pub busy: BusyPolicy,
-    /// Data path for client → endpoint payloads.
-    pub data_path: DataPath,
-    /// Send LZ4 COMPRESSED_DATA to clients that accept it.
-    pub lz4_to_client: bool,
     /// Keep a `unix-listen` endpoint connection open when the client goes.
     pub keep_listen_endpoint: bool,
     /// RSA keys kept ready per worker.
     pub key_pool_per_worker: usize,
+    /// Largest decompressed COMPRESSED_DATA payload accepted.
+    pub max_lz4_bytes: usize,
 }
 
 impl Default for Limits {
@@ -138,10 +124,9 @@ impl Default for Limits {
             max_control_bytes: 64 * 1024,
             link_timeout_secs: 10,
             busy: BusyPolicy::Replace,
-            data_path: DataPath::Copy,
-            lz4_to_client: false,
             keep_listen_endpoint: false,
             key_pool_per_worker: 8,
+            max_lz4_bytes: 1024 * 1024,
         }
     }
 }
@@ -312,8 +297,6 @@ struct FileRelay {
     max_payload_kib: Option<usize>,
     link_timeout_secs: Option<u64>,
     busy: Option<BusyPolicy>,
-    data_path: Option<DataPath>,
-    lz4_to_client: Option<bool>,
     keep_listen_endpoint: Option<bool>,
 }
 
@@ -391,8 +374,6 @@ impl ServeConfig {
             limits.link_timeout_secs = v;
         }
         limits.busy = r.busy.unwrap_or(limits.busy);
-        limits.data_path = r.data_path.unwrap_or(limits.data_path);
-        limits.lz4_to_client = r.lz4_to_client.unwrap_or(limits.lz4_to_client);
         limits.keep_listen_endpoint = r.keep_listen_endpoint.unwrap_or(limits.keep_listen_endpoint);
         let mut services = Vec::new();
         for (n, sp) in fc.service.iter().enumerate() {

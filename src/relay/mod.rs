@@ -3,3 +3,8 @@
 //! `uring` meet.
 
 pub mod config;
+pub mod keypool;
+pub mod log;
+pub mod endpoint;
+pub mod worker;
+pub mod serve;

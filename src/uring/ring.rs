@@ -4,7 +4,10 @@
 use std::os::fd::RawFd;
 use std::time::Duration;
 
+use std::os::fd::{FromRawFd, OwnedFd};
+
 use io_uring::{IoUring, Probe, cqueue, opcode, squeue, types};
+use nix::sys::socket::{SockaddrLike, SockaddrStorage};
 
 use super::arena::{Arena, BufId};
 
@@ -72,7 +75,7 @@ pub enum SubmitError {
 }
 
 /// A reaped completion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Completion {
     /// The caller's token, as pushed.
     pub token: u64,
@@ -84,6 +87,8 @@ pub struct Completion {
     pub buf: Option<BufId>,
     /// The eventfd counter read by [`Ring::read_counter`].
     pub counter: u64,
+    /// The vector handed to [`Ring::write_owned`], given back.
+    pub owned: Option<Vec<u8>>,
 }
 
 /// Everything an in-flight op needs kept alive until its CQE.
@@ -96,6 +101,7 @@ struct OpRecord {
     addr: libc::sockaddr_storage,
     ts: types::Timespec,
     counter: u64,
+    owned: Option<Vec<u8>>,
 }
 
 impl OpRecord {
@@ -110,18 +116,20 @@ impl OpRecord {
             addr: unsafe { std::mem::zeroed() },
             ts: types::Timespec::new(),
             counter: 0,
+            owned: None,
         }
     }
 }
 
 /// Opcodes the relay uses, probed at start-up.
 const NEEDED: &[(u8, &str)] = &[
-    (opcode::AcceptMulti::CODE, "ACCEPT"),
+    (opcode::Accept::CODE, "ACCEPT"),
     (opcode::ReadFixed::CODE, "READ_FIXED"),
     (opcode::WriteFixed::CODE, "WRITE_FIXED"),
     (opcode::Readv::CODE, "READV"),
     (opcode::Writev::CODE, "WRITEV"),
     (opcode::Read::CODE, "READ"),
+    (opcode::Write::CODE, "WRITE"),
     (opcode::Splice::CODE, "SPLICE"),
     (opcode::Connect::CODE, "CONNECT"),
     (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
@@ -212,6 +220,7 @@ impl Ring {
 
     /// Gives a record back when its push failed.
     fn put_op(&mut self, i: usize) {
+        self.ops[i].owned = None;
         if let Some(b) = self.ops[i].buf.take() {
             self.arena.unlend(b);
         }
@@ -252,6 +261,16 @@ impl Ring {
         self.push(i, e)
     }
 
+    /// One accept on a listening socket (result: the new fd).
+    pub fn accept(&mut self, fd: RawFd, token: u64) -> Result<(), SubmitError> {
+        let (i, ud) = self.take_op(token, None)?;
+        let e = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
+            .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+            .build()
+            .user_data(ud);
+        self.push(i, e)
+    }
+
     /// Reads into `buf[offset..offset + len]` (registered buffer).
     pub fn read_fixed(
         &mut self,
@@ -282,6 +301,21 @@ impl Ring {
         let ptr = self.lend(buf, offset, len)?;
         let (i, ud) = self.take_op(token, Some(buf))?;
         let e = opcode::WriteFixed::new(types::Fd(fd), ptr, len32, buf.0).offset(u64::MAX).build().user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Writes `data[offset..]` from a vector the ring holds until the CQE,
+    /// then gives back in [`Completion::owned`] (so it can be reused).
+    pub fn write_owned(&mut self, fd: RawFd, data: Vec<u8>, offset: usize, token: u64) -> Result<(), SubmitError> {
+        let len = data.len().checked_sub(offset).ok_or(SubmitError::Buffer)?;
+        let len32 = u32::try_from(len).map_err(|_| SubmitError::Buffer)?;
+        let (i, ud) = self.take_op(token, None)?;
+        let rec = &mut self.ops[i];
+        rec.owned = Some(data);
+        let ptr = rec.owned.as_ref().map_or(std::ptr::null(), |v| v[offset..].as_ptr());
+        // The vector's heap block does not move when the Option holding it
+        // does; it stays in the record until the CQE is reaped.
+        let e = opcode::Write::new(types::Fd(fd), ptr, len32).offset(u64::MAX).build().user_data(ud);
         self.push(i, e)
     }
 
@@ -330,16 +364,17 @@ impl Ring {
         self.push(i, e)
     }
 
-    /// Connects a socket to `addr` (`len` bytes of it are meaningful).
-    pub fn connect(
-        &mut self,
-        fd: RawFd,
-        addr: &libc::sockaddr_storage,
-        len: libc::socklen_t,
-        token: u64,
-    ) -> Result<(), SubmitError> {
+    /// Connects a socket to `addr`.
+    pub fn connect(&mut self, fd: RawFd, addr: &SockaddrStorage, token: u64) -> Result<(), SubmitError> {
+        let len = addr.len();
+        let n = (len as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
         let (i, ud) = self.take_op(token, None)?;
-        self.ops[i].addr = *addr;
+        // SAFETY: `addr.as_ptr()` points at `addr.len()` valid bytes; we copy
+        // at most the size of the destination, a sockaddr_storage owned by
+        // op record `i`, which lives until the CQE.
+        unsafe {
+            std::ptr::copy_nonoverlapping(addr.as_ptr().cast::<u8>(), (&raw mut self.ops[i].addr).cast::<u8>(), n)
+        };
         let p = (&raw const self.ops[i].addr).cast::<libc::sockaddr>();
         let e = opcode::Connect::new(types::Fd(fd), p, len).build().user_data(ud);
         self.push(i, e)
@@ -370,6 +405,25 @@ impl Ring {
         self.push(i, e)
     }
 
+    /// Cancels every in-flight op whose token satisfies `pred`; each
+    /// cancel request completes with `cancel_token`. Returns how many
+    /// cancel requests were pushed. Scans the op table: for close paths.
+    pub fn cancel_where(&mut self, pred: impl Fn(u64) -> bool, cancel_token: u64) -> Result<usize, SubmitError> {
+        let targets: Vec<u64> = self
+            .ops
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.in_use && r.token != cancel_token && pred(r.token))
+            .map(|(i, r)| (u64::from(r.generation) << 32) | i as u64)
+            .collect();
+        for &ud in &targets {
+            let (i, cud) = self.take_op(cancel_token, None)?;
+            let e = opcode::AsyncCancel::new(ud).build().user_data(cud);
+            self.push(i, e)?;
+        }
+        Ok(targets.len())
+    }
+
     /// Submits pushed SQEs and waits for at least `want` completions.
     pub fn submit_and_wait(&mut self, want: usize) -> std::io::Result<usize> {
         match self.ring.submit_and_wait(want) {
@@ -393,7 +447,8 @@ impl Ring {
                 continue;
             };
             let buf = rec.buf;
-            let c = Completion { token: rec.token, result: cqe.result(), more, buf, counter: rec.counter };
+            let owned = if more { None } else { rec.owned.take() };
+            let c = Completion { token: rec.token, result: cqe.result(), more, buf, counter: rec.counter, owned };
             if !more {
                 rec.in_use = false;
                 rec.buf = None;
@@ -405,4 +460,21 @@ impl Ring {
             out.push(c);
         }
     }
+}
+
+/// Takes ownership of the fd an accept CQE returned (`res ≥ 0`).
+pub fn own_result_fd(res: i32) -> Option<OwnedFd> {
+    // SAFETY: a non-negative accept result is a descriptor the kernel just
+    // installed for this process; nothing else knows it, so we own it.
+    (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) })
+}
+
+/// Copies any socket address into a `SockaddrStorage`.
+pub fn sockaddr_storage_of(a: &dyn SockaddrLike) -> SockaddrStorage {
+    // SAFETY: `as_ptr()`/`len()` describe a valid socket address of its
+    // family; `from_raw` copies at most `len` bytes.
+    unsafe { SockaddrStorage::from_raw(a.as_ptr(), Some(a.len())) }.unwrap_or_else(|| {
+        // Unreachable for the families we build (unix, inet, inet6).
+        SockaddrStorage::from(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
+    })
 }

@@ -1,0 +1,125 @@
+//! Host-side endpoints: sockets and files a channel's bytes go to.
+//!
+//! Opening is split by cost: files and built-in endpoints open at once;
+//! unix and TCP connects go through the ring (the caller gets a socket
+//! and an address to connect); `unix-listen` sockets are bound at start-up
+//! and accepted from by whichever worker owns the channel.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage, UnixAddr, socket,
+};
+
+use super::config::EndpointSpec;
+
+/// How an endpoint comes up.
+#[derive(Debug)]
+pub enum Opening {
+    /// Ready now.
+    Ready(OwnedFd),
+    /// Connect this non-blocking socket to this address through the ring.
+    Connect(OwnedFd, SockaddrStorage),
+    /// Wait for a peer on the shared `unix-listen` socket.
+    Accept,
+}
+
+fn storage_of(a: &dyn SockaddrLike) -> SockaddrStorage {
+    crate::uring::sockaddr_storage_of(a)
+}
+
+/// Starts opening `spec`.
+pub fn open(spec: &EndpointSpec) -> std::io::Result<Opening> {
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    match spec {
+        EndpointSpec::Unix(path) => {
+            let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
+            let addr = UnixAddr::new(path.as_path())?;
+            Ok(Opening::Connect(fd, storage_of(&addr)))
+        }
+        EndpointSpec::Tcp(sa) => {
+            let (family, st) = match sa {
+                SocketAddr::V4(v4) => (AddressFamily::Inet, storage_of(&SockaddrIn::from(*v4))),
+                SocketAddr::V6(v6) => (AddressFamily::Inet6, storage_of(&SockaddrIn6::from(*v6))),
+            };
+            let fd = socket(family, SockType::Stream, flags, None)?;
+            let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
+            Ok(Opening::Connect(fd, st))
+        }
+        EndpointSpec::File(path) => {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+                .open(path)?;
+            Ok(Opening::Ready(OwnedFd::from(f)))
+        }
+        EndpointSpec::UnixListen(_) => Ok(Opening::Accept),
+        EndpointSpec::Echo | EndpointSpec::Sink => {
+            let (ours, theirs) = UnixStream::pair()?;
+            ours.set_nonblocking(true)?;
+            let echo = matches!(spec, EndpointSpec::Echo);
+            std::thread::Builder::new()
+                .name(if echo { "vmcrelay-echo" } else { "vmcrelay-sink" }.into())
+                .spawn(move || builtin(theirs, echo))?;
+            Ok(Opening::Ready(OwnedFd::from(ours)))
+        }
+    }
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+/// The far end of a built-in endpoint: echo or discard until EOF.
+fn builtin(mut s: UnixStream, echo: bool) {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) if echo => {
+                if s.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Binds a `unix-listen` endpoint socket, replacing a stale socket file.
+pub fn bind_listener(path: &Path) -> std::io::Result<OwnedFd> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+            // A socket file nobody answers on is left over from a previous run.
+            if UnixStream::connect(path).is_err() {
+                std::fs::remove_file(path)?;
+            }
+        }
+        _ => {}
+    }
+    let l = UnixListener::bind(path).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on unix:{}: {e}", path.display()))
+    })?;
+    l.set_nonblocking(true)?;
+    Ok(OwnedFd::from(l))
+}
+
+/// Peer address of an accepted TCP socket, for logs.
+pub fn peer_of(fd: &OwnedFd) -> String {
+    match nix::sys::socket::getpeername::<SockaddrStorage>(fd.as_raw_fd()) {
+        Ok(a) => {
+            if let Some(v4) = a.as_sockaddr_in() {
+                SocketAddr::from(std::net::SocketAddrV4::from(*v4)).to_string()
+            } else if let Some(v6) = a.as_sockaddr_in6() {
+                SocketAddr::from(std::net::SocketAddrV6::from(*v6)).to_string()
+            } else {
+                "unix".into()
+            }
+        }
+        Err(_) => "?".into(),
+    }
+}
+
