@@ -15,6 +15,10 @@ use vmcrelay::proto::caps::Caps;
 use vmcrelay::proto::consts::*;
 use vmcrelay::proto::framing::{Encoder, HeaderKind};
 use vmcrelay::proto::link::{LinkErrorCode, LinkMess, LinkReply};
+use vmcrelay::proto::msg::{
+    ChannelsList, ClientMsg, CompressedData, Disconnecting, MainInit, MouseMode, Notify, Ping, PortInit, Pong,
+    ServerMsg, SetAck, WaitChannel, WaitForChannels, compress_lz4, lz4_scratch_len,
+};
 use vmcrelay::proto::wire::Writer;
 use vmcrelay_fuzz::public_der;
 
@@ -174,5 +178,88 @@ fn main() {
     write(&dir, d, "full-messages-split", &cat(&[&[0], &splits(&[5, 17, 129, 0]), &full_msgs]));
     write(&dir, d, "full-messages-spliced", &cat(&[&[2], &splits(&[40, 7]), &full_msgs]));
     write(&dir, d, "full-truncated", &cat(&[&[0], &splits(&[]), &full_msgs[..full_msgs.len() - 30]]));
+
+    // messages: [flags][channel type][lz4 limit][lz4 size u32][splits][stream]
+    let plain: Vec<u8> = (0..2000u32).map(|i| b"usbredir packet "[(i % 16) as usize]).collect();
+    let mut packed = vec![0u8; lz4_scratch_len(plain.len())];
+    let n = compress_lz4(&plain, &mut packed).expect("repetitive data compresses");
+    let lz4 = CompressedData::lz4(u32::try_from(plain.len()).expect("small"), &packed[..n]);
+    let entries = [WaitChannel { channel_type: 9, channel_id: 0, message_serial: 7 }.to_bytes()];
+    let m = "messages";
+    let main_server = [
+        ServerMsg::SetAck(SetAck { generation: 1, window: 2 }),
+        ServerMsg::MainInit(MainInit { session_id: 0x2a, supported_mouse_modes: 3, current_mouse_mode: 2, ..MainInit::default() }),
+        ServerMsg::ChannelsList(ChannelsList { entries: &[[1, 0], [9, 0], [10, 0], [200, 1]] }),
+        ServerMsg::Name { name: b"vm-under-test" },
+        ServerMsg::Uuid { uuid: *b"0123456789abcdef" },
+        ServerMsg::Notify(Notify { time_stamp: 1, severity: 1, visibility: 2, what: 0, message: b"keyboard grab" }),
+        ServerMsg::Ping(Ping { id: 5, timestamp: 99, padding_len: 100 }),
+        ServerMsg::WaitForChannels(WaitForChannels { entries: &entries }),
+        ServerMsg::MouseMode(MouseMode { supported: 3, current: 1 }),
+        ServerMsg::MultiMediaTime { time: 1234 },
+        ServerMsg::AgentToken { num_tokens: 10 },
+        ServerMsg::Disconnecting(Disconnecting { time_stamp: 3, reason: 8 }),
+    ];
+    let framed = |kind, msgs: &[ServerMsg<'_>]| {
+        let mut enc = Encoder::new(kind);
+        let mut out = Vec::new();
+        for msg in msgs {
+            let mut buf = vec![0u8; msg.framed_len(kind)];
+            let n = msg.emit_framed(&mut enc, &mut buf).expect("fits");
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    };
+    let framed_client = |kind, msgs: &[ClientMsg<'_>]| {
+        let mut enc = Encoder::new(kind);
+        let mut out = Vec::new();
+        for msg in msgs {
+            let mut buf = vec![0u8; msg.framed_len(kind)];
+            let n = msg.emit_framed(&mut enc, &mut buf).expect("fits");
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    };
+    let lz4_size = 2000u32.to_le_bytes();
+    write(&dir, m, "main-server", &cat(&[&[2, 1, 60], &lz4_size, &splits(&[]), &framed(HeaderKind::Full, &main_server)]));
+    let port_server = cat(&[
+        &framed(
+            HeaderKind::Mini,
+            &[
+                ServerMsg::PortInit(PortInit { name: b"org.qemu.monitor.qmp.0", opened: true }),
+                ServerMsg::PortEvent { event: PORT_EVENT_OPENED },
+                ServerMsg::CompressedData(lz4),
+            ],
+        ),
+        &frames(HeaderKind::Mini, &[(MSG_SPICEVMC_DATA, b"{\"execute\":\"qmp_capabilities\"}")]),
+    ]);
+    write(&dir, m, "port-server-split", &cat(&[&[3, 10, 60], &lz4_size, &splits(&[7, 1, 130]), &port_server]));
+    let usb_client = cat(&[
+        &framed_client(
+            HeaderKind::Mini,
+            &[
+                ClientMsg::AckSync { generation: 1 },
+                ClientMsg::Ack,
+                ClientMsg::Pong(Pong { id: 5, timestamp: 99 }),
+                ClientMsg::CompressedData(lz4),
+                ClientMsg::Disconnecting(Disconnecting { time_stamp: 4, reason: 0 }),
+            ],
+        ),
+        &frames(HeaderKind::Mini, &[(MSG_SPICEVMC_DATA, &[0x55; 40])]),
+    ]);
+    write(&dir, m, "usbredir-client", &cat(&[&[1, 9, 250], &lz4_size, &splits(&[]), &usb_client]));
+    let main_client = framed_client(
+        HeaderKind::Full,
+        &[
+            ClientMsg::ClientInfo { cache_size: 0 },
+            ClientMsg::AttachChannels,
+            ClientMsg::MouseModeRequest { mode: 2 },
+            ClientMsg::AgentStart { num_tokens: u32::MAX },
+            ClientMsg::AgentToken { num_tokens: 3 },
+        ],
+    );
+    write(&dir, m, "main-client", &cat(&[&[0, 1, 0], &[0; 4], &splits(&[]), &main_client]));
+    let port_client = framed_client(HeaderKind::Full, &[ClientMsg::PortEvent { event: PORT_EVENT_BREAK }]);
+    write(&dir, m, "port-client-event", &cat(&[&[0, 10, 1], &[9, 0, 0, 0], &splits(&[]), &port_client]));
     println!("seeds written to {}", dir.display());
 }
