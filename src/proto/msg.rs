@@ -229,7 +229,7 @@ impl Disconnecting {
 /// `SPICE_MSG_NOTIFY`: a text notification.
 ///
 /// spice-server writes one NUL after the text that `message_len` does not
-/// count; [`Notify::parse`] accepts the body with or without it and
+/// count; parsing ([`ServerMsg::parse`]) accepts the body with or without it and
 /// [`Notify::emit`] writes it, as spice-server does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Notify<'a> {
