@@ -13,8 +13,9 @@
 //! SPICE header written into headroom in front of the endpoint's bytes.
 
 #![deny(unsafe_code)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod proto;
+pub mod relay;
 #[allow(unsafe_code)]
 pub mod uring;
-pub mod relay;

@@ -110,10 +110,7 @@ fn right_password_links_wrong_gets_7() {
     assert!(matches!(o.server, Some(server_link::Action::Linked(l)) if l.channel_type == 128));
     let o = run(cfg, client(b"hunter3", 9, true), 64, accept);
     assert_eq!(o.server, Some(server_link::Action::Close(LinkFailure::WrongPassword)));
-    assert_eq!(
-        o.client,
-        Some(client_link::Action::Close(ClientLinkFailure::Result(LinkErrorCode::PermissionDenied)))
-    );
+    assert_eq!(o.client, Some(client_link::Action::Close(ClientLinkFailure::Result(LinkErrorCode::PermissionDenied))));
 }
 
 #[test]
@@ -126,10 +123,7 @@ fn unknown_channel_closes_without_reply() {
 #[test]
 fn bad_session_gets_8_after_auth() {
     let o = run(ServerLinkConfig::default(), client(b"", 9, true), 64, |_| Decision::BadConnectionId);
-    assert_eq!(
-        o.client,
-        Some(client_link::Action::Close(ClientLinkFailure::Result(LinkErrorCode::BadConnectionId)))
-    );
+    assert_eq!(o.client, Some(client_link::Action::Close(ClientLinkFailure::Result(LinkErrorCode::BadConnectionId))));
 }
 
 #[test]
@@ -148,10 +142,7 @@ fn endpoint_failure_after_auth_gets_9() {
     let o = run(ServerLinkConfig::default(), client(b"", 9, true), 5, |_| Decision::AcceptThenConfirm {
         channel_caps: Caps::EMPTY,
     });
-    assert_eq!(
-        o.server,
-        Some(server_link::Action::Close(LinkFailure::Refused(LinkErrorCode::ChannelNotAvailable)))
-    );
+    assert_eq!(o.server, Some(server_link::Action::Close(LinkFailure::Refused(LinkErrorCode::ChannelNotAvailable))));
     assert_eq!(
         o.client,
         Some(client_link::Action::Close(ClientLinkFailure::Result(LinkErrorCode::ChannelNotAvailable)))

@@ -116,14 +116,10 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
             if a.listen.is_empty() {
                 return Err("give --listen HOST:PORT and --channel SPEC..., or --config FILE (see --help)".into());
             }
-            let listen =
-                a.listen.iter().map(|l| config::parse_listen(l)).collect::<Result<Vec<_>, _>>()?;
-            let password = config::resolve_password(
-                a.password_file.as_deref(),
-                a.password_env.as_deref(),
-                a.disable_ticketing,
-            )
-            .map_err(|m| format!("{m} (flags: --password-file, --password-env, --disable-ticketing)"))?;
+            let listen = a.listen.iter().map(|l| config::parse_listen(l)).collect::<Result<Vec<_>, _>>()?;
+            let password =
+                config::resolve_password(a.password_file.as_deref(), a.password_env.as_deref(), a.disable_ticketing)
+                    .map_err(|m| format!("{m} (flags: --password-file, --password-env, --disable-ticketing)"))?;
             let channels = config::parse_channels(a.channel.iter().map(|c| (c.as_str(), "--channel".to_string())))
                 .map_err(|e| e.to_string())?;
             ServeConfig {

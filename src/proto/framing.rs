@@ -26,6 +26,7 @@ impl HeaderKind {
     }
 
     /// Header length in bytes.
+    #[allow(clippy::len_without_is_empty)]
     pub const fn len(self) -> usize {
         match self {
             Self::Mini => MINI_HEADER_LEN,
@@ -267,7 +268,7 @@ mod tests {
             let mut stream = Vec::new();
             for (t, body) in [(101u16, &b"hello"[..]), (2, b""), (102, &[7u8; 300][..])] {
                 let mut h = [0u8; 18];
-                let n = enc.header(t, body.len() as u32, &mut h).expect("fits");
+                let n = enc.header(t, u32::try_from(body.len()).expect("small"), &mut h).expect("fits");
                 stream.extend_from_slice(&h[..n]);
                 stream.extend_from_slice(body);
             }

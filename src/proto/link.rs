@@ -171,21 +171,19 @@ fn parse_caps(body: &[u8], fixed_len: usize, n_common: u32, n_channel: u32, offs
         return None;
     }
     let bytes = body.get(offset..offset.checked_add(words.checked_mul(4)?)?)?;
-    let mut kept = [0u32; 2 * caps::KEPT_CAP_WORDS];
     let nc = usize::try_from(n_common).ok()?;
-    let take = |i: usize| -> u32 {
-        let mut a = [0u8; 4];
-        a.copy_from_slice(&bytes[i * 4..i * 4 + 4]);
-        u32::from_le_bytes(a)
-    };
     let keep = caps::KEPT_CAP_WORDS;
-    for i in 0..nc.min(keep) {
-        kept[i] = take(i);
+    let (mut common, mut channel) = ([0u32; caps::KEPT_CAP_WORDS], [0u32; caps::KEPT_CAP_WORDS]);
+    let mut words_iter = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    for (dst, w) in common.iter_mut().zip(words_iter.by_ref().take(nc)) {
+        *dst = w;
     }
-    for i in 0..(words - nc).min(keep) {
-        kept[keep + i] = take(nc + i);
+    // Skip common words we do not keep, then read the channel words.
+    let mut words_iter = words_iter.skip(nc.saturating_sub(keep));
+    for (dst, w) in channel.iter_mut().zip(words_iter.by_ref()) {
+        *dst = w;
     }
-    Some((Caps::from_words(&kept[..nc.min(keep)]), Caps::from_words(&kept[keep..keep + (words - nc).min(keep)])))
+    Some((Caps::from_words(&common[..nc.min(keep)]), Caps::from_words(&channel[..(words - nc).min(keep)])))
 }
 
 impl LinkMess {
@@ -286,8 +284,8 @@ mod tests {
 
     /// spice-gtk's main link, byte for byte (reference §1.10).
     const GTK_MAIN_LINK: [u8; 42] = [
-        0x52, 0x45, 0x44, 0x51, 2, 0, 0, 0, 2, 0, 0, 0, 0x1a, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0,
-        0x12, 0, 0, 0, 0x0d, 0, 0, 0, 0x0f, 0, 0, 0,
+        0x52, 0x45, 0x44, 0x51, 2, 0, 0, 0, 2, 0, 0, 0, 0x1a, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0x12,
+        0, 0, 0, 0x0d, 0, 0, 0, 0x0f, 0, 0, 0,
     ];
 
     #[test]

@@ -246,7 +246,7 @@ impl ServerLink {
                 h.copy_from_slice(&self.inbuf[..LINK_HEADER_LEN]);
                 match LinkHeader::parse(&h) {
                     Err(e) => self.fail_with_reply(LinkFailure::Header(e)),
-                    Ok(h) if h.size < LINK_MESS_LEN as u32 || h.size > MAX_LINK_BODY_LEN => {
+                    Ok(h) if (h.size as usize) < LINK_MESS_LEN || h.size > MAX_LINK_BODY_LEN => {
                         self.fail_with_reply(LinkFailure::Header(HeaderError::Size(h.size)))
                     }
                     Ok(h) => self.state = State::Body { size: h.size as usize },
@@ -353,15 +353,10 @@ impl ServerLink {
             Decision::Accept { channel_caps } | Decision::AcceptThenConfirm { channel_caps } => channel_caps,
             Decision::BadConnectionId | Decision::FailAfterAuth(_) => Caps::EMPTY,
         };
-        let reply = LinkReply {
-            error: 0,
-            pub_key: *self.key.public_der(),
-            common_caps: self.common_caps(),
-            channel_caps,
-        };
+        let reply =
+            LinkReply { error: 0, pub_key: *self.key.public_der(), common_caps: self.common_caps(), channel_caps };
         self.emit_reply(&reply);
-        self.state =
-            if req.common_caps.has(CAP_AUTH_SELECTION) { State::AuthMechanism } else { State::Ticket };
+        self.state = if req.common_caps.has(CAP_AUTH_SELECTION) { State::AuthMechanism } else { State::Ticket };
     }
 
     fn emit_reply(&mut self, reply: &LinkReply) {

@@ -155,8 +155,7 @@ fn err(origin: impl Into<String>, message: impl Into<String>) -> ConfigError {
 }
 
 const KIND_HELP: &str = "KIND is usbredir, smartcard, webdav, port:NAME or a number 128..=255";
-const ENDPOINT_HELP: &str =
-    "ENDPOINT is unix:PATH, unix-listen:PATH, file:PATH, tcp:HOST:PORT, echo: or sink:";
+const ENDPOINT_HELP: &str = "ENDPOINT is unix:PATH, unix-listen:PATH, file:PATH, tcp:HOST:PORT, echo: or sink:";
 
 /// Parses an endpoint (`unix:/run/x.sock`, `echo:`, …).
 pub fn parse_endpoint(s: &str) -> Result<EndpointSpec, String> {
@@ -208,7 +207,8 @@ pub fn parse_channel(spec: &str, next_id: &mut dyn FnMut(u8) -> u8) -> Result<Ch
     };
     let (id, port_name) = if kind.channel_type == CH_PORT {
         let name = arg.filter(|a| !a.is_empty()).ok_or_else(|| {
-            format!("a port channel needs its name: `port:NAME=...`, e.g. `port:org.qemu.monitor.qmp.0=unix:/run/vm1/qmp.sock`")
+            "a port channel needs its name: `port:NAME=...`, e.g. `port:org.qemu.monitor.qmp.0=unix:/run/vm1/qmp.sock`"
+                .to_string()
         })?;
         if name.len() > 255 || name.contains('\0') {
             return Err(format!("port name `{name}` must be 1..=255 bytes without NUL"));
@@ -230,9 +230,7 @@ pub fn parse_channel(spec: &str, next_id: &mut dyn FnMut(u8) -> u8) -> Result<Ch
 }
 
 /// Builds a channel list, assigning ids and refusing duplicates.
-pub fn parse_channels<'a>(
-    specs: impl IntoIterator<Item = (&'a str, String)>,
-) -> Result<Vec<ChannelConf>, ConfigError> {
+pub fn parse_channels<'a>(specs: impl IntoIterator<Item = (&'a str, String)>) -> Result<Vec<ChannelConf>, ConfigError> {
     let mut out: Vec<ChannelConf> = Vec::new();
     for (spec, origin) in specs {
         let taken: Vec<(u8, u8)> = out.iter().map(|c| (c.kind.channel_type, c.id)).collect();
@@ -387,12 +385,10 @@ impl ServeConfig {
             if listen.is_empty() {
                 return Err(err(here, "a service needs listen = [\"127.0.0.1:5930\"]"));
             }
-            let password =
-                resolve_password(s.password_file.as_deref(), s.password_env.as_deref(), s.disable_ticketing)
-                    .map_err(|m| err(&here, m))?;
-            let channels =
-                parse_channels(s.channels.iter().map(|c| (c.get_ref().as_str(), at(c.span().start))))
-                    .map_err(|e| if e.origin == "channels" { err(&here, e.message) } else { e })?;
+            let password = resolve_password(s.password_file.as_deref(), s.password_env.as_deref(), s.disable_ticketing)
+                .map_err(|m| err(&here, m))?;
+            let channels = parse_channels(s.channels.iter().map(|c| (c.get_ref().as_str(), at(c.span().start))))
+                .map_err(|e| if e.origin == "channels" { err(&here, e.message) } else { e })?;
             services.push(Service { name, listen, password, channels });
         }
         let cfg = Self { services, limits };
@@ -449,7 +445,7 @@ mod tests {
         assert_eq!(c.label(), "port:org.qemu.monitor.qmp.0");
         let c = one("128=echo:").expect("ok");
         assert!(c.kind.is_user_defined());
-        assert_eq!(one("tcp:1=echo:").unwrap_err().contains("unknown channel kind"), true);
+        assert!(one("tcp:1=echo:").unwrap_err().contains("unknown channel kind"));
         assert!(one("100=echo:").unwrap_err().contains("128..=255"));
         assert!(one("port=echo:").unwrap_err().contains("needs its name"));
         assert!(one("usbredir").unwrap_err().contains("no `=ENDPOINT`"));

@@ -92,17 +92,14 @@ fn builtin(mut s: UnixStream, echo: bool) {
 /// Binds a `unix-listen` endpoint socket, replacing a stale socket file.
 pub fn bind_listener(path: &Path) -> std::io::Result<OwnedFd> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
-            // A socket file nobody answers on is left over from a previous run.
-            if UnixStream::connect(path).is_err() {
-                std::fs::remove_file(path)?;
-            }
+        // A socket file nobody answers on is left over from a previous run.
+        Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) && UnixStream::connect(path).is_err() => {
+            std::fs::remove_file(path)?;
         }
         _ => {}
     }
-    let l = UnixListener::bind(path).map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen on unix:{}: {e}", path.display()))
-    })?;
+    let l = UnixListener::bind(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on unix:{}: {e}", path.display())))?;
     l.set_nonblocking(true)?;
     Ok(OwnedFd::from(l))
 }
@@ -122,4 +119,3 @@ pub fn peer_of(fd: &OwnedFd) -> String {
         Err(_) => "?".into(),
     }
 }
-

@@ -27,7 +27,7 @@ pub fn timestamp() -> String {
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil-from-days (Howard Hinnant's algorithm), valid for 1970..9999.
-    let z = days as i64 + 719_468;
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
@@ -57,7 +57,7 @@ pub fn line(level: u8, who: &str, msg: std::fmt::Arguments<'_>) {
         _ => "DEBUG",
     };
     let mut s = String::with_capacity(160);
-    let _ = write!(s, "{} {tag} vmcrelay[{who}] {msg}\n", timestamp());
+    let _ = writeln!(s, "{} {tag} vmcrelay[{who}] {msg}", timestamp());
     let _ = std::io::stderr().lock().write_all(s.as_bytes());
 }
 

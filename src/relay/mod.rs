@@ -3,8 +3,8 @@
 //! `uring` meet.
 
 pub mod config;
+pub mod endpoint;
 pub mod keypool;
 pub mod log;
-pub mod endpoint;
-pub mod worker;
 pub mod serve;
+pub mod worker;

@@ -129,4 +129,3 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         None => Ok(()),
     }
 }
-

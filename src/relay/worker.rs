@@ -82,7 +82,8 @@ fn token(op: Op, slot: u32, generation: u32) -> u64 {
 /// The one decoder of tokens.
 fn decode(t: u64) -> Option<(Op, u32, u32)> {
     let op = OPS.iter().copied().find(|o| *o as u8 == (t >> 56) as u8)?;
-    Some((op, ((t >> 32) & 0xff_ffff) as u32, t as u32))
+    let slot = u32::try_from((t >> 32) & 0xff_ffff).unwrap_or(0);
+    Some((op, slot, (t & 0xffff_ffff) as u32))
 }
 
 // ---------------------------------------------------------------------------
@@ -364,7 +365,9 @@ impl std::fmt::Debug for Worker {
 
 /// Binds a SO_REUSEPORT TCP listener (one per worker per address).
 fn bind_tcp(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket, sockopt};
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket, sockopt,
+    };
     let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
@@ -466,12 +469,13 @@ impl Worker {
     // -- accept, mailbox, tick --------------------------------------------
 
     fn on_accept(&mut self, li: usize, c: &Completion) {
-        if !c.more && self.draining.is_none() {
-            if let Some(l) = self.listeners.get(li) {
-                let fd = l.fd.as_raw_fd();
-                if let Err(e) = self.ring.accept_multi(fd, token(Op::Accept, u32::try_from(li).unwrap_or(0), 0)) {
-                    warn!(self.who, "cannot re-arm accept: {e}");
-                }
+        if !c.more
+            && self.draining.is_none()
+            && let Some(l) = self.listeners.get(li)
+        {
+            let fd = l.fd.as_raw_fd();
+            if let Err(e) = self.ring.accept_multi(fd, token(Op::Accept, u32::try_from(li).unwrap_or(0), 0)) {
+                warn!(self.who, "cannot re-arm accept: {e}");
             }
         }
         if c.result < 0 {
@@ -577,7 +581,8 @@ impl Worker {
     fn start_drain(&mut self) {
         self.draining = Some(Instant::now());
         info!(self.who, "draining: no new connections; flushing accepted data");
-        let _ = self.ring.cancel_where(|t| decode(t).is_some_and(|d| d.0 == Op::Accept), token(Op::Cancel, 0xff_ffff, 0));
+        let _ =
+            self.ring.cancel_where(|t| decode(t).is_some_and(|d| d.0 == Op::Accept), token(Op::Cancel, 0xff_ffff, 0));
         for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
             self.with_conn(slot, |w, conn| match conn.stage {
                 Stage::Chan(_) => {
@@ -617,11 +622,11 @@ impl Worker {
                 self.with_conn(slot, |w, conn| w.close(slot, conn, "link timeout"));
             }
         }
-        if let Some(t) = self.draining {
-            if now.duration_since(t) > Duration::from_secs(5) {
-                for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
-                    self.with_conn(slot, |w, conn| w.close(slot, conn, "shutdown (drain timeout)"));
-                }
+        if let Some(t) = self.draining
+            && now.duration_since(t) > Duration::from_secs(5)
+        {
+            for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
+                self.with_conn(slot, |w, conn| w.close(slot, conn, "shutdown (drain timeout)"));
             }
         }
         let _ = self.started;
@@ -729,10 +734,10 @@ impl Worker {
                     }
                 }
                 _ => {
-                    if let Some(ci) = conn.owns {
-                        if reg.channels.get(&(service, ci)).is_some_and(|o| o.place == place) {
-                            reg.channels.remove(&(service, ci));
-                        }
+                    if let Some(ci) = conn.owns
+                        && reg.channels.get(&(service, ci)).is_some_and(|o| o.place == place)
+                    {
+                        reg.channels.remove(&(service, ci));
                     }
                 }
             }
@@ -747,10 +752,8 @@ impl Worker {
                 && ch.ep_state == EpState::Open
                 && reason == "client closed"
                 && matches!(self.conf(service, ch.conf).map(|c| &c.endpoint), Some(EndpointSpec::UnixListen(_)));
-            if keep {
-                if let (Some(fd), Ok(mut parked)) = (ch.ep.take(), self.shared.parked.lock()) {
-                    parked.insert((service, ch.conf), fd);
-                }
+            if keep && let (Some(fd), Ok(mut parked)) = (ch.ep.take(), self.shared.parked.lock()) {
+                parked.insert((service, ch.conf), fd);
             }
         } else if matches!(conn.stage, Stage::Main { .. }) {
             linked = true;
@@ -797,10 +800,10 @@ impl Worker {
         if conn.c2e_busy || conn.closing.is_some() || self.draining.is_some() {
             return;
         }
-        if let Stage::Chan(ch) = &conn.stage {
-            if ch.eof_client {
-                return;
-            }
+        if let Stage::Chan(ch) = &conn.stage
+            && ch.eof_client
+        {
+            return;
         }
         let size = self.ring.arena().buf_size();
         let t = self.tok(Op::ClientRead, slot);
@@ -825,7 +828,7 @@ impl Worker {
             self.close(slot, conn, &reason);
             return;
         }
-        conn.rx_len = res as usize;
+        conn.rx_len = usize::try_from(res).unwrap_or(0);
         conn.rx_pos = 0;
         self.pump_in(slot, conn);
     }
@@ -858,7 +861,8 @@ impl Worker {
     fn pump_link(&mut self, slot: u32, conn: &mut Conn) -> bool {
         loop {
             let Stage::Link { link, .. } = &mut conn.stage else { return true };
-            let input = self.ring.arena().get(conn.rx).and_then(|b| b.get(conn.rx_pos..conn.rx_len)).unwrap_or_default();
+            let input =
+                self.ring.arena().get(conn.rx).and_then(|b| b.get(conn.rx_pos..conn.rx_len)).unwrap_or_default();
             let used = link.handle_input(input);
             conn.rx_pos += used;
             let Some(action) = link.poll_action() else {
@@ -920,8 +924,7 @@ impl Worker {
                 None => Decision::Unknown,
                 Some(ci) => {
                     let reg = self.shared.registry();
-                    let session_ok =
-                        reg.sessions.get(&req.connection_id).is_some_and(|s| s.service == service);
+                    let session_ok = reg.sessions.get(&req.connection_id).is_some_and(|s| s.service == service);
                     let busy = reg.channels.contains_key(&(service, ci));
                     drop(reg);
                     if let Stage::Link { conf, .. } = &mut conn.stage {
@@ -955,7 +958,7 @@ impl Worker {
         // Claim the channel (newest wins, unless the policy refuses).
         let old = {
             let mut reg = self.shared.registry();
-            if !reg.sessions.get(&req.connection_id).is_some_and(|s| s.service == service) {
+            if reg.sessions.get(&req.connection_id).is_none_or(|s| s.service != service) {
                 drop(reg);
                 return self.confirm(conn, Err(LinkErrorCode::BadConnectionId));
             }
@@ -1171,10 +1174,10 @@ impl Worker {
             _ => None,
         };
         let Some(kind) = kind else { return false };
-        if let Stage::Chan(ch) = &conn.stage {
-            if ch.lz4_pending.is_some() || (!ch.ranges.is_empty() && ch.ep_state != EpState::Open) {
-                return false;
-            }
+        if let Stage::Chan(ch) = &conn.stage
+            && (ch.lz4_pending.is_some() || (!ch.ranges.is_empty() && ch.ep_state != EpState::Open))
+        {
+            return false;
         }
         let Some(buf) = self.ring.arena().get(conn.rx) else { return false };
         let mut error: Option<String> = None;
@@ -1196,9 +1199,13 @@ impl Worker {
                         break;
                     }
                     conn.st.c2e_msgs += 1;
-                    conn.cur = if h.msg_type == MSG_SPICEVMC_DATA && kind.class != crate::proto::channel::ChannelClass::Main {
+                    conn.cur = if h.msg_type == MSG_SPICEVMC_DATA
+                        && kind.class != crate::proto::channel::ChannelClass::Main
+                    {
                         Cur::Data
-                    } else if h.msg_type == MSG_SPICEVMC_COMPRESSED_DATA && kind.class != crate::proto::channel::ChannelClass::Main {
+                    } else if h.msg_type == MSG_SPICEVMC_COMPRESSED_DATA
+                        && kind.class != crate::proto::channel::ChannelClass::Main
+                    {
                         if h.size as usize > max_lz4 {
                             error = Some(format!("protocol error: compressed message of {} bytes", h.size));
                             break;
@@ -1376,7 +1383,7 @@ impl Worker {
             let r = errno_reason("endpoint write", res);
             return self.endpoint_gone(slot, conn, &r);
         }
-        let n = res as usize;
+        let n = usize::try_from(res).unwrap_or(0);
         if let Some(v) = owned {
             let done = ch.lz4_pending.unwrap_or(0) + n;
             if done < v.len() {
@@ -1510,7 +1517,7 @@ impl Worker {
             }
             return self.close(slot, conn, &errno_reason("client write", res));
         }
-        conn.tx_done += res as usize;
+        conn.tx_done += usize::try_from(res).unwrap_or(0);
         if conn.tx_done < conn.tx_len {
             return self.write_client(slot, conn);
         }
@@ -1565,7 +1572,7 @@ impl Worker {
         let Stage::Chan(ch) = &mut conn.stage else { return };
         let chunk = ch.e2c_chunk.max(1);
         let hl = conn.enc.header_len();
-        let mut n = res as usize;
+        let mut n = usize::try_from(res).unwrap_or(0);
         conn.st.e2c_bytes += n as u64;
         self.stats().e2c_bytes.fetch_add(n as u64, Ordering::Relaxed);
         let Some(tx) = self.ring.arena_mut().get_mut(conn.tx) else { return };

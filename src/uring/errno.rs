@@ -20,10 +20,16 @@ pub fn classify(res: i32) -> Errno {
     let e = -res;
     match e {
         libc::EAGAIN | libc::EINTR | libc::ENOBUFS => Errno::Retry,
-        libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN | libc::ECONNREFUSED | libc::ENOENT
-        | libc::ECONNABORTED | libc::ETIMEDOUT | libc::EHOSTUNREACH | libc::ENETUNREACH | libc::EIO => {
-            Errno::PeerGone(e)
-        }
+        libc::ECONNRESET
+        | libc::EPIPE
+        | libc::ENOTCONN
+        | libc::ECONNREFUSED
+        | libc::ENOENT
+        | libc::ECONNABORTED
+        | libc::ETIMEDOUT
+        | libc::EHOSTUNREACH
+        | libc::ENETUNREACH
+        | libc::EIO => Errno::PeerGone(e),
         libc::ECANCELED | libc::ETIME => Errno::Cancelled,
         libc::EBADF | libc::EFAULT | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP => Errno::OurBug(e),
         _ => Errno::Unexpected(e),

@@ -340,8 +340,7 @@ impl Ring {
     pub fn writev(&mut self, fd: RawFd, buf: BufId, ranges: &[(usize, usize)], token: u64) -> Result<(), SubmitError> {
         let (i, ud) = self.vectored(buf, ranges, token)?;
         let n = u32::try_from(ranges.len()).unwrap_or(0);
-        let e =
-            opcode::Writev::new(types::Fd(fd), self.ops[i].iov.as_ptr(), n).offset(u64::MAX).build().user_data(ud);
+        let e = opcode::Writev::new(types::Fd(fd), self.ops[i].iov.as_ptr(), n).offset(u64::MAX).build().user_data(ud);
         self.push(i, e)
     }
 
@@ -349,8 +348,7 @@ impl Ring {
     pub fn readv(&mut self, fd: RawFd, buf: BufId, ranges: &[(usize, usize)], token: u64) -> Result<(), SubmitError> {
         let (i, ud) = self.vectored(buf, ranges, token)?;
         let n = u32::try_from(ranges.len()).unwrap_or(0);
-        let e =
-            opcode::Readv::new(types::Fd(fd), self.ops[i].iov.as_ptr(), n).offset(u64::MAX).build().user_data(ud);
+        let e = opcode::Readv::new(types::Fd(fd), self.ops[i].iov.as_ptr(), n).offset(u64::MAX).build().user_data(ud);
         self.push(i, e)
     }
 
