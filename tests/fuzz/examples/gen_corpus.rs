@@ -6,7 +6,9 @@
 //! cargo run --manifest-path tests/fuzz/Cargo.toml --example gen_corpus [-- DIR]
 //! ```
 //! DIR defaults to `tests/fuzz/corpus`. Output is deterministic; rerun it
-//! whenever a target's input layout (its doc comment) changes.
+//! whenever a target's input layout (its doc comment) changes, together
+//! with `tests/fuzz/capture_seeds.py` (seeds cut from the real capture in
+//! `tests/data/`, which need tshark).
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +29,14 @@ use vmcrelay_fuzz::public_der;
 const GTK_MAIN_LINK: [u8; 42] = [
     0x52, 0x45, 0x44, 0x51, 2, 0, 0, 0, 2, 0, 0, 0, 0x1a, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0x12,
     0, 0, 0, 0x0d, 0, 0, 0, 0x0f, 0, 0, 0,
+];
+
+/// spice-gtk 0.42's port-channel link from tests/data's capture (session
+/// 0xdbd7186f, common caps AUTH_SELECTION | AUTH_SASL | MINI_HEADER, no
+/// channel caps).
+const GTK_PORT_LINK: [u8; 38] = [
+    0x52, 0x45, 0x44, 0x51, 2, 0, 0, 0, 2, 0, 0, 0, 0x16, 0, 0, 0, 0x6f, 0x18, 0xd7, 0xdb, 0x0a, 0, 1, 0, 0, 0, 0,
+    0, 0, 0, 0x12, 0, 0, 0, 0x0d, 0, 0, 0,
 ];
 
 fn link_mess(channel_type: u8, common: &[u32], channel: &[u32]) -> Vec<u8> {
@@ -103,6 +113,12 @@ fn main() {
         s,
         "usbredir-password-split",
         &cat(&[&[2 | 4], &accept_lz4, &[3], &splits(&[3, 1, 7, 200, 0]), &usb, &mech, &t_hunter]),
+    );
+    write(
+        &dir,
+        s,
+        "capture-port-link-our-ticket",
+        &cat(&[&[4], &accept_lz4, &[0], &splits(&[]), &GTK_PORT_LINK, &mech, &t_empty]),
     );
     write(&dir, s, "usbredir-wrong-password", &cat(&[&[2], &accept_lz4, &[0], &splits(&[]), &usb, &mech, &t_empty]));
     write(
