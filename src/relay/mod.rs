@@ -8,3 +8,4 @@ pub mod keypool;
 pub mod log;
 pub mod serve;
 pub mod worker;
+pub mod sync_client;
