@@ -1,0 +1,210 @@
+//! `vmcrelay serve` driven by vmcrelay's own client code: user-defined
+//! channel types (spice-gtk skips them) and failure handling, with a
+//! healthy channel checked byte-exact throughout.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::*;
+use vmcrelay::proto::client_link::ClientLinkFailure;
+use vmcrelay::proto::link::LinkErrorCode;
+use vmcrelay::relay::sync_client::{ClientError, Session};
+
+/// Echoes `total` bytes through channel `(t, id)` and checks them.
+fn echo_through(s: &Session, t: u8, id: u8, total: usize, seed: u64, msg: usize) {
+    let ch = s.open(t, id, true).expect("open channel");
+    let mut w = ch.writer;
+    let mut r = ch.reader;
+    let data = pattern(seed, total);
+    // Every other message is compressible, so LZ4 COMPRESSED_DATA is used too.
+    let sent = data.clone();
+    let writer = std::thread::spawn(move || {
+        for (k, chunk) in sent.chunks(msg).enumerate() {
+            if k % 2 == 1 {
+                let z = vec![chunk[0]; chunk.len()];
+                w.send(&z).expect("send");
+            } else {
+                w.send(chunk).expect("send");
+            }
+        }
+        w
+    });
+    let mut want = data.clone();
+    for (k, chunk) in want.chunks_mut(msg).enumerate() {
+        if k % 2 == 1 {
+            let b = chunk[0];
+            chunk.fill(b);
+        }
+    }
+    let mut got = vec![0u8; total];
+    let mut have = 0;
+    while have < total {
+        let n = r.read(&mut got[have..]).expect("read");
+        assert!(n > 0, "EOF after {have} of {total} bytes");
+        have += n;
+    }
+    let _w = writer.join().expect("writer");
+    assert!(got == want, "echo differs");
+}
+
+fn start(extra: &[String]) -> Relay {
+    let port = free_port();
+    let mut a = vec!["--listen".to_string(), format!("127.0.0.1:{port}"), "--disable-ticketing".into()];
+    a.extend_from_slice(extra);
+    Relay::start(&a)
+}
+
+/// 6. A user-defined channel type 128 carried end to end (DATA and LZ4).
+#[test]
+fn user_defined_128_end_to_end() {
+    let dir = TempDir::new("u128");
+    let app = EchoApp::start(dir.path("app.sock"));
+    let relay = start(&["--channel".into(), format!("128=unix:{}", app.path.display())]);
+    let s = Session::connect(&relay.addr(), b"", Duration::from_secs(10)).expect("session");
+    assert!(s.channels.contains(&(128, 0)), "CHANNELS_LIST has (128,0): {:?}", s.channels);
+    echo_through(&s, 128, 0, 16 << 20, 7, 65536);
+    // Small messages too, many per read.
+    echo_through(&s, 128, 0, 1 << 20, 8, 100);
+    s.close();
+}
+
+/// A unix app that accepts one connection at a time and hands it to the test.
+fn controlled_app(path: std::path::PathBuf) -> std::sync::mpsc::Receiver<std::os::unix::net::UnixStream> {
+    let l = UnixListener::bind(path).expect("bind");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for s in l.incoming().map_while(Result::ok) {
+            if tx.send(s).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// 7. Endpoint absent, endpoint killed mid-stream, client killed mid-stream:
+/// each has its outcome, and a healthy channel stays byte-exact throughout.
+#[test]
+fn failures_leave_other_channels_intact() {
+    let dir = TempDir::new("fail");
+    let healthy = EchoApp::start(dir.path("healthy.sock"));
+    let dev = dir.path("dev.sock");
+    let relay = start(&[
+        "--channel".into(),
+        format!("128=unix:{}", healthy.path.display()),
+        "--channel".into(),
+        format!("port:com.example.absent=unix:{}", dir.path("nobody.sock").display()),
+        "--channel".into(),
+        format!("port:com.example.dev=unix:{}", dev.display()),
+    ]);
+    let s = Arc::new(Session::connect(&relay.addr(), b"", Duration::from_secs(10)).expect("session"));
+    // The healthy channel echoes continuously while the failures happen.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s2, stop2) = (Arc::clone(&s), Arc::clone(&stop));
+    let healthy_loop = std::thread::spawn(move || {
+        let mut rounds = 0u64;
+        while !stop2.load(Ordering::Relaxed) {
+            echo_through(&s2, 128, 0, 1 << 20, rounds, 16384);
+            rounds += 1;
+        }
+        rounds
+    });
+
+    // a) Endpoint absent: link error CHANNEL_NOT_AVAILABLE (9), logged with the path.
+    match s.open(10, 0, false) {
+        Err(ClientError::Link(ClientLinkFailure::Result(LinkErrorCode::ChannelNotAvailable))) => {}
+        other => panic!("absent endpoint must refuse the link with 9, got {other:?}"),
+    }
+    let warn = relay.wait_log("endpoint unavailable", Duration::from_secs(5));
+    assert!(warn.contains("nobody.sock"), "{warn}");
+
+    // b) Endpoint killed mid-stream: PORT_EVENT closed, then the channel closes.
+    let accepted = controlled_app(dev.clone());
+    let ch = s.open(10, 1, false).expect("open dev port");
+    let (mut w, mut r) = (ch.writer, ch.reader);
+    assert_eq!(r.wait_port_state().expect("port init"), true, "endpoint connected at link: opened");
+    let mut app = accepted.recv_timeout(Duration::from_secs(5)).expect("device connection");
+    w.send(b"hello device").expect("send");
+    let mut got = [0u8; 12];
+    app.read_exact(&mut got).expect("device reads");
+    assert_eq!(&got, b"hello device");
+    app.write_all(b"from device").expect("device writes");
+    let mut back = [0u8; 11];
+    let mut have = 0;
+    while have < 11 {
+        have += r.read(&mut back[have..]).expect("read");
+    }
+    assert_eq!(&back, b"from device");
+    drop(app); // the device goes away
+    let mut tail = [0u8; 16];
+    assert_eq!(r.read(&mut tail).expect("read to EOF"), 0, "channel closes after the endpoint");
+    assert_eq!(r.events, vec![1], "PORT_EVENT closed came before the close");
+
+    // c) The next link reconnects the endpoint (a restarted device needs no relay restart).
+    let ch = s.open(10, 1, false).expect("re-open dev port");
+    let (mut w, r2) = (ch.writer, ch.reader);
+    let mut app = accepted.recv_timeout(Duration::from_secs(5)).expect("second device connection");
+    w.send(b"again").expect("send");
+    let mut got = [0u8; 5];
+    app.read_exact(&mut got).expect("device reads");
+    assert_eq!(&got, b"again");
+
+    // d) Client killed mid-stream: the endpoint connection closes.
+    w.send(&[0u8; 1000]).expect("send");
+    drop(w);
+    drop(r2); // both halves of the client socket gone
+    app.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut sink = vec![0u8; 4096];
+    let mut eof = false;
+    for _ in 0..100 {
+        match app.read(&mut sink) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(e) => panic!("device read: {e}"),
+        }
+    }
+    assert!(eof, "endpoint sees EOF after the client went away");
+    relay.wait_log("reason=\"client closed\"", Duration::from_secs(5));
+
+    stop.store(true, Ordering::Relaxed);
+    let rounds = healthy_loop.join().expect("healthy channel stayed byte-exact");
+    assert!(rounds >= 1);
+    // The relay is still serving: a fresh session works.
+    let s3 = Session::connect(&relay.addr(), b"", Duration::from_secs(10)).expect("new session");
+    s.close();
+    echo_through(&s3, 128, 0, 1 << 20, 99, 65536);
+}
+
+/// Hostile bytes on the link get an error reply or a close; the relay keeps serving.
+#[test]
+fn garbage_link_is_refused_and_relay_keeps_serving() {
+    let relay = start(&["--channel".into(), "128=echo:".into()]);
+    let mut c = std::net::TcpStream::connect(relay.addr()).expect("connect");
+    c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+    let mut reply = Vec::new();
+    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let _ = c.read_to_end(&mut reply);
+    assert_eq!(reply.len(), 16 + 178, "an error reply");
+    assert_eq!(&reply[16..20], &2u32.to_le_bytes(), "INVALID_MAGIC");
+    // A huge link size is refused too.
+    let mut c = std::net::TcpStream::connect(relay.addr()).expect("connect");
+    let mut h = b"REDQ".to_vec();
+    h.extend_from_slice(&2u32.to_le_bytes());
+    h.extend_from_slice(&2u32.to_le_bytes());
+    h.extend_from_slice(&u32::MAX.to_le_bytes());
+    c.write_all(&h).expect("write");
+    let mut reply = Vec::new();
+    c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let _ = c.read_to_end(&mut reply);
+    assert_eq!(&reply.get(16..20), &Some(&3u32.to_le_bytes()[..]), "INVALID_DATA");
+    let s = Session::connect(&relay.addr(), b"", Duration::from_secs(10)).expect("still serving");
+    echo_through(&s, 128, 0, 1 << 20, 3, 4096);
+}
