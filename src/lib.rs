@@ -19,3 +19,4 @@ pub mod proto;
 pub mod relay;
 #[allow(unsafe_code)]
 pub mod uring;
+pub mod load;

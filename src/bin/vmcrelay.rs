@@ -43,6 +43,47 @@ enum Cmd {
     /// Serve spicevmc channels to SPICE clients, each spliced to a local endpoint.
     #[command(after_help = SERVE_HELP)]
     Serve(ServeArgs),
+    /// Serve a built-in demo: echo and sink channels on 127.0.0.1, no password.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Port on 127.0.0.1 [default: 5930, or a free one if that is taken].
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+/// The demo's built-in service: a port channel that echoes, one that
+/// discards, and a user-defined channel 128 that echoes.
+fn demo_config(a: &DemoArgs) -> Result<ServeConfig, String> {
+    let port = match a.port {
+        Some(p) => p,
+        None => std::net::TcpListener::bind("127.0.0.1:5930")
+            .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| format!("no free port on 127.0.0.1: {e}"))?,
+    };
+    let specs = ["port:org.vmcrelay.echo.0=echo:", "port:org.vmcrelay.sink.0=sink:", "128=echo:"];
+    let channels = config::parse_channels(specs.iter().map(|s| (*s, "demo".to_string()))).map_err(|e| e.to_string())?;
+    let listen = vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))];
+    let cfg = ServeConfig {
+        services: vec![Service { name: "demo".into(), listen, password: None, channels }],
+        limits: Limits { workers: 1, max_conns_per_worker: 64, ..Limits::default() },
+    };
+    cfg.validate()?;
+    eprintln!(
+        "vmcrelay demo: a SPICE server on 127.0.0.1:{port} (no password) with three channels:\n\
+         \x20 port org.vmcrelay.echo.0  echoes every byte back\n\
+         \x20 port org.vmcrelay.sink.0  discards what it gets\n\
+         \x20 128 (user-defined)        echoes; only vmcrelay's own client opens it\n\
+         Attach a real client:  remote-viewer spice://127.0.0.1:{port}   (or: spicy -h 127.0.0.1 -p {port})\n\
+         Scripted check:  /usr/bin/python3 tests/interop/gtk_client.py port-echo --uri spice://127.0.0.1:{port} \\\n\
+         \x20                  --port-name org.vmcrelay.echo.0 --bytes 16777216\n\
+         Stop with Ctrl-C. Log lines below: one per link and per close.\n"
+    );
+    Ok(cfg)
 }
 
 const SERVE_HELP: &str = "\
@@ -151,26 +192,26 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     log::set_level(if cli.quiet { 1 } else { 2 + cli.verbose });
-    match cli.cmd {
-        Cmd::Serve(a) => {
-            let cfg = match build_config(&a) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("vmcrelay: configuration error: {e}");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            match serve::run(cfg) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(serve::ServeError::Startup(e)) => {
-                    eprintln!("vmcrelay: cannot start: {e}");
-                    ExitCode::from(EXIT_STARTUP)
-                }
-                Err(e) => {
-                    eprintln!("vmcrelay: {e}");
-                    ExitCode::from(EXIT_RUNTIME)
-                }
-            }
+    let cfg = match cli.cmd {
+        Cmd::Serve(a) => build_config(&a),
+        Cmd::Demo(a) => demo_config(&a),
+    };
+    let cfg = match cfg {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmcrelay: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match serve::run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(serve::ServeError::Startup(e)) => {
+            eprintln!("vmcrelay: cannot start: {e}");
+            ExitCode::from(EXIT_STARTUP)
+        }
+        Err(e) => {
+            eprintln!("vmcrelay: {e}");
+            ExitCode::from(EXIT_RUNTIME)
         }
     }
 }

@@ -1,0 +1,1 @@
+//! Load generation (vmcload): placeholder until it lands.
