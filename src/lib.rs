@@ -15,8 +15,8 @@
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod load;
 pub mod proto;
 pub mod relay;
 #[allow(unsafe_code)]
 pub mod uring;
-pub mod load;

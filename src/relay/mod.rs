@@ -7,5 +7,5 @@ pub mod endpoint;
 pub mod keypool;
 pub mod log;
 pub mod serve;
-pub mod worker;
 pub mod sync_client;
+pub mod worker;
