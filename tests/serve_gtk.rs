@@ -13,7 +13,7 @@ fn relay_args(port: u16, extra: &[String]) -> Vec<String> {
     a
 }
 
-/// 1. spice-gtk ↔ vmcrelay ↔ unix echo app: 64 MiB over a port channel,
+/// Test 1: spice-gtk ↔ vmcrelay ↔ unix echo app: 64 MiB over a port channel,
 /// byte-exact on the way back; `port-opened` seen.
 #[test]
 fn gtk_port_echo_64mib_through_unix_app() {
@@ -56,7 +56,7 @@ fn gtk_port_echo_64mib_through_unix_app() {
     assert_eq!(relay.stop(), Some(0), "SIGTERM exits 0");
 }
 
-/// 4. Password: the right one links; a wrong one gets link result 7 and
+/// Test 4: Password: the right one links; a wrong one gets link result 7 and
 /// spice-gtk reports an auth error.
 #[test]
 fn gtk_password_right_and_wrong() {
@@ -96,7 +96,7 @@ fn gtk_password_right_and_wrong() {
     assert_eq!(echo.code, 0, "{}", echo.json);
 }
 
-/// 5. Two services at once, each with its own spice-gtk client, both byte-exact.
+/// Test 5: Two services at once, each with its own spice-gtk client, both byte-exact.
 #[test]
 fn gtk_two_services_at_once() {
     if !peers_available(&["gtk"]) {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 
-/// 2. spice-gtk's usbredir channel through vmcrelay to QEMU's usb-redir
+/// Test 2: spice-gtk's usbredir channel through vmcrelay to QEMU's usb-redir
 /// device on a socket chardev: the usbredir hellos cross both ways.
 #[test]
 fn gtk_usbredir_to_qemu_usb_redir() {
@@ -59,7 +59,7 @@ fn gtk_usbredir_to_qemu_usb_redir() {
     assert!(num("c2e_bytes") >= 80, "client → QEMU bytes: {line}");
 }
 
-/// 3. spice-gtk ↔ vmcrelay ↔ QEMU `-mon` on a socket chardev: QMP
+/// Test 3: spice-gtk ↔ vmcrelay ↔ QEMU `-mon` on a socket chardev: QMP
 /// capabilities, version and the ≈200 KB schema complete without a stall.
 #[test]
 fn gtk_qmp_to_qemu_monitor_no_stall() {

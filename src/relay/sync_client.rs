@@ -204,10 +204,10 @@ impl Session {
             let why = loop {
                 match r.next(&mut body, 64 * 1024) {
                     Ok(Some(h)) => {
-                        if let Ok(ServerMsg::Ping(p)) = ServerMsg::parse(main_kind, h.msg_type, &body) {
-                            if send_msg(&mut w, &mut enc, &ClientMsg::Pong(p.pong())).is_err() {
-                                break "write failed".to_string();
-                            }
+                        if let Ok(ServerMsg::Ping(p)) = ServerMsg::parse(main_kind, h.msg_type, &body)
+                            && send_msg(&mut w, &mut enc, &ClientMsg::Pong(p.pong())).is_err()
+                        {
+                            break "write failed".to_string();
                         }
                     }
                     Ok(None) => break "closed by server".to_string(),
