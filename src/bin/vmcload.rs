@@ -1,1 +1,402 @@
-fn main() {}
+//! `vmcload`: load generator and endpoint apps for vmcrelay (and any SPICE
+//! server with spicevmc channels).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use vmcrelay::load::endpoint::{Endpoint, EndpointConfig, EpMode, Listen};
+use vmcrelay::load::run::{Limit, Mode, RunConfig, check_rate, default_timeout, run};
+use vmcrelay::load::size::{MAX_MESSAGE_BYTES, SizeDist, parse_bytes, parse_duration};
+use vmcrelay::load::target::{ChannelSel, Target};
+use vmcrelay::load::{LoadError, demo};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const EXIT_FAIL: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmcload",
+    version,
+    about = "Load generator for SPICE spicevmc channels: drives vmcrelay (or any SPICE server) and checks every byte",
+    after_help = "Exit codes: 0 ok, 1 integrity or run failure, 2 usage error.\n\n\
+        Start with `vmcload demo`; see `vmcload run --help` and `vmcload endpoint --help`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Open N client connections and move the seeded pattern (up, down, echo, rr).
+    #[command(after_help = RUN_HELP)]
+    Run(RunArgs),
+    /// Be the local app behind the relay: sink, source or echo on a unix or TCP socket.
+    #[command(after_help = ENDPOINT_HELP)]
+    Endpoint(EndpointArgs),
+    /// Start vmcrelay with three endpoints, run up, down and rr, explain the figures.
+    Demo(DemoArgs),
+}
+
+const RUN_HELP: &str = "\
+MODES
+  up    client → endpoint bulk. Run the endpoint as `vmcload endpoint --mode sink --verify`;
+        it checks the pattern. This side reports MiB/s and msgs/s sent.
+  down  endpoint → client bulk (`--mode source` endpoint); this side checks every byte.
+  echo  both ways at once through an `--mode echo` endpoint; this side checks what comes back
+        and records each message's round trip.
+  rr    request/response: send one message of SIZE, wait for SIZE bytes back (echo endpoint);
+        round trips go into a histogram (p50, p90, p99, p99.9, max). With --rate, requests are
+        paced open-loop and timed from when they were due.
+
+CHANNELS (--channel, repeatable; connection i takes the i-th selected channel)
+  port:NAME        the port channel whose PORT_INIT name is NAME (found by linking each port once)
+  port:PREFIX*     every port channel whose name starts with PREFIX
+  usbredir[:ID]    also smartcard, webdav, and user-defined 128..=255
+  128[:ID]         with a single --channel, connection i uses id ID+i
+  128:A-B | 128:*  an id range, or every announced channel of the type
+  The relay (like spice-server) gives a channel to one client at a time, so N connections
+  need N channels.
+
+INTEGRITY
+  Byte p of every stream is a splitmix64 of (seed, p/8): both sides generate or check any
+  offset without storing anything. A wrong byte ends the run with exit code 1 and its offset.
+
+EXAMPLES
+  # the endpoint, then 5 s of 64 KiB uploads through the relay
+  vmcload endpoint --unix-listen /tmp/sink.sock --mode sink --verify &
+  vmcrelay serve --listen 127.0.0.1:5930 --disable-ticketing --channel 128=unix:/tmp/sink.sock &
+  vmcload run --uri spice://127.0.0.1:5930 --channel 128 --mode up --size 64K --duration 5
+
+  # 64-byte round trips on a port channel, 1000 per second, JSON for scripts
+  vmcload run --uri spice://127.0.0.1:5930 --channel port:com.example.echo --mode rr --size 64 \\
+      --rate 1000 --duration 10 --json rr.json
+
+  # 100 connections over channels 128:0..99, mixed sizes
+  vmcload run --uri spice://127.0.0.1:5930 --channel 128:0-99 --connections 100 --mode echo \\
+      --sizes 64:0.9,65536:0.1 --bytes 16M
+
+  # the no-relay ceiling: the same pattern straight into the endpoint
+  vmcload run --raw-unix /tmp/sink.sock --mode up --size 64K --duration 5";
+
+const ENDPOINT_HELP: &str = "\
+Every accepted connection gets its own thread and starts at pattern offset 0. A line per
+connection goes to stderr when it closes; totals go to stdout on SIGINT/SIGTERM (exit 0, or 1
+if a wrong byte was seen). --json FILE is rewritten after every close and at exit.
+
+EXAMPLES
+  vmcload endpoint --unix-listen /run/vm1/app.sock --mode sink --verify --json sink.json
+  vmcload endpoint --unix-listen /tmp/src.sock --mode source --size 64K
+  vmcload endpoint --raw-tcp-listen 127.0.0.1:7000 --mode echo      # for run --raw-tcp / socat
+  vmcload endpoint --unix /run/vm1/app.sock --mode echo --reconnect # relay has unix-listen:";
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// SPICE server, spice://HOST:PORT (or HOST:PORT).
+    #[arg(long, value_name = "URI", required_unless_present_any = ["raw_tcp", "raw_unix"])]
+    uri: Option<String>,
+    /// Channel to use (repeatable): port:NAME, usbredir:0, 128[:ID], 128:A-B, 128:* (see below).
+    #[arg(long, value_name = "SPEC", requires = "uri")]
+    channel: Vec<String>,
+    /// Read the SPICE password from the first line of FILE.
+    #[arg(long, value_name = "FILE", requires = "uri")]
+    password_file: Option<PathBuf>,
+    /// Announce LZ4 and send COMPRESSED_DATA when it is smaller (the pattern rarely is).
+    #[arg(long, requires = "uri")]
+    lz4: bool,
+    /// No SPICE: raw bytes over TCP to HOST:PORT (direct to an endpoint, or via socat).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["uri", "raw_unix"])]
+    raw_tcp: Option<String>,
+    /// No SPICE: raw bytes over a unix socket straight to the endpoint.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["uri", "raw_tcp"])]
+    raw_unix: Option<PathBuf>,
+    /// Concurrent connections (each its own session + channel, and thread).
+    #[arg(short = 'c', long, default_value_t = 1, value_name = "N")]
+    connections: usize,
+    /// Message size (down: read size), e.g. 64, 64K, 1M.
+    #[arg(long, value_name = "BYTES", default_value = "64K", conflicts_with = "sizes")]
+    size: String,
+    /// Message size distribution: 64,1024,65536 (uniform) or 64:0.9,65536:0.1 (weighted).
+    #[arg(long, value_name = "DIST")]
+    sizes: Option<String>,
+    /// What moves where: up, down, echo, rr.
+    #[arg(long, value_enum)]
+    mode: Mode,
+    /// Stop each connection after N payload bytes (sent; down: received).
+    #[arg(long, value_name = "N", conflicts_with = "duration")]
+    bytes: Option<String>,
+    /// Stop after S seconds (5, 2.5s, 500ms) [default: 5 s unless --bytes].
+    #[arg(long, value_name = "S")]
+    duration: Option<String>,
+    /// Messages per second per connection, paced open-loop (not with down).
+    #[arg(long, value_name = "MSGS_PER_S")]
+    rate: Option<f64>,
+    /// Pattern seed; the endpoint must use the same.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    seed: u64,
+    /// Write one JSON object with every figure and the exact parameters (`-`: stdout).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Per-connection link timeout.
+    #[arg(long, default_value = "10", value_name = "S")]
+    connect_timeout: String,
+    /// Give up on the whole run after S [default: duration + 40 s, or 600 s with --bytes].
+    #[arg(long, value_name = "S")]
+    timeout: Option<String>,
+    /// No progress line.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(group = clap::ArgGroup::new("where").required(true).args(["unix_listen", "unix", "raw_tcp_listen"]))]
+struct EndpointArgs {
+    /// Listen on a unix socket (the relay's `unix:PATH` endpoints connect here).
+    #[arg(long, value_name = "PATH")]
+    unix_listen: Option<PathBuf>,
+    /// Connect to a unix socket (the relay's `unix-listen:PATH` endpoints).
+    #[arg(long, value_name = "PATH")]
+    unix: Option<PathBuf>,
+    /// Listen on TCP for raw streams (run --raw-tcp, socat).
+    #[arg(long, value_name = "HOST:PORT")]
+    raw_tcp_listen: Option<String>,
+    /// sink: read (and check); source: write the pattern; echo: send everything back.
+    #[arg(long, value_enum)]
+    mode: EpMode,
+    /// Check incoming bytes against the pattern (sink, echo).
+    #[arg(long)]
+    verify: bool,
+    /// Pattern seed.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    seed: u64,
+    /// Write size in source mode.
+    #[arg(long, default_value = "64K", value_name = "BYTES")]
+    size: String,
+    /// Source mode: stop after N bytes per connection (default: until the peer closes).
+    #[arg(long, value_name = "N")]
+    bytes: Option<String>,
+    /// With --unix: connect again after each connection ends.
+    #[arg(long, requires = "unix")]
+    reconnect: bool,
+    /// Rewrite FILE with the figures after every close and at exit.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// No per-connection lines.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Seconds per run.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Relay worker threads.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// The vmcrelay binary [default: next to vmcload].
+    #[arg(long, value_name = "PATH")]
+    relay: Option<PathBuf>,
+    /// Show the relay's log.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+/// A usage error (exit 2) rather than a failure (exit 1).
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+fn usage(m: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Usage(m.into()))
+}
+
+fn from_load(e: LoadError) -> anyhow::Error {
+    match e {
+        LoadError::Usage(m) => usage(m),
+        other => anyhow::Error::new(other),
+    }
+}
+
+/// SIGINT/SIGTERM set the flag (a second one exits at once). The signals
+/// are blocked in every thread and taken by one waiter thread, so no
+/// handler code runs in signal context.
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block().context("blocking SIGINT/SIGTERM")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let s2 = Arc::clone(&stop);
+    std::thread::Builder::new().name("vmcload-signals".into()).stack_size(64 * 1024).spawn(move || {
+        while set.wait().is_ok() {
+            if s2.swap(true, Ordering::Relaxed) {
+                std::process::exit(130);
+            }
+        }
+    })?;
+    Ok(stop)
+}
+
+fn size_arg(s: &str) -> anyhow::Result<usize> {
+    let n = parse_bytes(s).map_err(usage)?;
+    match usize::try_from(n) {
+        Ok(n) if n > 0 && n <= MAX_MESSAGE_BYTES => Ok(n),
+        _ => Err(usage(format!("size {s} must be 1..={MAX_MESSAGE_BYTES} bytes"))),
+    }
+}
+
+fn cmd_run(a: RunArgs) -> anyhow::Result<bool> {
+    let target = match (&a.uri, &a.raw_tcp, &a.raw_unix) {
+        (Some(uri), None, None) => {
+            let addr = uri.strip_prefix("spice://").unwrap_or(uri).trim_end_matches('/').to_string();
+            if addr.is_empty() || !addr.contains(':') {
+                return Err(usage(format!("--uri {uri}: write spice://HOST:PORT")));
+            }
+            if a.channel.is_empty() {
+                return Err(usage("give --channel SPEC (e.g. --channel 128 or --channel port:NAME)"));
+            }
+            let channels =
+                a.channel.iter().map(|c| ChannelSel::parse(c)).collect::<Result<Vec<_>, _>>().map_err(usage)?;
+            let password = match &a.password_file {
+                Some(f) => vmcrelay::relay::config::read_password_file(f).map_err(usage)?,
+                None => Vec::new(),
+            };
+            Target::Spice { addr, password, channels, lz4: a.lz4 }
+        }
+        (None, Some(t), None) => Target::RawTcp(t.clone()),
+        (None, None, Some(p)) => Target::RawUnix(p.clone()),
+        _ => return Err(usage("give exactly one of --uri, --raw-tcp, --raw-unix")),
+    };
+    let sizes = match &a.sizes {
+        Some(d) => SizeDist::parse(d).map_err(usage)?,
+        None => SizeDist::fixed(size_arg(&a.size)?),
+    };
+    if a.mode == Mode::Down && !sizes.is_fixed() {
+        return Err(usage(
+            "--sizes does not apply to down (the endpoint chooses its writes); use --size for the read size",
+        ));
+    }
+    let rate = match a.rate {
+        Some(_) if a.mode == Mode::Down => return Err(usage("--rate does not apply to down: the endpoint sends")),
+        Some(r) => Some(check_rate(r).map_err(usage)?),
+        None => None,
+    };
+    let limit = match (&a.bytes, &a.duration) {
+        (Some(b), _) => Limit::Bytes(parse_bytes(b).map_err(usage)?),
+        (None, Some(d)) => Limit::Duration(parse_duration(d).map_err(usage)?),
+        (None, None) => Limit::Duration(Duration::from_secs(5)),
+    };
+    if a.connections == 0 || a.connections > 100_000 {
+        return Err(usage("--connections must be 1..=100000"));
+    }
+    let connect_timeout = parse_duration(&a.connect_timeout).map_err(usage)?;
+    let timeout = match &a.timeout {
+        Some(t) => parse_duration(t).map_err(usage)?,
+        None => default_timeout(limit, connect_timeout),
+    };
+    let stop = stop_on_signals()?;
+    let cfg = RunConfig {
+        target,
+        connections: a.connections,
+        sizes,
+        mode: a.mode,
+        limit,
+        rate,
+        seed: a.seed,
+        connect_timeout,
+        timeout,
+        progress: !a.quiet,
+    };
+    let report = run(cfg, stop).map_err(from_load)?;
+    let json = serde_json::to_string_pretty(&report)?;
+    match a.json.as_deref() {
+        Some(p) if p.as_os_str() == "-" => println!("{json}"),
+        Some(p) => {
+            vmcrelay::load::endpoint::write_atomic(p, &json).map_err(from_load)?;
+            print!("{}", report.human());
+        }
+        None => print!("{}", report.human()),
+    }
+    Ok(report.ok)
+}
+
+fn cmd_endpoint(a: EndpointArgs) -> anyhow::Result<bool> {
+    let listen = match (a.unix_listen, a.unix, a.raw_tcp_listen) {
+        (Some(p), None, None) => Listen::UnixListen(p),
+        (None, Some(p), None) => Listen::Unix(p),
+        (None, None, Some(t)) => Listen::TcpListen(t),
+        _ => return Err(usage("give exactly one of --unix-listen, --unix, --raw-tcp-listen")),
+    };
+    let cfg = EndpointConfig {
+        listen,
+        mode: a.mode,
+        verify: a.verify,
+        seed: a.seed,
+        size: size_arg(&a.size)?,
+        bytes: a.bytes.as_deref().map(parse_bytes).transpose().map_err(usage)?,
+        reconnect: a.reconnect,
+        json: a.json,
+        quiet: a.quiet,
+    };
+    let stop = stop_on_signals()?;
+    let ep = Endpoint::bind(cfg).map_err(from_load)?;
+    if let Some(addr) = ep.local_tcp_addr() {
+        eprintln!("vmcload endpoint: listening on tcp {addr}");
+    }
+    let served = ep.serve(&stop);
+    let report = ep.report();
+    ep.write_json().map_err(from_load)?;
+    println!("{}", report.human());
+    served.map_err(from_load)?;
+    Ok(report.integrity != "mismatch")
+}
+
+fn cmd_demo(a: DemoArgs) -> anyhow::Result<bool> {
+    if !(a.seconds > 0.0 && a.seconds <= 600.0) {
+        return Err(usage("--seconds must be in (0, 600]"));
+    }
+    let relay = match a.relay {
+        Some(r) => r,
+        None => std::env::current_exe().context("locating vmcload")?.with_file_name("vmcrelay"),
+    };
+    let cfg = demo::DemoConfig { relay, seconds: a.seconds, workers: a.workers.max(1), verbose: a.verbose };
+    demo::demo(&cfg).map_err(from_load)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Endpoint(a) => cmd_endpoint(a),
+        Cmd::Demo(a) => cmd_demo(a),
+    };
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(EXIT_FAIL),
+        Err(e) if e.is::<Usage>() => {
+            eprintln!("vmcload: {e}\n(see vmcload --help)");
+            ExitCode::from(EXIT_USAGE)
+        }
+        Err(e) => {
+            eprintln!("vmcload: {e:#}");
+            ExitCode::from(EXIT_FAIL)
+        }
+    }
+}

@@ -243,6 +243,7 @@ impl Session {
                 port_name: None,
                 port_opened: None,
                 events: Vec::new(),
+                data_msgs: 0,
                 body: Vec::new(),
                 pending: Vec::new(),
                 pending_pos: 0,
@@ -334,6 +335,8 @@ pub struct ChannelReader {
     pub port_opened: Option<bool>,
     /// Port events received.
     pub events: Vec<u8>,
+    /// DATA and COMPRESSED_DATA messages received.
+    pub data_msgs: u64,
     body: Vec<u8>,
     pending: Vec<u8>,
     pending_pos: usize,
@@ -358,6 +361,7 @@ impl ChannelReader {
             let Some(h) = self.r.next(&mut self.body, 16 * 1024 * 1024)? else { return Ok(0) };
             match h.msg_type {
                 MSG_SPICEVMC_DATA => {
+                    self.data_msgs += 1;
                     std::mem::swap(&mut self.pending, &mut self.body);
                     self.pending_pos = 0;
                 }
@@ -368,6 +372,7 @@ impl ChannelReader {
                             .decompress(16 * 1024 * 1024, &mut out)
                             .map_err(|e| ClientError::Protocol(e.to_string()))?;
                         out.truncate(n);
+                        self.data_msgs += 1;
                         self.pending = out;
                         self.pending_pos = 0;
                     }
@@ -400,6 +405,7 @@ impl ChannelReader {
                 self.port_name = Some(String::from_utf8_lossy(p.name).into_owned());
                 self.port_opened = Some(p.opened);
             } else if h.msg_type == MSG_SPICEVMC_DATA {
+                self.data_msgs += 1;
                 std::mem::swap(&mut self.pending, &mut self.body);
                 self.pending_pos = 0;
             }

@@ -1,0 +1,408 @@
+//! `vmcload` end to end: `vmcrelay serve` with user-defined and port
+//! channels behind `vmcload endpoint` processes, driven by `vmcload run` in
+//! every mode; the JSON reports are checked for integrity and byte counts.
+//! No timing thresholds: speed is for benchmarks. Every wait has a deadline
+//! and every child is killed on drop.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Relay, TempDir, free_port, wait_path};
+use serde_json::Value;
+
+const VMCLOAD: &str = env!("CARGO_BIN_EXE_vmcload");
+const MIB: u64 = 1 << 20;
+
+/// A `vmcload endpoint` process, killed on drop.
+struct Endpoint {
+    child: Child,
+    json: PathBuf,
+}
+
+impl Endpoint {
+    /// `vmcload endpoint --unix-listen DIR/NAME.sock ARGS`, ready when the
+    /// socket exists.
+    fn unix(dir: &TempDir, name: &str, args: &[&str]) -> (Endpoint, PathBuf) {
+        let sock = dir.path(&format!("{name}.sock"));
+        let ep = Self::spawn(dir, name, &["--unix-listen", sock.to_str().expect("utf8")], args);
+        wait_path(&sock, Duration::from_secs(10));
+        (ep, sock)
+    }
+
+    fn spawn(dir: &TempDir, name: &str, place: &[&str], args: &[&str]) -> Endpoint {
+        let json = dir.path(&format!("endpoint-{name}.json"));
+        let child = Command::new(VMCLOAD)
+            .arg("endpoint")
+            .args(place)
+            .args(["--json", json.to_str().expect("utf8"), "--quiet"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn vmcload endpoint");
+        Endpoint { child, json }
+    }
+
+    /// Waits until the JSON file reports `n` closed connections.
+    fn wait_closed(&self, n: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = read_json(&self.json)
+                && v["connections_closed"].as_u64().is_some_and(|c| c >= n)
+            {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "endpoint never closed {n} connections: {:?}", read_json(&self.json));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM; the exit code and the final JSON.
+    fn stop(mut self) -> (i32, Value) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let code = wait_child(&mut self.child, Duration::from_secs(10)).expect("endpoint exits on SIGTERM");
+        (code, read_json(&self.json).expect("endpoint JSON at exit"))
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_json(p: &Path) -> Option<Value> {
+    serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()
+}
+
+fn wait_child(c: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(st)) = c.try_wait() {
+            return st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `vmcload ARGS` with a deadline; output and exit code.
+fn vmcload(args: &[&str]) -> (i32, Output) {
+    let mut child = Command::new(VMCLOAD)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmcload");
+    // Drain the pipes on threads so a chatty child cannot block.
+    let mut so = child.stdout.take().expect("stdout");
+    let mut se = child.stderr.take().expect("stderr");
+    let t1 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut so, &mut v);
+        v
+    });
+    let t2 = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut se, &mut v);
+        v
+    });
+    let code = wait_child(&mut child, Duration::from_secs(90));
+    let out = Output {
+        status: child.wait().expect("status"),
+        stdout: t1.join().unwrap_or_default(),
+        stderr: t2.join().unwrap_or_default(),
+    };
+    let code = code.unwrap_or_else(|| {
+        panic!(
+            "vmcload {args:?} did not finish within 90 s\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, out)
+}
+
+/// The relay with every channel the tests use, and its endpoints.
+struct Bench {
+    dir: TempDir,
+    relay: Relay,
+    sink: Endpoint,
+    sink_sock: PathBuf,
+    source: Endpoint,
+    source_sock: PathBuf,
+    echo: Endpoint,
+    echo_sock: PathBuf,
+    _bad_source: Endpoint,
+}
+
+impl Bench {
+    fn start(tag: &str) -> Bench {
+        let dir = TempDir::new(tag);
+        let (sink, sink_sock) = Endpoint::unix(&dir, "sink", &["--mode", "sink", "--verify"]);
+        let (source, source_sock) = Endpoint::unix(&dir, "source", &["--mode", "source", "--size", "16K"]);
+        let (echo, echo_sock) = Endpoint::unix(&dir, "echo", &["--mode", "echo", "--verify"]);
+        let (bad, bad_sock) = Endpoint::unix(&dir, "bad", &["--mode", "source", "--seed", "99"]);
+        let ch = |spec: String| ["--channel".to_string(), spec];
+        let mut args = vec!["--listen".to_string(), format!("127.0.0.1:{}", free_port()), "--disable-ticketing".into()];
+        args.extend(ch(format!("128=unix:{}", sink_sock.display())));
+        args.extend(ch(format!("128:1=unix:{}", source_sock.display())));
+        args.extend(ch(format!("128:2=unix:{}", bad_sock.display())));
+        for id in 0..4 {
+            args.extend(ch(format!("129:{id}=unix:{}", sink_sock.display())));
+        }
+        // A second port first, so finding com.example.x by name takes a probe.
+        args.extend(ch(format!("port:com.example.other=unix:{}", sink_sock.display())));
+        args.extend(ch(format!("port:com.example.x=unix:{}", echo_sock.display())));
+        args.extend(["--workers".into(), "2".into()]);
+        let relay = Relay::start(&args);
+        Bench { dir, relay, sink, sink_sock, source, source_sock, echo, echo_sock, _bad_source: bad }
+    }
+
+    fn json_path(&self, name: &str) -> String {
+        self.dir.path(name).to_str().expect("utf8").to_string()
+    }
+
+    /// `vmcload run --uri RELAY ARGS --json FILE`; exit code and report.
+    fn run(&self, name: &str, args: &[&str]) -> (i32, Value) {
+        let json = self.json_path(&format!("{name}.json"));
+        let uri = self.relay.uri();
+        let mut a = vec!["run", "--uri", uri.as_str(), "--json", json.as_str(), "--quiet"];
+        a.extend_from_slice(args);
+        run_json(&a, &json)
+    }
+}
+
+fn run_json(args: &[&str], json: &str) -> (i32, Value) {
+    let (code, out) = vmcload(args);
+    let v = read_json(Path::new(json)).unwrap_or_else(|| {
+        panic!(
+            "no JSON from vmcload {args:?} (exit {code})\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (code, v)
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v:#}"))
+}
+
+/// p50 ≤ p90 ≤ p99 ≤ p99.9 ≤ max, all present, min ≤ p50.
+fn assert_percentiles(v: &Value) {
+    let l = &v["latency_us"];
+    let p: Vec<u64> = ["min", "p50", "p90", "p99", "p999", "max"].iter().map(|k| u(l, k)).collect();
+    assert!(p.windows(2).all(|w| w[0] <= w[1]), "percentiles out of order: {l:#}");
+    assert!(p[1] > 0, "p50 is 0: {l:#}");
+}
+
+fn assert_setup(v: &Value, connections: u64) {
+    let s = &v["setup_us"];
+    assert_eq!(u(s, "count"), connections, "{s:#}");
+    assert!(u(s, "p50") <= u(s, "p99") && u(s, "p99") <= u(s, "max"), "{s:#}");
+}
+
+#[test]
+fn up_through_relay_is_verified_by_the_endpoint() {
+    let b = Bench::start("vl-up");
+    let (code, v) = b.run("up", &["--channel", "128", "--mode", "up", "--size", "64K", "--bytes", "4M"]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["integrity"], "sender-only");
+    assert_eq!(u(&v, "bytes_sent"), 4 * MIB);
+    assert_eq!(u(&v, "msgs_sent"), 64);
+    assert_eq!(v["params"]["picked"][0], "128:0");
+    assert_eq!(u(&v["params"], "bytes_per_connection"), 4 * MIB);
+    assert_setup(&v, 1);
+    let e = b.sink.wait_closed(1);
+    assert_eq!(e["integrity"], "ok", "{e:#}");
+    assert_eq!(u(&e, "bytes_in"), 4 * MIB, "the endpoint got every byte: {e:#}");
+    let (code, e) = b.sink.stop();
+    assert_eq!(code, 0);
+    assert_eq!(e["per_connection"][0]["end"], "eof");
+}
+
+#[test]
+fn down_through_relay_is_verified_by_the_client() {
+    let b = Bench::start("vl-down");
+    let (code, v) = b.run("down", &["--channel", "128:1", "--mode", "down", "--bytes", "4M"]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["integrity"], "ok");
+    assert_eq!(u(&v, "bytes_received"), 4 * MIB);
+    assert_eq!(u(&v, "verified_bytes"), 4 * MIB);
+    assert!(u(&v, "msgs_received") >= 4 * MIB / (64 * 1024), "{v:#}");
+    assert!(v["latency_us"].is_null());
+    let e = b.source.wait_closed(1);
+    assert!(u(&e, "bytes_out") >= 4 * MIB, "{e:#}");
+    assert_eq!(b.source.stop().0, 0);
+}
+
+#[test]
+fn echo_on_a_port_found_by_name() {
+    let b = Bench::start("vl-echo");
+    let (code, v) = b.run(
+        "echo",
+        &["--channel", "port:com.example.x", "--mode", "echo", "--sizes", "64,1024,65536", "--bytes", "4M"],
+    );
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["integrity"], "ok");
+    assert!(v["params"]["picked"][0].as_str().is_some_and(|p| p.contains("com.example.x")), "{v:#}");
+    assert_eq!(u(&v, "bytes_sent"), 4 * MIB);
+    assert_eq!(u(&v, "bytes_received"), 4 * MIB);
+    assert_eq!(u(&v, "verified_bytes"), 4 * MIB);
+    assert_eq!(u(&v["latency_us"], "count"), u(&v, "msgs_sent"), "one round trip per message");
+    assert_percentiles(&v);
+    let (code, e) = b.echo.stop();
+    assert_eq!(code, 0);
+    assert_eq!(e["integrity"], "ok", "{e:#}");
+    assert_eq!(u(&e, "bytes_in"), 4 * MIB);
+}
+
+#[test]
+fn rr_records_one_round_trip_per_request() {
+    let b = Bench::start("vl-rr");
+    let (code, v) =
+        b.run("rr", &["--channel", "port:com.example.x", "--mode", "rr", "--size", "64", "--bytes", "64000"]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(u(&v["latency_us"], "count"), 1000);
+    assert_eq!(u(&v, "msgs_sent"), 1000);
+    assert_eq!(u(&v, "bytes_received"), 64000);
+    assert_percentiles(&v);
+    // Paced, open loop: the same count, timed from when each was due.
+    let (code, v) = b.run(
+        "rr-paced",
+        &["--channel", "port:com.example.x", "--mode", "rr", "--size", "64", "--bytes", "6400", "--rate", "2000"],
+    );
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(u(&v["latency_us"], "count"), 100);
+    assert_eq!(v["params"]["rate_per_connection"], 2000.0);
+    assert_percentiles(&v);
+}
+
+#[test]
+fn wrong_seed_is_detected_on_both_sides() {
+    let b = Bench::start("vl-bad");
+    // Client side: the endpoint writes seed 99, the client expects seed 1.
+    let (code, v) = b.run("bad-down", &["--channel", "128:2", "--mode", "down", "--bytes", "1M"]);
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["integrity"], "mismatch");
+    let m = &v["mismatch"];
+    assert!(u(m, "offset") < 64, "the first bytes already differ: {m:#}");
+    assert_ne!(m["got"], m["expected"]);
+    // Endpoint side: the client writes seed 5, the sink expects seed 1.
+    let (code, v) =
+        b.run("bad-up", &["--channel", "128", "--mode", "up", "--bytes", "1M", "--seed", "5", "--size", "4K"]);
+    assert_eq!(code, 0, "the sender cannot know: {v:#}");
+    let e = b.sink.wait_closed(1);
+    assert_eq!(e["integrity"], "mismatch", "{e:#}");
+    let (code, e) = b.sink.stop();
+    assert_eq!(code, 1, "an endpoint that saw a wrong byte exits 1");
+    assert!(e["first_mismatch"][1]["offset"].as_u64().is_some_and(|o| o < 64), "{e:#}");
+}
+
+#[test]
+fn many_connections_take_distinct_channels() {
+    let b = Bench::start("vl-many");
+    let (code, v) =
+        b.run("many", &["--channel", "129", "--connections", "4", "--mode", "up", "--bytes", "1M", "--size", "16K"]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(u(&v, "connections_ok"), 4);
+    assert_eq!(u(&v, "bytes_sent"), 4 * MIB);
+    let picked: Vec<&str> =
+        v["params"]["picked"].as_array().expect("picked").iter().filter_map(Value::as_str).collect();
+    assert_eq!(picked, ["129:0", "129:1", "129:2", "129:3"]);
+    assert_setup(&v, 4);
+    let e = b.sink.wait_closed(4);
+    assert_eq!(e["integrity"], "ok", "{e:#}");
+    assert_eq!(u(&e, "bytes_in"), 4 * MIB);
+    // Asking for more connections than channels is a usage error.
+    let uri = b.relay.uri();
+    let (code, out) =
+        vmcload(&["run", "--uri", &uri, "--channel", "129", "--connections", "5", "--mode", "up", "--bytes", "1K"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("does not offer channel 129:4"), "{err}");
+}
+
+#[test]
+fn raw_unix_and_tcp_move_the_same_pattern() {
+    let b = Bench::start("vl-raw");
+    let path = |p: &PathBuf| p.to_str().expect("utf8").to_string();
+    let (sink, source, echo) = (path(&b.sink_sock), path(&b.source_sock), path(&b.echo_sock));
+    for (name, sock, mode) in [("rup", &sink, "up"), ("rdown", &source, "down"), ("recho", &echo, "echo")] {
+        let json = b.json_path(&format!("{name}.json"));
+        let (code, v) =
+            run_json(&["run", "--raw-unix", sock, "--mode", mode, "--bytes", "2M", "--json", &json, "--quiet"], &json);
+        assert_eq!(code, 0, "{mode}: {v:#}");
+        assert_eq!(v["params"]["transport"], "raw-unix");
+        let moved = if mode == "up" { u(&v, "bytes_sent") } else { u(&v, "bytes_received") };
+        assert_eq!(moved, 2 * MIB, "{mode}: {v:#}");
+    }
+    let e = b.sink.wait_closed(1);
+    assert_eq!((e["integrity"].as_str(), u(&e, "bytes_in")), (Some("ok"), 2 * MIB), "{e:#}");
+
+    // Raw TCP: an endpoint on a TCP port, rr and echo.
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let tcp = Endpoint::spawn(&b.dir, "tcp", &["--raw-tcp-listen", &addr], &["--mode", "echo", "--verify"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "tcp endpoint never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let json = b.json_path("trr.json");
+    let (code, v) = run_json(
+        &["run", "--raw-tcp", &addr, "--mode", "rr", "--size", "64", "--bytes", "6400", "--json", &json],
+        &json,
+    );
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(u(&v["latency_us"], "count"), 100);
+    assert_percentiles(&v);
+    let (code, e) = tcp.stop();
+    assert_eq!(code, 0);
+    assert_eq!(e["integrity"], "ok", "{e:#}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (code, _) = vmcload(&["run", "--uri", "spice://127.0.0.1:1", "--channel", "128", "--mode", "bogus"]);
+    assert_eq!(code, 2);
+    let (code, out) = vmcload(&["run", "--uri", "spice://127.0.0.1:1", "--mode", "up"]);
+    assert_eq!(code, 2, "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, _) =
+        vmcload(&["run", "--uri", "spice://127.0.0.1:1", "--channel", "128", "--mode", "down", "--rate", "10"]);
+    assert_eq!(code, 2);
+    let (code, _) = vmcload(&["run", "--raw-unix", "/nonexistent", "--mode", "up", "--sizes", "64:x"]);
+    assert_eq!(code, 2);
+    let (code, _) = vmcload(&["endpoint", "--mode", "sink"]);
+    assert_eq!(code, 2, "endpoint needs a place");
+    // Nothing listening is a run failure, not a usage error.
+    let (code, _) =
+        vmcload(&["run", "--uri", &format!("spice://127.0.0.1:{}", free_port()), "--channel", "128", "--mode", "up"]);
+    assert_eq!(code, 1);
+    let (code, out) = vmcload(&["run", "--help"]);
+    assert_eq!(code, 0);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("EXAMPLES"));
+}
+
+#[test]
+fn demo_runs_and_passes_its_checks() {
+    let (code, out) = vmcload(&["demo", "--seconds", "0.5"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(code, 0, "stdout:\n{text}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("all checks passed"), "{text}");
+    assert!(text.contains("rr p50 / p99"), "{text}");
+}
