@@ -127,6 +127,8 @@ fn main() {
         "port-no-auth-selection-deferred",
         &cat(&[&[8], &accept_lz4, &[1], &splits(&[16, 1]), &legacy, &t_empty]),
     );
+    // Deferred decision, stream ends right after the link message: no reply.
+    write(&dir, s, "deferred-decision-eof", &cat(&[&[8], &accept_lz4, &[0], &splits(&[]), gtk]));
     write(&dir, s, "bad-connection-id", &cat(&[&[0], &[2, 0, 0, 0, 0], &[0], &splits(&[]), &usb, &mech, &t_empty]));
     write(
         &dir,

@@ -62,6 +62,8 @@ struct Run {
     defer: bool,
     pending: Option<Pending>,
     requests: usize,
+    /// `decide` was called (a deferred answer may never come).
+    decided: bool,
     authenticated: usize,
     auth_selection: bool,
     request_type: u8,
@@ -88,6 +90,7 @@ impl Run {
                         self.pending = Some(Pending::Decide);
                     } else {
                         self.link.decide(self.decision);
+                        self.decided = true;
                     }
                 }
                 Action::Authenticated(r) => {
@@ -114,7 +117,10 @@ impl Run {
     /// Answers a deferred question.
     fn answer(&mut self) {
         match self.pending.take() {
-            Some(Pending::Decide) => self.link.decide(self.decision),
+            Some(Pending::Decide) => {
+                self.link.decide(self.decision);
+                self.decided = true;
+            }
             Some(Pending::Confirm) => self.link.confirm(self.confirm),
             None => return,
         }
@@ -174,6 +180,7 @@ fuzz_target!(|data: &[u8]| {
         defer: config & 8 != 0,
         pending: None,
         requests: 0,
+        decided: false,
         authenticated: 0,
         request_type: 0,
         auth_selection: false,
@@ -261,7 +268,7 @@ fuzz_target!(|data: &[u8]| {
 /// [reply] then [result | error reply], nothing cut short, nothing extra.
 fn check_output(run: &Run) {
     let out = &run.out[..];
-    let replied = run.requests == 1 && !matches!(run.decision, Decision::Unknown);
+    let replied = run.decided && !matches!(run.decision, Decision::Unknown);
     let reply_len = if replied {
         assert!(out.len() >= ERROR_REPLY_LEN, "reply cut short: {} bytes", out.len());
         assert_eq!(&out[..4], b"REDQ");
