@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use vmcrelay::relay::config::{self, BusyPolicy, Limits, ServeConfig, Service};
+use vmcrelay::relay::worker::{ConnectOptions, ServerAddr};
 use vmcrelay::relay::{log, serve};
 
 #[global_allocator]
@@ -45,6 +46,123 @@ enum Cmd {
     Serve(ServeArgs),
     /// Serve a built-in demo: echo and sink channels on 127.0.0.1, no password.
     Demo(DemoArgs),
+    /// Log into a SPICE server (QEMU) and end chosen channels in local unix sockets.
+    #[command(after_help = CONNECT_HELP)]
+    Connect(ConnectArgs),
+}
+
+const CONNECT_HELP: &str = "\
+CHANNEL SPECS (--channel, repeatable): KIND[:ID]=LOCAL
+  KIND    port:NAME (found by its PORT_INIT name) | usbredir[:ID] | webdav | smartcard | 128..=255
+  LOCAL   unix-listen:PATH  vmcrelay listens; one local app at a time talks to the channel
+          unix:PATH         vmcrelay connects to a local app (e.g. a usbredir host)
+Every channel is linked when the session starts; bytes from the server wait
+(back-pressure, nothing dropped) until the local app is there. When the app
+leaves, the channel is relinked for the next one (QEMU's monitor greets anew).
+
+EXAMPLES
+  # QMP over SPICE: QEMU started with -chardev spiceport,id=qmp0,name=org.qemu.monitor.qmp.0 -mon chardev=qmp0,mode=control
+  vmcrelay connect spice://127.0.0.1:5930 --channel port:org.qemu.monitor.qmp.0=unix-listen:/run/me/qmp.sock
+  socat - UNIX-CONNECT:/run/me/qmp.sock      # then type {\"execute\":\"qmp_capabilities\"}
+
+  vmcrelay connect spice://host:5930 --password-file ~/.vm1.pass --channel usbredir:0=unix:/run/usbredir-host.sock
+  vmcrelay connect spice://127.0.0.1:5930 --list
+
+Exit codes: 0 stopped by SIGTERM/SIGINT (or --list done), 1 runtime failure, 2 usage,
+3 start-up failure, 4 the server refused the password (never retried).";
+
+#[derive(Args, Debug)]
+struct ConnectArgs {
+    /// spice://HOST:PORT, spice://HOST?port=PORT or spice+unix:///PATH.
+    uri: String,
+    /// Read the SPICE password from the first line of FILE.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Read the SPICE password from environment variable VAR.
+    #[arg(long, value_name = "VAR")]
+    password_env: Option<String>,
+    /// A channel and where it ends locally (repeatable): KIND[:ID]=LOCAL.
+    #[arg(long, value_name = "SPEC")]
+    channel: Vec<String>,
+    /// Print the server's channels (type, id, port names) and exit.
+    #[arg(long)]
+    list: bool,
+    /// Announce LZ4 on pass-through channels (the server compresses large payloads).
+    #[arg(long)]
+    lz4: bool,
+    /// Longest wait between reconnection attempts, in seconds.
+    #[arg(long, default_value_t = 30)]
+    max_backoff_secs: u64,
+}
+
+const EXIT_AUTH: u8 = 4;
+
+fn parse_uri(uri: &str) -> Result<ServerAddr, String> {
+    if let Some(p) = uri.strip_prefix("spice+unix://") {
+        return Ok(ServerAddr::Unix(PathBuf::from(p)));
+    }
+    let rest = uri
+        .strip_prefix("spice://")
+        .ok_or_else(|| format!("`{uri}`: write spice://HOST:PORT, spice://HOST?port=PORT or spice+unix:///PATH"))?;
+    let hostport = match rest.split_once("?port=") {
+        Some((h, p)) => format!("{h}:{}", p.split('&').next().unwrap_or(p)),
+        None => rest.trim_end_matches('/').to_string(),
+    };
+    config::parse_listen(&hostport).map(ServerAddr::Tcp)
+}
+
+fn list_channels(addr: &ServerAddr, password: &[u8]) -> Result<(), String> {
+    use vmcrelay::relay::sync_client::Session;
+    let ServerAddr::Tcp(sa) = addr else { return Err("--list supports spice:// addresses only".into()) };
+    let s = Session::connect(&sa.to_string(), password, std::time::Duration::from_secs(10))
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    println!("session {:#010x} on {addr}", s.session_id);
+    println!("{:<10} {:>3}  port name", "type", "id");
+    for &(t, id) in &s.channels {
+        let name = vmcrelay::proto::channel::ChannelKind::of(t).map_or_else(|| t.to_string(), |k| k.to_string());
+        let port = if t == vmcrelay::proto::channel::CH_PORT || t == vmcrelay::proto::channel::CH_WEBDAV {
+            match s.open(t, id, false) {
+                Ok(mut ch) => match ch.reader.wait_port_state() {
+                    Ok(opened) => format!(
+                        "{}{}",
+                        ch.reader.port_name.clone().unwrap_or_default(),
+                        if opened { "" } else { "  (closed on the host side)" }
+                    ),
+                    Err(e) => format!("? ({e})"),
+                },
+                Err(e) => format!("? ({e})"),
+            }
+        } else {
+            String::new()
+        };
+        println!("{name:<10} {id:>3}  {port}");
+    }
+    s.close();
+    Ok(())
+}
+
+fn connect_config(a: &ConnectArgs) -> Result<(ServeConfig, ConnectOptions), String> {
+    let server = parse_uri(&a.uri)?;
+    let password = match (&a.password_file, &a.password_env) {
+        (Some(f), None) => config::read_password_file(f)?,
+        (None, Some(v)) => config::read_password_env(v)?,
+        (None, None) => Vec::new(),
+        _ => return Err("choose one of --password-file and --password-env".into()),
+    };
+    let opts = ConnectOptions {
+        server,
+        password,
+        lz4: a.lz4,
+        max_backoff: std::time::Duration::from_secs(a.max_backoff_secs.max(1)),
+    };
+    let channels = config::parse_channels(a.channel.iter().map(|c| (c.as_str(), "--channel".to_string())))
+        .map_err(|e| e.to_string())?;
+    let cfg = ServeConfig {
+        services: vec![Service { name: "connect".into(), listen: Vec::new(), password: None, channels }],
+        limits: Limits { workers: 1, max_conns_per_worker: 64, ..Limits::default() },
+    };
+    cfg.validate()?;
+    Ok((cfg, opts))
 }
 
 #[derive(Args, Debug)]
@@ -195,6 +313,7 @@ fn main() -> ExitCode {
     let cfg = match cli.cmd {
         Cmd::Serve(a) => build_config(&a),
         Cmd::Demo(a) => demo_config(&a),
+        Cmd::Connect(a) => return connect_main(&a),
     };
     let cfg = match cfg {
         Ok(c) => c,
@@ -205,6 +324,48 @@ fn main() -> ExitCode {
     };
     match serve::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(serve::ServeError::Startup(e)) => {
+            eprintln!("vmcrelay: cannot start: {e}");
+            ExitCode::from(EXIT_STARTUP)
+        }
+        Err(e) => {
+            eprintln!("vmcrelay: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn connect_main(a: &ConnectArgs) -> ExitCode {
+    if a.list {
+        let r = parse_uri(&a.uri).and_then(|addr| {
+            let pw = match (&a.password_file, &a.password_env) {
+                (Some(f), _) => config::read_password_file(f)?,
+                (None, Some(v)) => config::read_password_env(v)?,
+                _ => Vec::new(),
+            };
+            list_channels(&addr, &pw)
+        });
+        return match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmcrelay: {e}");
+                ExitCode::from(if e.contains("permission denied") { EXIT_AUTH } else { EXIT_RUNTIME })
+            }
+        };
+    }
+    let (cfg, opts) = match connect_config(a) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("vmcrelay: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match serve::run_connect(cfg, opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(serve::ServeError::Fatal(e)) => {
+            eprintln!("vmcrelay: {e}");
+            ExitCode::from(EXIT_AUTH)
+        }
         Err(serve::ServeError::Startup(e)) => {
             eprintln!("vmcrelay: cannot start: {e}");
             ExitCode::from(EXIT_STARTUP)

@@ -20,6 +20,9 @@ pub enum ServeError {
     /// A worker failed while running.
     #[error("worker failed: {0}")]
     Worker(String),
+    /// An error retrying cannot fix (a wrong password in `connect`).
+    #[error("{0}")]
+    Fatal(String),
 }
 
 /// Runs the relay until a signal; returns after every worker drained.
@@ -127,5 +130,44 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
             Err(ServeError::Worker(e))
         }
         None => Ok(()),
+    }
+}
+
+/// Runs `connect`: one worker (a SPICE client session), until a signal or
+/// a fatal error such as a wrong password.
+pub fn run_connect(config: ServeConfig, opts: super::worker::ConnectOptions) -> Result<(), ServeError> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGUSR1);
+    let mut blocked = set;
+    blocked.add(Signal::SIGPIPE);
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None).map_err(|e| ServeError::Startup(e.to_string()))?;
+    for c in config.services.iter().flat_map(|s| &s.channels) {
+        info!("main", "channel {} ends in {}", c.label(), c.endpoint);
+    }
+    let shared = Shared::new(config).map_err(|e| ServeError::Startup(e.to_string()))?;
+    let s2 = Arc::clone(&shared);
+    let h = std::thread::Builder::new()
+        .name("vmcrelay-connect".into())
+        .spawn(move || {
+            let r = super::worker::run_connect_worker(s2, opts).map_err(|e| format!("{e:#}"));
+            // Wake the main thread whatever happened.
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGUSR1);
+            r
+        })
+        .map_err(|e| ServeError::Startup(format!("cannot spawn the worker: {e}")))?;
+    let sig = set.wait();
+    if sig.is_ok_and(|s| s != Signal::SIGUSR1) {
+        info!("main", "{} received: closing", sig.map_or("signal".to_string(), |s| s.as_str().to_string()));
+    }
+    shared.stop();
+    let joined = h.join();
+    let fatal = shared.fatal.lock().ok().and_then(|f| f.clone());
+    match (fatal, joined) {
+        (Some(f), _) => Err(ServeError::Fatal(f)),
+        (None, Ok(Ok(()))) => Ok(()),
+        (None, Ok(Err(e))) => Err(ServeError::Startup(e)),
+        (None, Err(_)) => Err(ServeError::Worker("worker panicked".into())),
     }
 }

@@ -30,9 +30,11 @@ use rand::{RngExt, SeedableRng};
 
 use super::config::{BusyPolicy, ChannelConf, EndpointSpec, ServeConfig};
 use super::endpoint::{self, Opening};
+use crate::proto::ack::ClientAck;
 use crate::proto::auth::TicketKey;
 use crate::proto::caps::Caps;
 use crate::proto::channel::{CH_MAIN, ChannelKind};
+use crate::proto::client_link::ClientLink;
 use crate::proto::consts::*;
 use crate::proto::framing::{Deframer, Encoder, Event, HeaderKind, MsgHeader};
 use crate::proto::link::LinkErrorCode;
@@ -40,6 +42,10 @@ use crate::proto::msg::{ChannelsList, ClientMsg, ControlBuf, MainInit, PortInit,
 use crate::proto::server_link::{Action, Decision, LinkRequest, Linked, ServerLink, ServerLinkConfig};
 use crate::uring::{BufId, Completion, MAX_IOV, Ring, RingConfig, SubmitError, own_result_fd};
 use crate::{debug, info, warn};
+
+mod connect;
+
+pub use connect::{ConnectOptions, ServerAddr, run_connect_worker};
 
 // ---------------------------------------------------------------------------
 // tokens
@@ -58,9 +64,11 @@ enum Op {
     EpConnect,
     EpAccept,
     Cancel,
+    SrvConnect,
+    Retry,
 }
 
-const OPS: [Op; 10] = [
+const OPS: [Op; 12] = [
     Op::Accept,
     Op::Mailbox,
     Op::Tick,
@@ -71,6 +79,8 @@ const OPS: [Op; 10] = [
     Op::EpConnect,
     Op::EpAccept,
     Op::Cancel,
+    Op::SrvConnect,
+    Op::Retry,
 ];
 
 /// `op:8 | slot:24 | generation:32`. The generation is bumped on every slot
@@ -189,6 +199,9 @@ pub struct Shared {
     parked: Mutex<HashMap<(usize, usize), OwnedFd>>,
     /// Per-worker counters.
     pub stats: Vec<WorkerStats>,
+    /// Set by a worker that hit an error retrying cannot fix (e.g. a
+    /// wrong password in `connect`); the main thread exits with it.
+    pub fatal: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -212,6 +225,7 @@ impl Shared {
             listen_eps,
             parked: Mutex::new(HashMap::new()),
             stats: (0..n).map(|_| WorkerStats::default()).collect(),
+            fatal: Mutex::new(None),
         }))
     }
 
@@ -277,14 +291,31 @@ struct Chan {
     eof_client: bool,
     /// Payload sizes of the chunks in flight in `tx`.
     e2c_chunk: usize,
+    /// `connect` only: linked to learn the port's name from PORT_INIT.
+    probe: bool,
 }
 
 #[derive(Debug)]
 enum Stage {
     WaitKey,
-    Link { link: Box<ServerLink>, req: Option<LinkRequest>, conf: Option<usize>, ep: Option<(OwnedFd, EpState)> },
-    Main { session: u32 },
+    Link {
+        link: Box<ServerLink>,
+        req: Option<LinkRequest>,
+        conf: Option<usize>,
+        ep: Option<(OwnedFd, EpState)>,
+    },
+    Main {
+        session: u32,
+    },
     Chan(Box<Chan>),
+    /// `connect`: our own link to a SPICE server (`ci` None for main).
+    CLink {
+        link: Box<ClientLink>,
+        ci: Option<usize>,
+        probe: bool,
+    },
+    /// `connect`: the session's main channel.
+    CMain,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -324,6 +355,12 @@ struct Conn {
     owns: Option<usize>,
     stage: Stage,
     st: ConnStats,
+    /// We are the SPICE client on this socket (`connect`).
+    client_role: bool,
+    /// `(type, id)` this connection links (`connect`).
+    chan: (u8, u8),
+    /// Client-side ACK window accounting (`connect`).
+    ack: ClientAck,
 }
 
 /// Most control messages queued toward one client (they are tiny; a
@@ -355,6 +392,8 @@ pub struct Worker {
     rng: rand::rngs::StdRng,
     draining: Option<Instant>,
     started: Instant,
+    /// `connect` mode state.
+    ctl: Option<Box<connect::ConnectCtl>>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -425,6 +464,7 @@ impl Worker {
                 .unwrap_or_else(|_| rand::rngs::StdRng::seed_from_u64(std::process::id().into())),
             draining: None,
             started: Instant::now(),
+            ctl: None,
         })
     }
 
@@ -441,6 +481,9 @@ impl Worker {
         let mfd = self.shared.mailboxes[self.id].fd.as_raw_fd();
         self.ring.read_counter(mfd, token(Op::Mailbox, 0, 0))?;
         self.ring.timeout(Duration::from_secs(1), token(Op::Tick, 0, 0))?;
+        if self.ctl.is_some() {
+            self.ctl_start_main();
+        }
         let mut comps = Vec::with_capacity(256);
         loop {
             self.ring.submit_and_wait(1)?;
@@ -462,6 +505,7 @@ impl Worker {
             Op::Accept => self.on_accept(slot as usize, &c),
             Op::Mailbox => self.on_mailbox(),
             Op::Tick => self.on_tick(),
+            Op::Retry => self.on_retry(),
             _ => self.on_conn_op(op, slot, generation, c),
         }
     }
@@ -492,7 +536,7 @@ impl Worker {
         let peer = endpoint::peer_of(&fd);
         let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
         let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::KeepAlive, &true);
-        let Some(slot) = self.free.pop() else {
+        let Some(slot) = self.new_conn(fd, peer.clone(), service, Stage::WaitKey, false) else {
             self.stats().conns_rejected.fetch_add(1, Ordering::Relaxed);
             warn!(
                 self.who,
@@ -501,10 +545,18 @@ impl Worker {
             );
             return;
         };
+        let generation = self.slots[slot as usize].generation;
+        self.waiting_key.push_back((slot, generation));
+        self.serve_key_waiters();
+    }
+
+    /// Puts a new connection in a free slot with two buffers.
+    fn new_conn(&mut self, fd: OwnedFd, peer: String, service: usize, stage: Stage, client_role: bool) -> Option<u32> {
+        let slot = self.free.pop()?;
         let (Some(rx), Some(tx)) = (self.ring.arena_mut().alloc(), self.ring.arena_mut().alloc()) else {
             // Cannot happen: the arena holds two buffers per slot.
             self.free.push(slot);
-            return;
+            return None;
         };
         let conn = Conn {
             fd,
@@ -530,15 +582,15 @@ impl Worker {
             session: 0,
             label: "?".into(),
             owns: None,
-            stage: Stage::WaitKey,
+            stage,
             st: ConnStats::default(),
+            client_role,
+            chan: (0, 0),
+            ack: ClientAck::new(),
         };
         self.stats().conns_open.fetch_add(1, Ordering::Relaxed);
-        let s = &mut self.slots[slot as usize];
-        s.conn = Some(Box::new(conn));
-        let generation = s.generation;
-        self.waiting_key.push_back((slot, generation));
-        self.serve_key_waiters();
+        self.slots[slot as usize].conn = Some(Box::new(conn));
+        Some(slot)
     }
 
     fn serve_key_waiters(&mut self) {
@@ -614,7 +666,7 @@ impl Worker {
         let timeout = Duration::from_secs(self.shared.config.limits.link_timeout_secs);
         for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
             let late = self.slots[slot as usize].conn.as_ref().is_some_and(|c| {
-                matches!(c.stage, Stage::WaitKey | Stage::Link { .. })
+                matches!(c.stage, Stage::WaitKey | Stage::Link { .. } | Stage::CLink { .. })
                     && c.closing.is_none()
                     && now.duration_since(c.since) > timeout
             });
@@ -677,6 +729,7 @@ impl Worker {
                 Op::EpWrite => w.on_ep_write(slot, conn, c.result, c.owned),
                 Op::EpConnect => w.on_ep_connect(slot, conn, c.result),
                 Op::EpAccept => w.on_ep_accept(slot, conn, c.result),
+                Op::SrvConnect => w.on_srv_connect(slot, conn, c.result),
                 _ => {}
             }
         });
@@ -755,7 +808,7 @@ impl Worker {
             if keep && let (Some(fd), Ok(mut parked)) = (ch.ep.take(), self.shared.parked.lock()) {
                 parked.insert((service, ch.conf), fd);
             }
-        } else if matches!(conn.stage, Stage::Main { .. }) {
+        } else if matches!(conn.stage, Stage::Main { .. } | Stage::CMain) {
             linked = true;
         }
         if linked {
@@ -775,6 +828,9 @@ impl Worker {
             );
         } else {
             debug!(self.who, "close peer={} before link reason=\"{reason}\"", conn.peer);
+        }
+        if conn.client_role {
+            self.ctl_on_closed(slot, &mut conn, &reason);
         }
         let arena = self.ring.arena_mut();
         arena.free(conn.rx);
@@ -838,17 +894,36 @@ impl Worker {
         if conn.closing.is_some() || conn.c2e_busy {
             return;
         }
-        match conn.stage {
-            Stage::WaitKey => return,
-            Stage::Link { .. } => {
-                if !self.pump_link(slot, conn) {
-                    return;
+        // A link stage that completes hands the rest of the input to the
+        // data stage in the same pass (bytes may follow the link result).
+        loop {
+            match conn.stage {
+                Stage::WaitKey => return,
+                Stage::Link { .. } => {
+                    if !self.pump_link(slot, conn) {
+                        return;
+                    }
+                    if matches!(conn.stage, Stage::Link { .. }) {
+                        break;
+                    }
+                }
+                Stage::CLink { .. } => {
+                    if !self.pump_clink(slot, conn) {
+                        return;
+                    }
+                    if matches!(conn.stage, Stage::CLink { .. }) {
+                        break;
+                    }
+                }
+                Stage::Main { .. } | Stage::CMain | Stage::Chan(_) => {
+                    if !self.pump_data(slot, conn) {
+                        return;
+                    }
+                    break;
                 }
             }
-            Stage::Main { .. } | Stage::Chan(_) => {
-                if !self.pump_data(slot, conn) {
-                    return;
-                }
+            if conn.closing.is_some() || conn.c2e_busy {
+                return;
             }
         }
         if conn.rx_pos >= conn.rx_len && conn.closing.is_none() {
@@ -1030,6 +1105,16 @@ impl Worker {
     }
 
     fn on_ep_connect(&mut self, slot: u32, conn: &mut Conn, res: i32) {
+        if let Stage::Chan(ch) = &mut conn.stage {
+            if res < 0 {
+                let r = errno_reason("local endpoint connect", res);
+                warn!(self.who, "channel={} {r}", conn.label);
+                return self.close(slot, conn, &r);
+            }
+            ch.ep_state = EpState::Open;
+            self.pump_in(slot, conn);
+            return self.pump_out(slot, conn);
+        }
         if res < 0 {
             let Stage::Link { conf: Some(ci), .. } = conn.stage else { return };
             let ep = self.conf(conn.service, ci).map_or_else(String::new, |c| c.endpoint.to_string());
@@ -1101,6 +1186,7 @@ impl Worker {
                 lz4_pending: None,
                 eof_client: false,
                 e2c_chunk: 0,
+                probe: false,
             }));
             if cc.kind.port_messages {
                 let name = cc.port_name.clone().unwrap_or_default();
@@ -1143,7 +1229,8 @@ impl Worker {
         };
         ch.ep = Some(fd);
         ch.ep_state = EpState::Open;
-        let port = ch.kind.port_messages;
+        // Only a server announces port events; as a client we just start moving bytes.
+        let port = ch.kind.port_messages && !conn.client_role;
         debug!(self.who, "endpoint connected channel={}", conn.label);
         if port {
             self.queue(slot, conn, &ServerMsg::PortEvent { event: PORT_EVENT_OPENED });
@@ -1169,7 +1256,7 @@ impl Worker {
         let limits = &self.shared.config.limits;
         let (max_ctl, max_lz4) = (limits.max_control_bytes, limits.max_lz4_bytes);
         let kind = match &conn.stage {
-            Stage::Main { .. } => ChannelKind::of(CH_MAIN),
+            Stage::Main { .. } | Stage::CMain => ChannelKind::of(CH_MAIN),
             Stage::Chan(ch) => Some(ch.kind),
             _ => None,
         };
@@ -1183,6 +1270,7 @@ impl Worker {
         let mut error: Option<String> = None;
         let mut control: Vec<(MsgHeader, Vec<u8>)> = Vec::new();
         let mut compressed_done = false;
+        let mut acks: Vec<ClientMsg<'static>> = Vec::new();
         while conn.rx_pos < conn.rx_len {
             let input = &buf[conn.rx_pos..conn.rx_len];
             let (used, ev) = conn.deframer.advance(input);
@@ -1190,7 +1278,14 @@ impl Worker {
             conn.rx_pos += used;
             match ev {
                 Some(Event::Header(h)) => {
-                    if !kind.client_msg_allowed(h.msg_type) {
+                    if conn.client_role {
+                        // Every server message counts toward the ACK window.
+                        if h.msg_type != MSG_SET_ACK
+                            && let Some(m) = conn.ack.on_message()
+                        {
+                            acks.push(m);
+                        }
+                    } else if !kind.client_msg_allowed(h.msg_type) {
                         error = Some(format!("protocol error: message type {} not valid on {}", h.msg_type, kind));
                         break;
                     }
@@ -1220,8 +1315,11 @@ impl Worker {
                         }
                         Cur::Compressed
                     } else {
-                        let big_ok = kind.class == crate::proto::channel::ChannelClass::Main
-                            && matches!(h.msg_type, MSGC_MAIN_AGENT_DATA | 112);
+                        // A client keeps the first bytes of any server message
+                        // (a PING carries 256 000 bytes of padding).
+                        let big_ok = conn.client_role
+                            || (kind.class == crate::proto::channel::ChannelClass::Main
+                                && matches!(h.msg_type, MSGC_MAIN_AGENT_DATA | 112));
                         if h.size as usize > max_ctl && !big_ok {
                             error = Some(format!("protocol error: message type {} of {} bytes", h.msg_type, h.size));
                             break;
@@ -1297,8 +1395,15 @@ impl Worker {
             self.close(slot, conn, &e);
             return false;
         }
+        for m in acks {
+            self.queue_client(slot, conn, &m);
+        }
         for (h, body) in control {
-            self.on_control(slot, conn, kind, h, &body);
+            if conn.client_role {
+                self.on_server_control(slot, conn, kind, h, &body);
+            } else {
+                self.on_control(slot, conn, kind, h, &body);
+            }
         }
         if conn.closing.is_some() {
             return false;
@@ -1306,14 +1411,23 @@ impl Worker {
         let Stage::Chan(ch) = &mut conn.stage else { return true };
         if compressed_done {
             let mut out = ch.lz4_out.take().unwrap_or_default();
-            let r = match ClientMsg::parse(kind, MSG_SPICEVMC_COMPRESSED_DATA, &ch.lz4_in) {
-                Ok(ClientMsg::CompressedData(cd)) => {
-                    out.resize((cd.uncompressed_size as usize).min(max_lz4), 0);
-                    cd.decompress(max_lz4, &mut out)
+            let parsed = if conn.client_role {
+                match ServerMsg::parse(kind, MSG_SPICEVMC_COMPRESSED_DATA, &ch.lz4_in) {
+                    Ok(ServerMsg::CompressedData(cd)) => Ok(cd),
+                    Ok(_) => Err(crate::proto::framing::FrameError::BadCompression),
+                    Err(e) => Err(e),
                 }
-                Ok(_) => Err(crate::proto::framing::FrameError::BadCompression),
-                Err(e) => Err(e),
+            } else {
+                match ClientMsg::parse(kind, MSG_SPICEVMC_COMPRESSED_DATA, &ch.lz4_in) {
+                    Ok(ClientMsg::CompressedData(cd)) => Ok(cd),
+                    Ok(_) => Err(crate::proto::framing::FrameError::BadCompression),
+                    Err(e) => Err(e),
+                }
             };
+            let r = parsed.and_then(|cd| {
+                out.resize((cd.uncompressed_size as usize).min(max_lz4), 0);
+                cd.decompress(max_lz4, &mut out)
+            });
             match r {
                 Ok(n) => {
                     out.truncate(n);
@@ -1447,14 +1561,27 @@ impl Worker {
 
     /// Queues a control message toward the client.
     fn queue(&mut self, slot: u32, conn: &mut Conn, msg: &ServerMsg<'_>) {
-        if conn.ctl_q.len() >= MAX_CTL_QUEUE {
-            return self.close(slot, conn, "client does not read its control messages");
-        }
         let mut body = vec![0u8; msg.encoded_len()];
         let mut w = crate::proto::wire::Writer::new(&mut body);
         if msg.emit(&mut w).is_ok() {
-            conn.ctl_q.push_back((msg.msg_type(), body));
+            self.queue_body(slot, conn, msg.msg_type(), body);
         }
+    }
+
+    /// Queues a control message toward the server (`connect`).
+    fn queue_client(&mut self, slot: u32, conn: &mut Conn, msg: &ClientMsg<'_>) {
+        let mut body = vec![0u8; msg.encoded_len()];
+        let mut w = crate::proto::wire::Writer::new(&mut body);
+        if msg.emit(&mut w).is_ok() {
+            self.queue_body(slot, conn, msg.msg_type(), body);
+        }
+    }
+
+    fn queue_body(&mut self, slot: u32, conn: &mut Conn, msg_type: u16, body: Vec<u8>) {
+        if conn.ctl_q.len() >= MAX_CTL_QUEUE {
+            return self.close(slot, conn, "peer does not read its control messages");
+        }
+        conn.ctl_q.push_back((msg_type, body));
         self.pump_out(slot, conn);
     }
 
@@ -1467,8 +1594,10 @@ impl Worker {
         let hl = conn.enc.header_len();
         let Some(tx) = self.ring.arena_mut().get_mut(conn.tx) else { return };
         let mut n = 0;
-        if let Stage::Link { link, .. } = &mut conn.stage {
-            n = link.poll_output(tx);
+        match &mut conn.stage {
+            Stage::Link { link, .. } => n = link.poll_output(tx),
+            Stage::CLink { link, .. } => n = link.poll_output(tx),
+            _ => {}
         }
         // Control messages, framed now so serials follow the send order.
         while n == 0 || !conn.ctl_q.is_empty() {
@@ -1522,7 +1651,7 @@ impl Worker {
             return self.write_client(slot, conn);
         }
         // The link stage may now continue (e.g. after the reply went out).
-        if matches!(conn.stage, Stage::Link { .. }) {
+        if matches!(conn.stage, Stage::Link { .. } | Stage::CLink { .. }) {
             self.pump_out(slot, conn);
             return self.pump_in(slot, conn);
         }
@@ -1592,7 +1721,7 @@ impl Worker {
     /// The endpoint went away: tell a port client, then close.
     fn endpoint_gone(&mut self, slot: u32, conn: &mut Conn, reason: &str) {
         let Stage::Chan(ch) = &mut conn.stage else { return self.close(slot, conn, reason) };
-        let port = ch.kind.port_messages;
+        let port = ch.kind.port_messages && !conn.client_role;
         ch.ep_state = EpState::Connecting;
         if port {
             conn.close_after_flush = Some(reason.to_string());

@@ -1,0 +1,347 @@
+//! `vmcrelay connect` against QEMU's real spice-server, and against
+//! `vmcrelay serve`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A running `vmcrelay connect`, killed on drop.
+struct Connect {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Connect {
+    fn start(args: &[String]) -> Connect {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vmcrelay"))
+            .arg("connect")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmcrelay connect");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let err = child.stderr.take().expect("stderr");
+        let l2 = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if std::env::var("VMCRELAY_TEST_LOG").is_ok() {
+                    eprintln!("connect: {line}");
+                }
+                l2.lock().expect("log").push(line);
+            }
+        });
+        Connect { child, log }
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+}
+
+impl Drop for Connect {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn qemu_qmp_port(port: u16, auth: &[String]) -> Qemu {
+    let mut a: Vec<String> =
+        vec!["-machine".into(), "none".into(), "-display".into(), "none".into(), "-nodefaults".into()];
+    a.extend_from_slice(auth);
+    a.push("-spice".into());
+    let mut spice = format!("port={port},addr=127.0.0.1");
+    if auth.is_empty() {
+        spice.push_str(",disable-ticketing=on");
+    } else {
+        spice.push_str(",password-secret=sec0");
+    }
+    a.push(spice);
+    a.extend(
+        ["-chardev", "spiceport,id=qmp0,name=org.qemu.monitor.qmp.0", "-mon", "chardev=qmp0,mode=control"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    Qemu::start(&a)
+}
+
+fn wait_port(port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A minimal QMP client over a unix socket: greeting, then commands.
+struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qmp {
+    fn open(path: &Path) -> Qmp {
+        let s = connect_unix(path, Duration::from_secs(20));
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let mut q = Qmp { r: BufReader::new(s.try_clone().expect("clone")), w: s };
+        let greeting = q.line();
+        assert!(greeting.contains("\"QMP\""), "QMP greeting, got {greeting:?}");
+        q
+    }
+
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.r.read_line(&mut l).expect("QMP line");
+        l
+    }
+
+    /// Sends a command and returns its `return` line (events skipped).
+    fn cmd(&mut self, c: &str) -> String {
+        self.w.write_all(format!("{{\"execute\":\"{c}\"}}\r\n").as_bytes()).expect("send");
+        loop {
+            let l = self.line();
+            assert!(!l.is_empty(), "QMP closed waiting for {c}");
+            if l.contains("\"return\"") || l.contains("\"error\"") {
+                return l;
+            }
+        }
+    }
+}
+
+/// Test 1 (and 6): QMP over SPICE through `connect`'s unix socket; `--list`.
+#[test]
+fn qmp_over_spice_through_connect() {
+    if !peers_available(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let port = free_port();
+    let _q = qemu_qmp_port(port, &[]);
+    wait_port(port, Duration::from_secs(20));
+    let uri = format!("spice://127.0.0.1:{port}");
+    // --list prints main's channels with port names.
+    let out = Command::new(env!("CARGO_BIN_EXE_vmcrelay")).args(["connect", &uri, "--list"]).output().expect("--list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "--list failed: {text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("port") && text.contains("org.qemu.monitor.qmp.0"), "{text}");
+    assert!(text.contains("inputs"), "{text}");
+
+    let dir = TempDir::new("cqmp");
+    let sock = dir.path("qmp.sock");
+    let mut c = Connect::start(&[
+        uri.clone(),
+        "--channel".into(),
+        format!("port:org.qemu.monitor.qmp.0=unix-listen:{}", sock.display()),
+    ]);
+    let mut q = Qmp::open(&sock);
+    assert_eq!(q.cmd("qmp_capabilities").trim(), "{\"return\": {}}");
+    assert!(q.cmd("query-version").contains("\"qemu\""));
+    assert!(q.cmd("query-status").contains("\"status\""));
+    // The QMP round trip through connect, for the record (not asserted).
+    let t = Instant::now();
+    for _ in 0..50 {
+        q.cmd("query-status");
+    }
+    eprintln!("QMP query-status through connect: {:?} mean", t.elapsed() / 50);
+    // A second local app after the first leaves gets a fresh QMP session.
+    drop(q);
+    let mut q = Qmp::open(&sock);
+    assert_eq!(q.cmd("qmp_capabilities").trim(), "{\"return\": {}}");
+    assert!(c.wait_exit(Duration::from_millis(10)).is_none(), "connect keeps running:\n{}", c.log_text());
+}
+
+/// Test 2: with password-secret: right password works; wrong exits non-zero naming the cause.
+#[test]
+fn connect_password_right_and_wrong() {
+    if !peers_available(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let port = free_port();
+    let _q = qemu_qmp_port(port, &["-object".into(), "secret,id=sec0,data=s3cret".into()]);
+    wait_port(port, Duration::from_secs(20));
+    let dir = TempDir::new("cpw");
+    let (good, bad) = (dir.path("good"), dir.path("bad"));
+    std::fs::write(&good, "s3cret\n").expect("pw");
+    std::fs::write(&bad, "nope\n").expect("pw");
+    let uri = format!("spice://127.0.0.1:{port}");
+    let sock = dir.path("qmp.sock");
+    let mut wrong = Connect::start(&[
+        uri.clone(),
+        "--password-file".into(),
+        bad.display().to_string(),
+        "--channel".into(),
+        format!("port:org.qemu.monitor.qmp.0=unix-listen:{}", dir.path("x.sock").display()),
+    ]);
+    let code = wrong.wait_exit(Duration::from_secs(20));
+    assert_eq!(code, Some(4), "wrong password exits 4:\n{}", wrong.log_text());
+    assert!(wrong.log_text().contains("refused the password"), "{}", wrong.log_text());
+    let _right = Connect::start(&[
+        uri,
+        "--password-file".into(),
+        good.display().to_string(),
+        "--channel".into(),
+        format!("port:org.qemu.monitor.qmp.0=unix-listen:{}", sock.display()),
+    ]);
+    let mut q = Qmp::open(&sock);
+    assert_eq!(q.cmd("qmp_capabilities").trim(), "{\"return\": {}}");
+}
+
+/// Test 3: two usbredir channels: QEMU's 80-byte usbredir hello arrives on each local socket.
+#[test]
+fn usbredir_hellos_reach_local_sockets() {
+    if !peers_available(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let port = free_port();
+    let mut a: Vec<String> = [
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg",
+        "-m",
+        "64",
+        "-display",
+        "none",
+        "-nodefaults",
+        "-device",
+        "qemu-xhci,id=xhci",
+        "-chardev",
+        "spicevmc,name=usbredir,id=ur0",
+        "-device",
+        "usb-redir,chardev=ur0,id=r0",
+        "-chardev",
+        "spicevmc,name=usbredir,id=ur1",
+        "-device",
+        "usb-redir,chardev=ur1,id=r1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push("-spice".into());
+    a.push(format!("port={port},addr=127.0.0.1,disable-ticketing=on"));
+    let _q = Qemu::start(&a);
+    wait_port(port, Duration::from_secs(30));
+    let dir = TempDir::new("cusb");
+    let (s0, s1) = (dir.path("ur0.sock"), dir.path("ur1.sock"));
+    let _c = Connect::start(&[
+        format!("spice://127.0.0.1:{port}"),
+        "--channel".into(),
+        format!("usbredir:0=unix-listen:{}", s0.display()),
+        "--channel".into(),
+        format!("usbredir:1=unix-listen:{}", s1.display()),
+    ]);
+    for s in [&s0, &s1] {
+        let mut u = connect_unix(s, Duration::from_secs(20));
+        u.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut hello = [0u8; 80];
+        u.read_exact(&mut hello).expect("usbredir hello");
+        assert_eq!(&hello[0..4], &0u32.to_le_bytes(), "usbredir hello type 0");
+        assert_eq!(&hello[4..8], &68u32.to_le_bytes(), "hello length 68");
+        let version = String::from_utf8_lossy(&hello[12..76]);
+        assert!(version.starts_with("qemu usb-redir guest"), "{version}");
+    }
+}
+
+/// Test 4: kill and restart QEMU on the same port: connect reconnects by itself.
+#[test]
+fn reconnects_after_qemu_restart() {
+    if !peers_available(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let port = free_port();
+    let mut q1 = qemu_qmp_port(port, &[]);
+    wait_port(port, Duration::from_secs(20));
+    let dir = TempDir::new("crestart");
+    let sock = dir.path("qmp.sock");
+    let mut c = Connect::start(&[
+        format!("spice://127.0.0.1:{port}"),
+        "--max-backoff-secs".into(),
+        "1".into(),
+        "--channel".into(),
+        format!("port:org.qemu.monitor.qmp.0=unix-listen:{}", sock.display()),
+    ]);
+    let mut q = Qmp::open(&sock);
+    assert_eq!(q.cmd("qmp_capabilities").trim(), "{\"return\": {}}");
+    q1.kill();
+    // The local app sees a closed connection, never a missing path.
+    let mut rest = String::new();
+    let _ = q.r.read_to_string(&mut rest);
+    assert!(sock.exists(), "the local socket stays");
+    let _q2 = qemu_qmp_port(port, &[]);
+    wait_port(port, Duration::from_secs(20));
+    let mut q = Qmp::open(&sock);
+    assert_eq!(q.cmd("qmp_capabilities").trim(), "{\"return\": {}}");
+    assert!(q.cmd("query-status").contains("\"status\""));
+    assert!(c.log_text().contains("attempt=2") || c.log_text().contains("reconnecting"), "{}", c.log_text());
+    assert!(c.wait_exit(Duration::from_millis(10)).is_none());
+}
+
+/// Test 5: connect ↔ serve on channel 128: 256 MiB each way at once, byte-exact.
+#[test]
+fn connect_to_serve_user_channel_both_ways() {
+    let dir = TempDir::new("c128");
+    let far = dir.path("far.sock");
+    let near = dir.path("near.sock");
+    // serve: channel 128 ends in unix-listen far.sock (an app connects there)
+    let port = free_port();
+    let relay = Relay::start(&[
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--disable-ticketing".into(),
+        "--channel".into(),
+        format!("128=unix-listen:{}", far.display()),
+    ]);
+    let _c = Connect::start(&[relay.uri(), "--channel".into(), format!("128=unix-listen:{}", near.display())]);
+    let a = connect_unix(&near, Duration::from_secs(20));
+    let b = connect_unix(&far, Duration::from_secs(20));
+    const TOTAL: usize = 256 << 20;
+    let pump = |mut w: UnixStream, seed: u64| {
+        std::thread::spawn(move || {
+            let chunk = 1 << 20;
+            for k in 0..TOTAL / chunk {
+                w.write_all(&pattern(seed + k as u64, chunk)).expect("write");
+            }
+        })
+    };
+    let check = |mut r: UnixStream, seed: u64| {
+        std::thread::spawn(move || {
+            r.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+            let chunk = 1 << 20;
+            let mut buf = vec![0u8; chunk];
+            for k in 0..TOTAL / chunk {
+                r.read_exact(&mut buf).expect("read");
+                assert!(buf == pattern(seed + k as u64, chunk), "mismatch in MiB {k}");
+            }
+        })
+    };
+    let t = Instant::now();
+    let w1 = pump(a.try_clone().expect("clone"), 1000);
+    let w2 = pump(b.try_clone().expect("clone"), 2000);
+    let r1 = check(b, 1000);
+    let r2 = check(a, 2000);
+    for h in [w1, w2, r1, r2] {
+        h.join().expect("byte-exact both ways");
+    }
+    eprintln!("256 MiB each way through connect+serve: {:?}", t.elapsed());
+}
