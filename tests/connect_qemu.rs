@@ -149,8 +149,10 @@ fn qmp_over_spice_through_connect() {
 
     let dir = TempDir::new("cqmp");
     let sock = dir.path("qmp.sock");
+    // --lz4: spice-server then sends replies over 1000 bytes as LZ4 (type 102).
     let mut c = Connect::start(&[
         uri.clone(),
+        "--lz4".into(),
         "--channel".into(),
         format!("port:org.qemu.monitor.qmp.0=unix-listen:{}", sock.display()),
     ]);
@@ -158,6 +160,9 @@ fn qmp_over_spice_through_connect() {
     assert_eq!(q.cmd("qmp_capabilities").trim(), "{\"return\": {}}");
     assert!(q.cmd("query-version").contains("\"qemu\""));
     assert!(q.cmd("query-status").contains("\"status\""));
+    // A reply of several KB, compressed by spice-server on the way.
+    let cmds = q.cmd("query-commands");
+    assert!(cmds.len() > 2000 && cmds.contains("query-status"), "query-commands reply of {} bytes", cmds.len());
     // The QMP round trip through connect, for the record (not asserted).
     let t = Instant::now();
     for _ in 0..50 {

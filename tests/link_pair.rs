@@ -148,3 +148,22 @@ fn endpoint_failure_after_auth_gets_9() {
         Some(client_link::Action::Close(ClientLinkFailure::Result(LinkErrorCode::ChannelNotAvailable)))
     );
 }
+
+/// Regression (found by the server_link fuzzer): a bad auth mechanism in
+/// the same read as the link message must not truncate the error reply.
+#[test]
+fn bad_mechanism_before_drain_keeps_whole_error_reply() {
+    let mut rng = seeded_rng([4; 32]);
+    let mut s = ServerLink::new(&ServerLinkConfig::default(), TicketKey::generate(&mut rng).expect("key"));
+    let link = [
+        0x52u8, 0x45, 0x44, 0x51, 2, 0, 0, 0, 2, 0, 0, 0, 0x1a, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0,
+        0x12, 0, 0, 0, 0x0d, 0, 0, 0, 0x0f, 0, 0, 0,
+    ];
+    assert_eq!(s.handle_input(&link), link.len());
+    assert!(matches!(s.poll_action(), Some(server_link::Action::Request(_))));
+    s.decide(Decision::Accept { channel_caps: Caps::EMPTY });
+    assert_eq!(s.pending_output().len(), 16 + 182, "reply: 1 common cap word, no channel caps");
+    assert_eq!(s.handle_input(&2u32.to_le_bytes()), 4);
+    assert_eq!(s.poll_action(), Some(server_link::Action::Close(LinkFailure::AuthMechanism(2))));
+    assert_eq!(s.pending_output().len(), 16 + 182 + 194, "reply then the whole error reply");
+}

@@ -266,6 +266,12 @@ struct ServeArgs {
     /// Keep a unix-listen endpoint connection open when the client goes away.
     #[arg(long)]
     keep_listen_endpoint: bool,
+    /// Send LZ4 COMPRESSED_DATA to clients that accept it (payloads over 1000 B that shrink).
+    #[arg(long)]
+    lz4_to_client: bool,
+    /// SPICE ACK window toward clients in messages (0: off, as spice-server on spicevmc).
+    #[arg(long, value_name = "N")]
+    ack_window: Option<u32>,
 }
 
 fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
@@ -302,6 +308,12 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     }
     if a.keep_listen_endpoint {
         l.keep_listen_endpoint = true;
+    }
+    if a.lz4_to_client {
+        l.lz4_to_client = true;
+    }
+    if let Some(w) = a.ack_window {
+        l.ack_window = w;
     }
     cfg.validate()?;
     Ok(cfg)

@@ -29,6 +29,9 @@ pub enum AuthError {
 }
 
 /// One link's RSA key pair with its public half pre-encoded for the reply.
+///
+/// Not `Clone` outside fuzzing: each key serves one link.
+#[cfg_attr(fuzzing, derive(Clone))]
 pub struct TicketKey {
     private: PrivateKey,
     public_der: [u8; PUBKEY_LEN],

@@ -159,8 +159,10 @@ enum State {
     Done,
 }
 
-/// Largest output of the link stage: header + reply + kept caps, or a result.
-const OUT_CAP: usize = LINK_HEADER_LEN + LINK_REPLY_LEN + 8 * 4 * super::caps::KEPT_CAP_WORDS;
+/// Most output the link stage can hold undrained: the reply, then an
+/// error reply (a bad auth mechanism can arrive in the same read as the
+/// link message), or a 4-byte result. Found by the `server_link` fuzzer.
+const OUT_CAP: usize = 2 * (LINK_HEADER_LEN + LINK_REPLY_LEN + 8 * 4 * super::caps::KEPT_CAP_WORDS) + 4;
 
 /// The server side of one link.
 #[derive(Debug)]
@@ -390,6 +392,8 @@ impl ServerLink {
             self.out_start = 0;
             self.out_end = 0;
         }
+        // OUT_CAP is sized for the worst case; a shortfall is our bug.
+        debug_assert!(b.len() <= OUT_CAP - self.out_end, "link output overflow");
         let n = b.len().min(OUT_CAP - self.out_end);
         self.out[self.out_end..self.out_end + n].copy_from_slice(&b[..n]);
         self.out_end += n;

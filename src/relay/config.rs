@@ -111,6 +111,12 @@ pub struct Limits {
     pub key_pool_per_worker: usize,
     /// Largest decompressed COMPRESSED_DATA payload accepted.
     pub max_lz4_bytes: usize,
+    /// Send LZ4 COMPRESSED_DATA (payloads over 1000 bytes that shrink) to
+    /// clients that announced the cap.
+    pub lz4_to_client: bool,
+    /// SPICE ACK window toward clients (0: none, as spice-server does on
+    /// spicevmc channels; TCP back-pressure still applies).
+    pub ack_window: u32,
 }
 
 impl Default for Limits {
@@ -127,6 +133,8 @@ impl Default for Limits {
             keep_listen_endpoint: false,
             key_pool_per_worker: 8,
             max_lz4_bytes: 1024 * 1024,
+            lz4_to_client: false,
+            ack_window: 0,
         }
     }
 }
@@ -296,6 +304,8 @@ struct FileRelay {
     link_timeout_secs: Option<u64>,
     busy: Option<BusyPolicy>,
     keep_listen_endpoint: Option<bool>,
+    lz4_to_client: Option<bool>,
+    ack_window: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -373,6 +383,8 @@ impl ServeConfig {
         }
         limits.busy = r.busy.unwrap_or(limits.busy);
         limits.keep_listen_endpoint = r.keep_listen_endpoint.unwrap_or(limits.keep_listen_endpoint);
+        limits.lz4_to_client = r.lz4_to_client.unwrap_or(limits.lz4_to_client);
+        limits.ack_window = r.ack_window.unwrap_or(limits.ack_window);
         let mut services = Vec::new();
         for (n, sp) in fc.service.iter().enumerate() {
             let s = sp.get_ref();

@@ -243,6 +243,7 @@ impl Session {
                 port_name: None,
                 port_opened: None,
                 events: Vec::new(),
+                compressed_msgs: 0,
                 data_msgs: 0,
                 body: Vec::new(),
                 pending: Vec::new(),
@@ -335,6 +336,8 @@ pub struct ChannelReader {
     pub port_opened: Option<bool>,
     /// Port events received.
     pub events: Vec<u8>,
+    /// COMPRESSED_DATA messages received.
+    pub compressed_msgs: u64,
     /// DATA and COMPRESSED_DATA messages received.
     pub data_msgs: u64,
     body: Vec<u8>,
@@ -367,6 +370,7 @@ impl ChannelReader {
                 }
                 _ => match ServerMsg::parse(self.kind, h.msg_type, &self.body) {
                     Ok(ServerMsg::CompressedData(cd)) => {
+                        self.compressed_msgs += 1;
                         let mut out = vec![0u8; cd.uncompressed_size as usize];
                         let n = cd
                             .decompress(16 * 1024 * 1024, &mut out)

@@ -30,7 +30,7 @@ use rand::{RngExt, SeedableRng};
 
 use super::config::{BusyPolicy, ChannelConf, EndpointSpec, ServeConfig};
 use super::endpoint::{self, Opening};
-use crate::proto::ack::ClientAck;
+use crate::proto::ack::{ClientAck, ServerAck};
 use crate::proto::auth::TicketKey;
 use crate::proto::caps::Caps;
 use crate::proto::channel::{CH_MAIN, ChannelKind};
@@ -38,7 +38,9 @@ use crate::proto::client_link::ClientLink;
 use crate::proto::consts::*;
 use crate::proto::framing::{Deframer, Encoder, Event, HeaderKind, MsgHeader};
 use crate::proto::link::LinkErrorCode;
-use crate::proto::msg::{ChannelsList, ClientMsg, ControlBuf, MainInit, PortInit, ServerMsg};
+use crate::proto::msg::{
+    ChannelsList, ClientMsg, CompressedData, ControlBuf, Lz4Compressor, MainInit, PortInit, ServerMsg, lz4_scratch_len,
+};
 use crate::proto::server_link::{Action, Decision, LinkRequest, Linked, ServerLink, ServerLinkConfig};
 use crate::uring::{BufId, Completion, MAX_IOV, Ring, RingConfig, SubmitError, own_result_fd};
 use crate::{debug, info, warn};
@@ -293,6 +295,13 @@ struct Chan {
     e2c_chunk: usize,
     /// `connect` only: linked to learn the port's name from PORT_INIT.
     probe: bool,
+    /// Compress payloads over 1000 bytes toward the SPICE peer (it
+    /// announced LZ4 and we were asked to).
+    lz4_send: Option<Box<Lz4Compressor>>,
+    /// Framed output when compressing; `None` while the ring holds it.
+    lz4_tx: Option<Vec<u8>>,
+    /// Server-side ACK window toward a client (`ack_window` > 0).
+    ack: ServerAck,
 }
 
 #[derive(Debug)]
@@ -717,14 +726,13 @@ impl Worker {
                 if op == Op::EpAccept {
                     drop(own_result_fd(c.result));
                 }
-                if let (Some(v), Stage::Chan(ch)) = (c.owned, &mut conn.stage) {
-                    ch.lz4_out = Some(v);
-                }
+                // Owned vectors come home; nothing else to do while closing.
+                drop(c.owned);
                 return;
             }
             match op {
                 Op::ClientRead => w.on_client_read(slot, conn, c.result),
-                Op::ClientWrite => w.on_client_write(slot, conn, c.result),
+                Op::ClientWrite => w.on_client_write(slot, conn, c.result, c.owned),
                 Op::EpRead => w.on_ep_read(slot, conn, c.result),
                 Op::EpWrite => w.on_ep_write(slot, conn, c.result, c.owned),
                 Op::EpConnect => w.on_ep_connect(slot, conn, c.result),
@@ -1187,7 +1195,20 @@ impl Worker {
                 eof_client: false,
                 e2c_chunk: 0,
                 probe: false,
+                lz4_send: (self.shared.config.limits.lz4_to_client
+                    && cc.kind.lz4
+                    && l.peer_channel_caps.has(SPICEVMC_CAP_DATA_COMPRESS_LZ4))
+                .then(|| Box::new(Lz4Compressor::new())),
+                lz4_tx: Some(Vec::new()),
+                ack: ServerAck::new(),
             }));
+            let window = self.shared.config.limits.ack_window;
+            if window > 0
+                && let Stage::Chan(ch) = &mut conn.stage
+            {
+                let m = ch.ack.set_ack(window);
+                self.queue(slot, conn, &m);
+            }
             if cc.kind.port_messages {
                 let name = cc.port_name.clone().unwrap_or_default();
                 self.queue(slot, conn, &ServerMsg::PortInit(PortInit { name: name.as_bytes(), opened }));
@@ -1551,6 +1572,15 @@ impl Worker {
                     .collect();
                 self.queue(slot, conn, &ServerMsg::ChannelsList(ChannelsList { entries: &entries }));
             }
+            ClientMsg::AckSync { .. } | ClientMsg::Ack => {
+                if let Stage::Chan(ch) = &mut conn.stage {
+                    let was_blocked = !ch.ack.may_send();
+                    ch.ack.on_client_msg(&msg);
+                    if was_blocked && ch.ack.may_send() {
+                        self.pump_out(slot, conn);
+                    }
+                }
+            }
             ClientMsg::Disconnecting(_) => conn.close_after_flush = Some("client disconnecting".into()),
             ClientMsg::PortEvent { event } => debug!(self.who, "channel={} client port event {event}", conn.label),
             _ => {}
@@ -1638,16 +1668,23 @@ impl Worker {
         }
     }
 
-    fn on_client_write(&mut self, slot: u32, conn: &mut Conn, res: i32) {
+    fn on_client_write(&mut self, slot: u32, conn: &mut Conn, res: i32, owned: Option<Vec<u8>>) {
         conn.tx_busy = false;
         if res < 0 {
-            if res == -libc::EAGAIN || res == -libc::EINTR {
-                return self.write_client(slot, conn);
+            if let (Some(v), Stage::Chan(ch)) = (owned, &mut conn.stage) {
+                ch.lz4_tx = Some(v);
             }
             return self.close(slot, conn, &errno_reason("client write", res));
         }
         conn.tx_done += usize::try_from(res).unwrap_or(0);
-        if conn.tx_done < conn.tx_len {
+        if let Some(v) = owned {
+            if conn.tx_done < conn.tx_len {
+                return self.write_client_owned(slot, conn, v);
+            }
+            if let Stage::Chan(ch) = &mut conn.stage {
+                ch.lz4_tx = Some(v);
+            }
+        } else if conn.tx_done < conn.tx_len {
             return self.write_client(slot, conn);
         }
         // The link stage may now continue (e.g. after the reply went out).
@@ -1662,7 +1699,7 @@ impl Worker {
     /// each chunk.
     fn read_endpoint(&mut self, slot: u32, conn: &mut Conn) {
         let Stage::Chan(ch) = &mut conn.stage else { return };
-        if ch.ep_state != EpState::Open || conn.tx_busy {
+        if ch.ep_state != EpState::Open || conn.tx_busy || !ch.ack.may_send() {
             return;
         }
         let Some(fd) = ch.ep.as_ref().map(AsRawFd::as_raw_fd) else { return };
@@ -1705,10 +1742,46 @@ impl Worker {
         conn.st.e2c_bytes += n as u64;
         self.stats().e2c_bytes.fetch_add(n as u64, Ordering::Relaxed);
         let Some(tx) = self.ring.arena_mut().get_mut(conn.tx) else { return };
+        if let (Some(comp), Some(mut out)) = (ch.lz4_send.as_mut(), ch.lz4_tx.take()) {
+            // Compressing: frame into a separate vector (LZ4 reads every
+            // byte anyway); chunks that do not shrink go as DATA.
+            out.clear();
+            let mut off = 0;
+            while n > 0 {
+                let len = n.min(chunk);
+                let data = &tx[off + hl..off + hl + len];
+                let start = out.len();
+                let pre = CompressedData::PREFIX_LEN;
+                out.resize(start + hl + pre + lz4_scratch_len(len), 0);
+                let packed = if len > LZ4_THRESHOLD { comp.compress(data, &mut out[start + hl + pre..]) } else { None };
+                match packed {
+                    Some(c) => {
+                        let size = u32::try_from(pre + c).unwrap_or(0);
+                        let _ = conn.enc.header(MSG_SPICEVMC_COMPRESSED_DATA, size, &mut out[start..start + hl]);
+                        let mut w = crate::proto::wire::Writer::new(&mut out[start + hl..start + hl + pre]);
+                        let _ = CompressedData::emit_prefix(COMPRESSION_LZ4, u32::try_from(len).unwrap_or(0), &mut w);
+                        out.truncate(start + hl + pre + c);
+                    }
+                    None => {
+                        out.truncate(start + hl);
+                        let _ = conn.enc.header(MSG_SPICEVMC_DATA, u32::try_from(len).unwrap_or(0), &mut out[start..]);
+                        out.extend_from_slice(data);
+                    }
+                }
+                ch.ack.on_sent();
+                conn.st.e2c_msgs += 1;
+                off += hl + len;
+                n -= len;
+            }
+            conn.tx_len = out.len();
+            conn.tx_done = 0;
+            return self.write_client_owned(slot, conn, out);
+        }
         let mut off = 0;
         while n > 0 {
             let len = n.min(chunk);
             let _ = conn.enc.header(MSG_SPICEVMC_DATA, u32::try_from(len).unwrap_or(0), &mut tx[off..off + hl]);
+            ch.ack.on_sent();
             conn.st.e2c_msgs += 1;
             off += hl + len;
             n -= len;
@@ -1716,6 +1789,14 @@ impl Worker {
         conn.tx_len = off;
         conn.tx_done = 0;
         self.write_client(slot, conn);
+    }
+
+    fn write_client_owned(&mut self, slot: u32, conn: &mut Conn, out: Vec<u8>) {
+        let t = self.tok(Op::ClientWrite, slot);
+        let r = self.ring.write_owned(conn.fd.as_raw_fd(), out, conn.tx_done, t);
+        if self.pushed(slot, conn, r) {
+            conn.tx_busy = true;
+        }
     }
 
     /// The endpoint went away: tell a port client, then close.

@@ -250,6 +250,12 @@ impl Worker {
             eof_client: false,
             e2c_chunk: 0,
             probe,
+            lz4_send: (self.ctl.as_ref().is_some_and(|c| c.opts.lz4)
+                && kind.lz4
+                && l.peer_channel_caps.has(SPICEVMC_CAP_DATA_COMPRESS_LZ4))
+            .then(|| Box::new(Lz4Compressor::new())),
+            lz4_tx: Some(Vec::new()),
+            ack: ServerAck::new(),
         }));
         if !probe {
             conn.owns = Some(ci);
