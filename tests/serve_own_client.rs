@@ -241,3 +241,18 @@ fn lz4_to_client_round_trip() {
     assert!(r.compressed_msgs > 0, "the relay sent COMPRESSED_DATA");
     s.close();
 }
+
+/// The splice data path (`--data-path splice`) is byte-exact for large and
+/// small messages, mixed with LZ4.
+#[test]
+fn splice_data_path_byte_exact() {
+    let dir = TempDir::new("splice");
+    let app = EchoApp::start(dir.path("app.sock"));
+    let relay =
+        start(&["--data-path".into(), "splice".into(), "--channel".into(), format!("128=unix:{}", app.path.display())]);
+    let s = Session::connect(&relay.addr(), b"", Duration::from_secs(10)).expect("session");
+    echo_through(&s, 128, 0, 16 << 20, 21, 65536);
+    echo_through(&s, 128, 0, 1 << 20, 22, 100);
+    echo_through(&s, 128, 0, 8 << 20, 23, 1 << 20);
+    s.close();
+}

@@ -272,6 +272,9 @@ struct ServeArgs {
     /// SPICE ACK window toward clients in messages (0: off, as spice-server on spicevmc).
     #[arg(long, value_name = "N")]
     ack_window: Option<u32>,
+    /// Client → endpoint payload path: `copy` (registered buffers) or `splice` (socket → pipe → endpoint).
+    #[arg(long, value_enum)]
+    data_path: Option<config::DataPath>,
 }
 
 fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
@@ -314,6 +317,9 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     }
     if let Some(w) = a.ack_window {
         l.ack_window = w;
+    }
+    if let Some(d) = a.data_path {
+        l.data_path = d;
     }
     cfg.validate()?;
     Ok(cfg)

@@ -88,6 +88,19 @@ pub enum BusyPolicy {
     Refuse,
 }
 
+/// How client → endpoint payload bytes move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataPath {
+    /// Registered buffers: one large read, one gathered write of the
+    /// payload ranges (headers skipped in place).
+    #[default]
+    Copy,
+    /// Headers read into memory; the payload of each DATA message of at
+    /// least 16 KiB spliced socket → pipe → endpoint, never in user memory.
+    Splice,
+}
+
 /// Engine limits and knobs, each with a default and a flag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -117,6 +130,8 @@ pub struct Limits {
     /// SPICE ACK window toward clients (0: none, as spice-server does on
     /// spicevmc channels; TCP back-pressure still applies).
     pub ack_window: u32,
+    /// Data path for client → endpoint payloads.
+    pub data_path: DataPath,
 }
 
 impl Default for Limits {
@@ -135,6 +150,7 @@ impl Default for Limits {
             max_lz4_bytes: 1024 * 1024,
             lz4_to_client: false,
             ack_window: 0,
+            data_path: DataPath::Copy,
         }
     }
 }
@@ -306,6 +322,7 @@ struct FileRelay {
     keep_listen_endpoint: Option<bool>,
     lz4_to_client: Option<bool>,
     ack_window: Option<u32>,
+    data_path: Option<DataPath>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -385,6 +402,7 @@ impl ServeConfig {
         limits.keep_listen_endpoint = r.keep_listen_endpoint.unwrap_or(limits.keep_listen_endpoint);
         limits.lz4_to_client = r.lz4_to_client.unwrap_or(limits.lz4_to_client);
         limits.ack_window = r.ack_window.unwrap_or(limits.ack_window);
+        limits.data_path = r.data_path.unwrap_or(limits.data_path);
         let mut services = Vec::new();
         for (n, sp) in fc.service.iter().enumerate() {
             let s = sp.get_ref();

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use rand::{RngExt, SeedableRng};
 
-use super::config::{BusyPolicy, ChannelConf, EndpointSpec, ServeConfig};
+use super::config::{BusyPolicy, ChannelConf, DataPath, EndpointSpec, ServeConfig};
 use super::endpoint::{self, Opening};
 use crate::proto::ack::{ClientAck, ServerAck};
 use crate::proto::auth::TicketKey;
@@ -68,9 +68,12 @@ enum Op {
     Cancel,
     SrvConnect,
     Retry,
+    SpliceIn,
+    SpliceOut,
+    SplicePoll,
 }
 
-const OPS: [Op; 12] = [
+const OPS: [Op; 15] = [
     Op::Accept,
     Op::Mailbox,
     Op::Tick,
@@ -83,6 +86,9 @@ const OPS: [Op; 12] = [
     Op::Cancel,
     Op::SrvConnect,
     Op::Retry,
+    Op::SpliceIn,
+    Op::SpliceOut,
+    Op::SplicePoll,
 ];
 
 /// `op:8 | slot:24 | generation:32`. The generation is bumped on every slot
@@ -302,6 +308,12 @@ struct Chan {
     lz4_tx: Option<Vec<u8>>,
     /// Server-side ACK window toward a client (`ack_window` > 0).
     ack: ServerAck,
+    /// Splice data path: the pipe (read end, write end), made on first use.
+    pipe: Option<(OwnedFd, OwnedFd)>,
+    /// Bytes spliced into the pipe and not yet out to the endpoint.
+    piped: u32,
+    /// Which splice a POLL wakes up: true = into the pipe (socket readable).
+    poll_in: bool,
 }
 
 #[derive(Debug)]
@@ -371,6 +383,11 @@ struct Conn {
     /// Client-side ACK window accounting (`connect`).
     ack: ClientAck,
 }
+
+/// Smallest DATA body remainder worth splicing (below it, one read is cheaper).
+const SPLICE_MIN_BYTES: u32 = 16 * 1024;
+/// Pipe capacity asked for the splice path.
+const PIPE_BYTES: u32 = 1024 * 1024;
 
 /// Most control messages queued toward one client (they are tiny; a
 /// client that never reads is cut off rather than buffered without bound).
@@ -738,6 +755,9 @@ impl Worker {
                 Op::EpConnect => w.on_ep_connect(slot, conn, c.result),
                 Op::EpAccept => w.on_ep_accept(slot, conn, c.result),
                 Op::SrvConnect => w.on_srv_connect(slot, conn, c.result),
+                Op::SpliceIn => w.on_splice_in(slot, conn, c.result),
+                Op::SpliceOut => w.on_splice_out(slot, conn, c.result),
+                Op::SplicePoll => w.on_splice_poll(slot, conn, c.result),
                 _ => {}
             }
         });
@@ -869,7 +889,17 @@ impl Worker {
         {
             return;
         }
-        let size = self.ring.arena().buf_size();
+        let mut size = self.ring.arena().buf_size();
+        if self.shared.config.limits.data_path == DataPath::Splice && matches!(conn.stage, Stage::Chan(_)) {
+            // Read exactly up to the next header so payloads stay in the
+            // socket for splice; a small body is read whole.
+            let hl = conn.enc.header_len();
+            size = if conn.deframer.at_boundary() {
+                hl
+            } else {
+                (conn.deframer.body_remaining() as usize).min(size).max(1)
+            };
+        }
         let t = self.tok(Op::ClientRead, slot);
         let r = self.ring.read_fixed(conn.fd.as_raw_fd(), conn.rx, 0, size, t);
         if self.pushed(slot, conn, r) {
@@ -1201,6 +1231,9 @@ impl Worker {
                 .then(|| Box::new(Lz4Compressor::new())),
                 lz4_tx: Some(Vec::new()),
                 ack: ServerAck::new(),
+                pipe: None,
+                piped: 0,
+                poll_in: false,
             }));
             let window = self.shared.config.limits.ack_window;
             if window > 0
@@ -1473,7 +1506,120 @@ impl Worker {
             self.write_ranges(slot, conn);
             return false;
         }
+        if self.shared.config.limits.data_path == DataPath::Splice
+            && conn.cur == Cur::Data
+            && conn.rx_pos >= conn.rx_len
+            && conn.deframer.body_remaining() >= SPLICE_MIN_BYTES
+            && ch.ep_state == EpState::Open
+        {
+            self.splice_in(slot, conn);
+            return false;
+        }
         true
+    }
+
+    // -- splice data path ------------------------------------------------------
+
+    /// Moves the rest of the current DATA body socket → pipe.
+    fn splice_in(&mut self, slot: u32, conn: &mut Conn) {
+        let Stage::Chan(ch) = &mut conn.stage else { return };
+        if ch.pipe.is_none() {
+            match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+                Ok((r, w)) => {
+                    let _ = nix::fcntl::fcntl(
+                        &w,
+                        nix::fcntl::FcntlArg::F_SETPIPE_SZ(i32::try_from(PIPE_BYTES).unwrap_or(65536)),
+                    );
+                    ch.pipe = Some((r, w));
+                }
+                Err(e) => return self.close(slot, conn, &format!("cannot create a pipe for splice: {e}")),
+            }
+        }
+        let Some((_, pw)) = &ch.pipe else { return };
+        let len = conn.deframer.body_remaining().min(PIPE_BYTES);
+        let t = self.tok(Op::SpliceIn, slot);
+        let r = self.ring.splice(conn.fd.as_raw_fd(), pw.as_raw_fd(), len, t);
+        if self.pushed(slot, conn, r) {
+            conn.c2e_busy = true;
+        }
+    }
+
+    fn on_splice_in(&mut self, slot: u32, conn: &mut Conn, res: i32) {
+        conn.c2e_busy = false;
+        if res == -libc::EAGAIN {
+            return self.splice_poll(slot, conn, true);
+        }
+        if res <= 0 {
+            let reason = if res == 0 { "client closed".to_string() } else { errno_reason("splice from client", res) };
+            return self.close(slot, conn, &reason);
+        }
+        let n = res.cast_unsigned();
+        conn.st.c2e_bytes += u64::from(n);
+        if let Stage::Chan(ch) = &mut conn.stage {
+            ch.piped = n;
+        }
+        conn.deframer.skip_body(n);
+        if conn.deframer.body_remaining() == 0 {
+            conn.cur = Cur::None;
+        }
+        self.splice_out(slot, conn);
+    }
+
+    /// Drains the pipe into the endpoint.
+    fn splice_out(&mut self, slot: u32, conn: &mut Conn) {
+        let Stage::Chan(ch) = &mut conn.stage else { return };
+        let (Some((pr, _)), Some(ep)) = (&ch.pipe, &ch.ep) else { return };
+        let t = self.tok(Op::SpliceOut, slot);
+        let r = self.ring.splice(pr.as_raw_fd(), ep.as_raw_fd(), ch.piped, t);
+        if self.pushed(slot, conn, r) {
+            conn.c2e_busy = true;
+        }
+    }
+
+    fn on_splice_out(&mut self, slot: u32, conn: &mut Conn, res: i32) {
+        conn.c2e_busy = false;
+        if res == -libc::EAGAIN {
+            return self.splice_poll(slot, conn, false);
+        }
+        if res <= 0 {
+            let r = if res == 0 { "endpoint closed".to_string() } else { errno_reason("splice to endpoint", res) };
+            return self.endpoint_gone(slot, conn, &r);
+        }
+        let Stage::Chan(ch) = &mut conn.stage else { return };
+        ch.piped = ch.piped.saturating_sub(res.cast_unsigned());
+        if ch.piped > 0 {
+            return self.splice_out(slot, conn);
+        }
+        if self.draining.is_some() {
+            return self.maybe_drained(slot, conn);
+        }
+        // More of this body: splice again; else back to reading headers.
+        if conn.cur == Cur::Data && conn.deframer.body_remaining() >= SPLICE_MIN_BYTES {
+            return self.splice_in(slot, conn);
+        }
+        self.pump_in(slot, conn);
+    }
+
+    /// A non-blocking socket had nothing to give (or no room): wait for it.
+    fn splice_poll(&mut self, slot: u32, conn: &mut Conn, input: bool) {
+        let Stage::Chan(ch) = &mut conn.stage else { return };
+        ch.poll_in = input;
+        let fd = if input { Some(conn.fd.as_raw_fd()) } else { ch.ep.as_ref().map(AsRawFd::as_raw_fd) };
+        let Some(fd) = fd else { return };
+        let t = self.tok(Op::SplicePoll, slot);
+        let r = self.ring.poll(fd, if input { libc::POLLIN } else { libc::POLLOUT }, t);
+        if self.pushed(slot, conn, r) {
+            conn.c2e_busy = true;
+        }
+    }
+
+    fn on_splice_poll(&mut self, slot: u32, conn: &mut Conn, res: i32) {
+        conn.c2e_busy = false;
+        if res < 0 {
+            return self.close(slot, conn, &errno_reason("poll", res));
+        }
+        let input = matches!(&conn.stage, Stage::Chan(ch) if ch.poll_in);
+        if input { self.splice_in(slot, conn) } else { self.splice_out(slot, conn) }
     }
 
     fn write_lz4(&mut self, slot: u32, conn: &mut Conn, out: Vec<u8>, done: usize) -> bool {

@@ -131,6 +131,7 @@ const NEEDED: &[(u8, &str)] = &[
     (opcode::Read::CODE, "READ"),
     (opcode::Write::CODE, "WRITE"),
     (opcode::Splice::CODE, "SPLICE"),
+    (opcode::PollAdd::CODE, "POLL_ADD"),
     (opcode::Connect::CODE, "CONNECT"),
     (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
     (opcode::Timeout::CODE, "TIMEOUT"),
@@ -353,12 +354,22 @@ impl Ring {
     }
 
     /// Moves up to `len` bytes between two fds, one of which is a pipe.
+    /// A non-blocking fd may complete with `-EAGAIN`: wait with
+    /// [`Ring::poll`] and retry.
     pub fn splice(&mut self, fd_in: RawFd, fd_out: RawFd, len: u32, token: u64) -> Result<(), SubmitError> {
         let (i, ud) = self.take_op(token, None)?;
         let e = opcode::Splice::new(types::Fd(fd_in), -1, types::Fd(fd_out), -1, len)
-            .flags(libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK)
+            .flags(libc::SPLICE_F_MOVE)
             .build()
             .user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Completes once `fd` has any of `events` (`libc::POLLIN`, `POLLOUT`).
+    pub fn poll(&mut self, fd: RawFd, events: i16, token: u64) -> Result<(), SubmitError> {
+        let (i, ud) = self.take_op(token, None)?;
+        let mask = u32::from(events.cast_unsigned());
+        let e = opcode::PollAdd::new(types::Fd(fd), mask).build().user_data(ud);
         self.push(i, e)
     }
 

@@ -256,6 +256,9 @@ impl Worker {
             .then(|| Box::new(Lz4Compressor::new())),
             lz4_tx: Some(Vec::new()),
             ack: ServerAck::new(),
+            pipe: None,
+            piped: 0,
+            poll_in: false,
         }));
         if !probe {
             conn.owns = Some(ci);
