@@ -197,7 +197,7 @@ struct EndpointArgs {
 #[derive(Args, Debug)]
 struct DemoArgs {
     /// Seconds per run.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 5.0)]
     seconds: f64,
     /// Relay worker threads.
     #[arg(long, default_value_t = 1)]

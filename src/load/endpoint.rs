@@ -282,8 +282,26 @@ impl Endpoint {
             Listener::Connect(p) => loop {
                 let s = connect_retry(p, stop, Duration::from_secs(10))?;
                 let Some(s) = s else { return Ok(()) };
+                // Served on its own thread so that `stop` is seen while the
+                // connection blocks in a read.
+                let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
                 let conn = self.register(String::new());
-                serve_conn(&self.state, &conn, Sock::Unix(s));
+                let st = Arc::clone(&self.state);
+                std::thread::Builder::new()
+                    .name(format!("vmcload-ep-{}", conn.id))
+                    .stack_size(CONN_STACK_BYTES)
+                    .spawn(move || {
+                        serve_conn(&st, &conn, Sock::Unix(s));
+                        let _ = done_tx.send(());
+                    })
+                    .map_err(|e| LoadError::Run(format!("connection thread: {e}")))?;
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    done_rx.recv_timeout(Duration::from_millis(200))
+                {
+                    if stop.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                }
                 if !self.state.cfg.reconnect || stop.load(Ordering::Relaxed) {
                     return Ok(());
                 }

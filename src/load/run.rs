@@ -742,15 +742,17 @@ pub fn run(cfg: RunConfig, stop: Arc<AtomicBool>) -> Result<RunReport, LoadError
     let mut timed_out = false;
     let mut failed_live = 0usize;
     let mut next_tick = Instant::now() + Duration::from_millis(250);
+    // When the stop flag went up (signal or timeout): connections get two
+    // seconds to notice before the run is reported without them.
+    let mut stopped_at: Option<Instant> = None;
     while results.len() < spawned {
         let now = Instant::now();
-        if now >= run_deadline {
-            if !timed_out {
-                timed_out = true;
-                stop.store(true, Ordering::Relaxed);
-            }
-            // Two more seconds for connections to notice the stop.
-            if now >= run_deadline + Duration::from_secs(2) {
+        if now >= run_deadline && !timed_out {
+            timed_out = !stop.swap(true, Ordering::Relaxed);
+        }
+        if stop.load(Ordering::Relaxed) {
+            let at = *stopped_at.get_or_insert(now);
+            if now >= at + Duration::from_secs(2) {
                 break;
             }
         }
