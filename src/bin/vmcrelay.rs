@@ -275,6 +275,9 @@ struct ServeArgs {
     /// Client → endpoint payload path: `copy` (registered buffers) or `splice` (socket → pipe → endpoint).
     #[arg(long, value_enum)]
     data_path: Option<config::DataPath>,
+    /// Seconds between `stats` log lines with live totals and MiB/s (0: none) [default: 60].
+    #[arg(long, value_name = "S")]
+    stats_secs: Option<u64>,
 }
 
 fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
@@ -320,6 +323,9 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     }
     if let Some(d) = a.data_path {
         l.data_path = d;
+    }
+    if let Some(t) = a.stats_secs {
+        l.stats_secs = t;
     }
     cfg.validate()?;
     Ok(cfg)

@@ -132,6 +132,8 @@ pub struct Limits {
     pub ack_window: u32,
     /// Data path for client → endpoint payloads.
     pub data_path: DataPath,
+    /// Seconds between `stats` log lines (0: none).
+    pub stats_secs: u64,
 }
 
 impl Default for Limits {
@@ -151,6 +153,7 @@ impl Default for Limits {
             lz4_to_client: false,
             ack_window: 0,
             data_path: DataPath::Copy,
+            stats_secs: 60,
         }
     }
 }
@@ -323,6 +326,7 @@ struct FileRelay {
     lz4_to_client: Option<bool>,
     ack_window: Option<u32>,
     data_path: Option<DataPath>,
+    stats_secs: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -403,6 +407,7 @@ impl ServeConfig {
         limits.lz4_to_client = r.lz4_to_client.unwrap_or(limits.lz4_to_client);
         limits.ack_window = r.ack_window.unwrap_or(limits.ack_window);
         limits.data_path = r.data_path.unwrap_or(limits.data_path);
+        limits.stats_secs = r.stats_secs.unwrap_or(limits.stats_secs);
         let mut services = Vec::new();
         for (n, sp) in fc.service.iter().enumerate() {
             let s = sp.get_ref();

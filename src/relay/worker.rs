@@ -418,6 +418,8 @@ pub struct Worker {
     rng: rand::rngs::StdRng,
     draining: Option<Instant>,
     started: Instant,
+    /// Worker 0 logs totals every `stats_secs`: (when, c2e, e2c) last time.
+    last_stats: (Instant, u64, u64),
     /// `connect` mode state.
     ctl: Option<Box<connect::ConnectCtl>>,
 }
@@ -490,6 +492,7 @@ impl Worker {
                 .unwrap_or_else(|_| rand::rngs::StdRng::seed_from_u64(std::process::id().into())),
             draining: None,
             started: Instant::now(),
+            last_stats: (Instant::now(), 0, 0),
             ctl: None,
         })
     }
@@ -707,10 +710,42 @@ impl Worker {
                 self.with_conn(slot, |w, conn| w.close(slot, conn, "shutdown (drain timeout)"));
             }
         }
-        let _ = self.started;
+        self.log_stats(now);
         if let Err(e) = self.ring.timeout(Duration::from_secs(1), token(Op::Tick, 0, 0)) {
             warn!(self.who, "cannot re-arm tick: {e}");
         }
+    }
+
+    /// Worker 0: one line of live totals across workers, when anything moved.
+    fn log_stats(&mut self, now: Instant) {
+        let every = self.shared.config.limits.stats_secs;
+        let (then, c2e0, e2c0) = self.last_stats;
+        if self.id != 0 || every == 0 || now.duration_since(then) < Duration::from_secs(every) {
+            return;
+        }
+        let sum = |f: fn(&WorkerStats) -> &AtomicU64| -> u64 {
+            self.shared.stats.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+        };
+        let (c2e, e2c) = (sum(|s| &s.c2e_bytes), sum(|s| &s.e2c_bytes));
+        self.last_stats = (now, c2e, e2c);
+        if c2e == c2e0 && e2c == e2c0 {
+            return;
+        }
+        let secs = now.duration_since(then).as_secs_f64().max(0.001);
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        info!(
+            self.who,
+            "stats conns_open={} links_ok={} links_failed={} rejected={} protocol_errors={} c2e_bytes={c2e} \
+             e2c_bytes={e2c} c2e_mib_s={:.1} e2c_mib_s={:.1} uptime_s={}",
+            sum(|s| &s.conns_open),
+            sum(|s| &s.links_ok),
+            sum(|s| &s.links_failed),
+            sum(|s| &s.conns_rejected),
+            sum(|s| &s.protocol_errors),
+            mib(c2e - c2e0) / secs,
+            mib(e2c - e2c0) / secs,
+            self.started.elapsed().as_secs()
+        );
     }
 
     // -- connection plumbing ------------------------------------------------
@@ -1325,6 +1360,7 @@ impl Worker {
         let mut control: Vec<(MsgHeader, Vec<u8>)> = Vec::new();
         let mut compressed_done = false;
         let mut acks: Vec<ClientMsg<'static>> = Vec::new();
+        let mut c2e_delta = 0u64;
         while conn.rx_pos < conn.rx_len {
             let input = &buf[conn.rx_pos..conn.rx_len];
             let (used, ev) = conn.deframer.advance(input);
@@ -1407,6 +1443,7 @@ impl Worker {
                                         _ => ch.ranges.push((a, len)),
                                     }
                                     conn.st.c2e_bytes += len as u64;
+                                    c2e_delta += len as u64;
                                 }
                                 if ch.ranges.len() == MAX_IOV {
                                     break;
@@ -1449,6 +1486,7 @@ impl Worker {
             self.close(slot, conn, &e);
             return false;
         }
+        self.stats().c2e_bytes.fetch_add(c2e_delta, Ordering::Relaxed);
         for m in acks {
             self.queue_client(slot, conn, &m);
         }
@@ -1486,6 +1524,7 @@ impl Worker {
                 Ok(n) => {
                     out.truncate(n);
                     conn.st.c2e_bytes += n as u64;
+                    self.stats().c2e_bytes.fetch_add(n as u64, Ordering::Relaxed);
                     ch.lz4_pending = Some(0);
                     return self.write_lz4(slot, conn, out, 0);
                 }
@@ -1555,6 +1594,7 @@ impl Worker {
         }
         let n = res.cast_unsigned();
         conn.st.c2e_bytes += u64::from(n);
+        self.stats().c2e_bytes.fetch_add(u64::from(n), Ordering::Relaxed);
         if let Stage::Chan(ch) = &mut conn.stage {
             ch.piped = n;
         }
