@@ -278,6 +278,11 @@ struct ServeArgs {
     /// Seconds between `stats` log lines with live totals and MiB/s (0: none) [default: 60].
     #[arg(long, value_name = "S")]
     stats_secs: Option<u64>,
+    /// Links served by one RSA ticket key [default: 1, a fresh key per link as spice-server].
+    /// More raises the link rate, but a sniffed ticket can then be replayed on a link that got
+    /// the same key: only on trusted networks.
+    #[arg(long, value_name = "N")]
+    key_reuse: Option<usize>,
 }
 
 fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
@@ -326,6 +331,9 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     }
     if let Some(t) = a.stats_secs {
         l.stats_secs = t;
+    }
+    if let Some(k) = a.key_reuse {
+        l.key_reuse = k;
     }
     cfg.validate()?;
     Ok(cfg)

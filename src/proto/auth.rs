@@ -30,9 +30,17 @@ pub enum AuthError {
 
 /// One link's RSA key pair with its public half pre-encoded for the reply.
 ///
-/// Not `Clone` outside fuzzing: each key serves one link.
+/// Not `Clone`: each key serves one link. [`TicketKey::share`] exists for
+/// an explicit, documented key-reuse window (see the relay's
+/// `--key-reuse`): a ticket sniffed on one link could be replayed on
+/// another link that got the same key, so reuse trades that risk for link
+/// set-up rate.
 #[cfg_attr(fuzzing, derive(Clone))]
 pub struct TicketKey {
+    inner: std::sync::Arc<KeyPair>,
+}
+
+struct KeyPair {
     private: PrivateKey,
     public_der: [u8; PUBKEY_LEN],
 }
@@ -49,19 +57,24 @@ impl TicketKey {
         let private = PrivateKey::new(rng, TICKET_KEY_BITS).map_err(|_| AuthError::Rsa)?;
         let der = private.to_public_key().to_public_key_der().map_err(|_| AuthError::Rsa)?;
         let public_der: [u8; PUBKEY_LEN] = der.as_bytes().try_into().map_err(|_| AuthError::Rsa)?;
-        Ok(Self { private, public_der })
+        Ok(Self { inner: std::sync::Arc::new(KeyPair { private, public_der }) })
+    }
+
+    /// Another handle on the same key pair, for a deliberate reuse window.
+    pub fn share(&self) -> Self {
+        Self { inner: std::sync::Arc::clone(&self.inner) }
     }
 
     /// The 162-byte DER SubjectPublicKeyInfo sent in the link reply.
     pub fn public_der(&self) -> &[u8; PUBKEY_LEN] {
-        &self.public_der
+        &self.inner.public_der
     }
 
     /// Decrypts a ticket. Returns the password bytes up to the first NUL
     /// (spice-gtk sends `password\0`; a missing NUL is accepted as
     /// spice-server does), or `None` if decryption fails.
     pub fn decrypt_ticket(&self, ticket: &[u8; TICKET_LEN]) -> Option<Vec<u8>> {
-        let mut plain = self.private.decrypt(Oaep::<Sha1>::new(), ticket).ok()?;
+        let mut plain = self.inner.private.decrypt(Oaep::<Sha1>::new(), ticket).ok()?;
         if let Some(nul) = plain.iter().position(|&b| b == 0) {
             plain.truncate(nul);
         }

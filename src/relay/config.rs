@@ -134,6 +134,10 @@ pub struct Limits {
     pub data_path: DataPath,
     /// Seconds between `stats` log lines (0: none).
     pub stats_secs: u64,
+    /// Links served by one RSA ticket key (1: a fresh key per link, as
+    /// spice-server). More raises the link rate but lets a sniffed ticket
+    /// be replayed on another link that got the same key.
+    pub key_reuse: usize,
 }
 
 impl Default for Limits {
@@ -154,6 +158,7 @@ impl Default for Limits {
             ack_window: 0,
             data_path: DataPath::Copy,
             stats_secs: 60,
+            key_reuse: 1,
         }
     }
 }
@@ -327,6 +332,7 @@ struct FileRelay {
     ack_window: Option<u32>,
     data_path: Option<DataPath>,
     stats_secs: Option<u64>,
+    key_reuse: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -408,6 +414,7 @@ impl ServeConfig {
         limits.ack_window = r.ack_window.unwrap_or(limits.ack_window);
         limits.data_path = r.data_path.unwrap_or(limits.data_path);
         limits.stats_secs = r.stats_secs.unwrap_or(limits.stats_secs);
+        limits.key_reuse = r.key_reuse.unwrap_or(limits.key_reuse);
         let mut services = Vec::new();
         for (n, sp) in fc.service.iter().enumerate() {
             let s = sp.get_ref();
@@ -454,6 +461,9 @@ impl ServeConfig {
         }
         if l.buffer_bytes < 16 * 1024 || l.buffer_bytes > 16 * 1024 * 1024 {
             return Err("buffer size must be 16 KiB..=16 MiB".into());
+        }
+        if l.key_reuse == 0 || l.key_reuse > 1024 {
+            return Err(format!("key-reuse = {} must be 1..=1024 (1: a fresh RSA key per link)", l.key_reuse));
         }
         if l.max_payload_bytes == 0 || l.max_payload_bytes + 18 > l.buffer_bytes {
             return Err("max payload must be > 0 and fit in one buffer with its header".into());

@@ -17,20 +17,27 @@ pub trait Wake: Send + Sync {
     fn wake(&self);
 }
 
-/// Starts the key thread; returns one receiver per worker.
+/// Starts the key thread; returns one receiver per worker. With a `reuse`
+/// above 1 each generated key is handed to up to `reuse` links: a
+/// deliberate trade of ticket-replay risk for link set-up rate, off by
+/// default.
 pub fn start(
     workers: usize,
     per_worker: usize,
+    reuse: usize,
     wakers: Vec<Arc<dyn Wake>>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<Vec<Receiver<TicketKey>>> {
     let (txs, rxs): (Vec<SyncSender<TicketKey>>, Vec<Receiver<TicketKey>>) =
         (0..workers).map(|_| sync_channel(per_worker.max(1))).unzip();
-    std::thread::Builder::new().name("vmcrelay-keys".into()).spawn(move || run(txs, wakers, stop))?;
+    let reuse = reuse.max(1);
+    std::thread::Builder::new().name("vmcrelay-keys".into()).spawn(move || run(txs, reuse, wakers, stop))?;
     Ok(rxs)
 }
 
-fn run(txs: Vec<SyncSender<TicketKey>>, wakers: Vec<Arc<dyn Wake>>, stop: Arc<AtomicBool>) {
+fn run(txs: Vec<SyncSender<TicketKey>>, reuse: usize, wakers: Vec<Arc<dyn Wake>>, stop: Arc<AtomicBool>) {
+    let mut shares_left = 0usize;
+    let mut current: Option<TicketKey> = None;
     use rand::SeedableRng;
     let mut rng = match rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng) {
         Ok(r) => r,
@@ -44,8 +51,21 @@ fn run(txs: Vec<SyncSender<TicketKey>>, wakers: Vec<Arc<dyn Wake>>, stop: Arc<At
     while !stop.load(Ordering::Relaxed) {
         let key = match spare.take() {
             Some(k) => k,
+            None if shares_left > 0 && current.is_some() => {
+                shares_left -= 1;
+                match &current {
+                    Some(k) => k.share(),
+                    None => continue,
+                }
+            }
             None => match TicketKey::generate(&mut rng) {
-                Ok(k) => k,
+                Ok(k) => {
+                    if reuse > 1 {
+                        current = Some(k.share());
+                        shares_left = reuse - 1;
+                    }
+                    k
+                }
                 Err(e) => {
                     crate::error!("keys", "cannot generate an RSA key: {e}; retrying in 1 s");
                     std::thread::sleep(Duration::from_secs(1));

@@ -54,7 +54,15 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     }
     let shared = Shared::new(config).map_err(|e| ServeError::Startup(e.to_string()))?;
     let stop_keys = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let keys = keypool::start(workers, per_worker_keys, shared.wakers(), Arc::clone(&stop_keys))
+    let reuse = shared.config.limits.key_reuse;
+    if reuse > 1 {
+        crate::warn!(
+            "main",
+            "key-reuse={reuse}: each RSA ticket key serves up to {reuse} links; a sniffed ticket can be replayed \
+             on a link that gets the same key (use 1 on untrusted networks)"
+        );
+    }
+    let keys = keypool::start(workers, per_worker_keys, reuse, shared.wakers(), Arc::clone(&stop_keys))
         .map_err(|e| ServeError::Startup(format!("cannot start the key thread: {e}")))?;
 
     // Build every worker first so start-up errors surface before any thread runs.
