@@ -256,3 +256,40 @@ fn splice_data_path_byte_exact() {
     echo_through(&s, 128, 0, 8 << 20, 23, 1 << 20);
     s.close();
 }
+
+/// A busy channel: the newest client wins (the old link closes, the
+/// endpoint gets a fresh connection); `--busy refuse` keeps the first.
+#[test]
+fn busy_channel_replace_and_refuse() {
+    let dir = TempDir::new("busy");
+    let app = EchoApp::start(dir.path("app.sock"));
+    let relay = start(&["--channel".into(), format!("128=unix:{}", app.path.display())]);
+    let s1 = Session::connect(&relay.addr(), b"", Duration::from_secs(10)).expect("session 1");
+    let c1 = s1.open(128, 0, false).expect("first client");
+    let (mut w1, mut r1) = (c1.writer, c1.reader);
+    w1.send(b"one").expect("send");
+    let mut b = [0u8; 3];
+    let mut have = 0;
+    while have < 3 {
+        have += r1.read(&mut b[have..]).expect("echo");
+    }
+    let s2 = Session::connect(&relay.addr(), b"", Duration::from_secs(10)).expect("session 2");
+    echo_through(&s2, 128, 0, 1 << 20, 5, 4096);
+    // The first client's channel was closed for it.
+    let mut rest = [0u8; 16];
+    assert_eq!(r1.read(&mut rest).expect("read"), 0, "replaced link is closed");
+    relay.wait_log("reason=\"replaced by a newer client\"", Duration::from_secs(5));
+    assert!(app.conns.load(Ordering::Relaxed) >= 2, "the endpoint saw a fresh connection");
+
+    let dir2 = TempDir::new("busy2");
+    let app2 = EchoApp::start(dir2.path("app.sock"));
+    let relay2 =
+        start(&["--busy".into(), "refuse".into(), "--channel".into(), format!("128=unix:{}", app2.path.display())]);
+    let t1 = Session::connect(&relay2.addr(), b"", Duration::from_secs(10)).expect("session 1");
+    let _keep = t1.open(128, 0, false).expect("first client");
+    let t2 = Session::connect(&relay2.addr(), b"", Duration::from_secs(10)).expect("session 2");
+    match t2.open(128, 0, false) {
+        Err(ClientError::Link(ClientLinkFailure::Result(LinkErrorCode::ChannelNotAvailable))) => {}
+        other => panic!("--busy refuse must refuse the second client with 9, got {other:?}"),
+    }
+}
