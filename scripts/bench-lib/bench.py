@@ -1,0 +1,878 @@
+#!/usr/bin/env python3
+"""scripts/bench: vmcrelay against the peers people use today, side by side.
+
+Same client (vmcload run), same endpoint (vmcload endpoint), same run.
+See perf/README.md for the method; `scripts/bench --help` for the knobs.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import procs  # noqa: E402
+import report  # noqa: E402
+from procs import BenchError  # noqa: E402
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+# The three bulk/latency workloads share one set of endpoints.
+WORKLOADS = {
+    "W1": dict(title="bulk 64 KiB messages client → endpoint, 1 channel", mode="up", size="64K", ep="sink"),
+    "W2": dict(title="bulk 64 KiB messages endpoint → client, 1 channel", mode="down", size="64K", ep="source"),
+    "W3": dict(title="64 B request/response round trips (closed loop), 1 channel", mode="rr", size="64", ep="echo"),
+}
+W4_TITLE = "many channels at a moderate rate each, 64 KiB messages client → endpoint"
+W5_TITLE = "link set-up with a ticket (session + channel)"
+# vmcrelay's channels for W1–W3: one per endpoint mode.
+RELAY_CHANNEL = {"sink": "usbredir:0", "source": "usbredir:1", "echo": "usbredir:2"}
+# Offered aggregate load in W4, bytes/s, above what the best contender carries
+# with one channel, so the figure is capacity with many channels, not pacing.
+W4_OFFERED = 4096 * 1024 * 1024  # 4 GiB/s in total, 4 MiB/s per channel at N = 1000
+W4_SIZE = 64 * 1024
+# W4 clients join in batches, one vmcload process and channel type 128+k each.
+W4_BATCH = 100
+
+
+def log(msg):
+    el = time.monotonic() - T0
+    print(f"[{el:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+T0 = time.monotonic()
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+class Endpoint:
+    """A `vmcload endpoint --unix-listen` (sink verifies the pattern)."""
+
+    def __init__(self, ctx, name, mode, verify):
+        self.ctx, self.mode = ctx, mode
+        self.path = os.path.join(ctx.work, f"{name}.sock")
+        self.json_path = os.path.join(ctx.work, f"{name}.ep.json")
+        self.log = os.path.join(ctx.logs, f"{name}.ep.log")
+        argv = [ctx.vmcload, "endpoint", "--unix-listen", self.path, "--mode", mode, "--json", self.json_path, "-q"]
+        if verify:
+            argv.append("--verify")
+        if mode == "source":
+            argv += ["--size", "64K"]
+        self.proc = procs.spawn(argv, log_path=self.log)
+        procs.wait_until(lambda: procs.unix_listening(self.path), 10, f"endpoint {name}", self.proc, self.log)
+
+    def figures(self):
+        try:
+            with open(self.json_path) as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return {}
+
+    def closed(self):
+        return self.figures().get("connections_closed", 0)
+
+    def mismatches(self):
+        return self.figures().get("mismatches", 0)
+
+    def wait_closed(self, n, timeout=3.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.closed() < n:
+            time.sleep(0.05)
+
+    def stop(self):
+        procs.stop(self.proc)
+
+
+# ---------------------------------------------------------------- contenders
+
+
+class Contender:
+    key = ""
+    name = ""
+    kind = ""
+    pid = None  # the process whose CPU and RSS are measured (None: no relay)
+
+    def start(self, ctx, eps):
+        """Starts what lives through W1–W3 (eps: endpoint mode → Endpoint)."""
+
+    def target(self, ctx, wl, ep):
+        """(vmcload target args, measured pid) for one run; may start a process."""
+        raise NotImplementedError
+
+    def after_run(self):
+        """Called after each run (the peer stops here)."""
+
+    def stop(self):
+        pass
+
+
+class Relay(Contender):
+    kind = "vmcrelay"
+
+    def __init__(self, data_path, workers, nproc):
+        self.data_path, self.workers = data_path, workers
+        wname = "1w" if workers == 1 else "all" if workers == nproc else f"{workers}w"
+        self.key = f"relay-{data_path}-{wname}"
+        self.name = f"vmcrelay {data_path} {'1 worker' if workers == 1 else f'{workers} workers'}"
+        self.proc = None
+        self.extra = ()
+
+    def launch(self, ctx, channels, tag, password_file=None, max_conns=None, config=None, extra=()):
+        """Starts `vmcrelay serve`; channels: list of KIND[:ID]=ENDPOINT, or a
+        config file (whose service listens on self.port) plus flag overrides."""
+        if not config:
+            self.port = procs.free_port()
+        self.log = os.path.join(ctx.logs, f"{self.key}.{tag}.log")
+        argv = [ctx.vmcrelay, "serve", "--workers", self.workers, "--data-path", self.data_path, *extra, *self.extra]
+        if config:
+            argv += ["--config", config]
+        else:
+            argv += ["--listen", f"127.0.0.1:{self.port}", "--name", self.key]
+            argv += ["--password-file", password_file] if password_file else ["--disable-ticketing"]
+        if max_conns:
+            argv += ["--max-conns", max_conns]
+        for c in channels:
+            argv += ["--channel", c]
+        self.proc = procs.spawn(argv, log_path=self.log)
+        ready = lambda: procs.tcp_listening(self.port) and b"ready workers=" in _read(self.log)  # noqa: E731
+        procs.wait_until(ready, 30, f"{self.name} ({tag})", self.proc, self.log)
+        self.pid = self.proc.pid
+
+    def start(self, ctx, eps):
+        chans = [f"{RELAY_CHANNEL[m]}=unix:{ep.path}" for m, ep in eps.items()]
+        self.launch(ctx, chans, "w123")
+
+    def target(self, ctx, wl, ep):
+        return ["--uri", f"spice://127.0.0.1:{self.port}", "--channel", RELAY_CHANNEL[ep.mode]], self.pid
+
+    def stop(self):
+        if self.proc:
+            procs.stop(self.proc, timeout=5)
+            self.proc = None
+
+
+class Peer(Contender):
+    """benches/peers/spice_vmc_peer (libspice-server), fresh for every run:
+    it keeps one endpoint connection across clients, and the endpoint checks
+    the pattern from offset 0 per connection."""
+
+    key, name, kind = "libspice", "libspice-server 0.15.1 (peer)", "peer"
+
+    def launch(self, ctx, ep, tag, password_file=None):
+        self.port = procs.free_port()
+        self.log = os.path.join(ctx.logs, f"libspice.{tag}.log")
+        argv = [ctx.peer, "--port", self.port, "--kind", "usbredir", "--unix", ep.path, "--die-with-parent"]
+        argv += ["--password-file", password_file] if password_file else ["--disable-ticketing"]
+        self.proc = procs.spawn(argv, log_path=self.log)
+        procs.wait_until(lambda: procs.tcp_listening(self.port), 10, f"peer ({tag})", self.proc, self.log)
+        self.pid = self.proc.pid
+
+    def target(self, ctx, wl, ep):
+        self.launch(ctx, ep, wl)
+        return ["--uri", f"spice://127.0.0.1:{self.port}", "--channel", "usbredir:0"], self.pid
+
+    def after_run(self):
+        self.stop()
+
+    def stop(self):
+        if getattr(self, "proc", None):
+            procs.stop(self.proc)
+            self.proc = None
+
+
+class Socat(Contender):
+    """socat -b 65536 TCP-LISTEN,fork ↔ UNIX-CONNECT: raw bytes, no SPICE."""
+
+    key, name, kind = "socat", "socat -b 65536 (raw TCP↔unix)", "socat"
+
+    def launch(self, ctx, ep, tag):
+        port = procs.free_port()
+        log = os.path.join(ctx.logs, f"socat.{tag}.log")
+        argv = ["socat", "-b", "65536", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096"]
+        argv.append(f"UNIX-CONNECT:{ep.path}")
+        p = procs.spawn(argv, log_path=log)
+        procs.wait_until(lambda: procs.tcp_listening(port), 10, f"socat ({tag})", p, log)
+        return port, p
+
+    def start(self, ctx, eps):
+        self.by_mode = {m: self.launch(ctx, ep, m) for m, ep in eps.items()}
+
+    def target(self, ctx, wl, ep):
+        port, p = self.by_mode[ep.mode]
+        self.pid = p.pid
+        return ["--raw-tcp", f"127.0.0.1:{port}"], p.pid
+
+    def stop(self):
+        for _, p in getattr(self, "by_mode", {}).values():
+            procs.stop(p)
+        self.by_mode = {}
+
+
+class Direct(Contender):
+    key, name, kind = "direct", "direct (no relay: client → unix endpoint)", "direct"
+
+    def target(self, ctx, wl, ep):
+        return ["--raw-unix", ep.path], None
+
+
+def _read(path):
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+# ---------------------------------------------------------------- one run
+
+
+def load_run(ctx, target_args, mode, size, extra, tag, timeout):
+    """Runs `vmcload run`; returns its JSON report (or raises)."""
+    jpath = os.path.join(ctx.work, f"run.{tag}.json")
+    if os.path.exists(jpath):
+        os.remove(jpath)
+    argv = [ctx.vmcload, "run", *target_args, "--mode", mode, "--size", size, "--json", jpath, "-q", *extra]
+    rc, out = procs.run(argv, timeout=timeout, log_path=os.path.join(ctx.logs, f"run.{tag}.log"))
+    try:
+        with open(jpath) as fh:
+            rep = json.load(fh)
+    except (OSError, ValueError):
+        raise BenchError(f"vmcload run exited {rc} without a JSON report{procs.tail(os.path.join(ctx.logs, f'run.{tag}.log'))}")
+    rep["_rc"] = rc
+    return rep
+
+
+def measure(ctx, pid, fn, settle_children=False, rss_period=0.2):
+    """Runs fn() while measuring pid: CPU ticks before/after, peak RSS (VmHWM reset first)."""
+    t0 = c0 = None
+    if pid:
+        procs.reset_hwm(pid)
+        c0 = procs.tree_cpu_ticks(pid)
+    sampler = procs.RssSampler(pid, rss_period) if pid else None
+    if sampler:
+        sampler.__enter__()
+    try:
+        t0 = time.monotonic()
+        rep = fn()
+        wall = time.monotonic() - t0
+        if pid and settle_children:
+            # socat's per-connection children: their CPU is in cutime/cstime once reaped.
+            deadline = time.monotonic() + 3.0
+            while procs.children(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        if sampler:
+            sampler.__exit__(None, None, None)
+    cpu_s = rss_mib = None
+    if pid:
+        c1 = procs.tree_cpu_ticks(pid)
+        if c0 is not None and c1 is not None:
+            cpu_s = (c1 - c0) / procs.CLK_TCK
+        rss_mib = round(sampler.peak_kib / 1024, 1)
+    return rep, cpu_s, rss_mib, wall
+
+
+def moved_bytes(rep):
+    mode = rep["params"]["mode"]
+    if mode == "up":
+        return rep["bytes_sent"]
+    if mode == "down":
+        return rep["bytes_received"]
+    return rep["bytes_sent"] + rep["bytes_received"]
+
+
+def summarize_run(rep, cpu_s, rss_mib, ep=None, ep_closed_before=None):
+    moved = moved_bytes(rep)
+    rec = {
+        "ok": bool(rep.get("ok")) and rep.get("_rc") == 0,
+        "throughput_mib_s": rep.get("throughput_mib_s"),
+        "msgs_per_s": rep.get("msgs_per_s"),
+        "bytes_moved": moved,
+        "elapsed_s": rep.get("elapsed_s"),
+        "cpu_s": cpu_s,
+        "cpu_s_per_gib": round(cpu_s / (moved / GIB), 4) if cpu_s is not None and moved else None,
+        "rss_mib": rss_mib,
+        "latency_us": rep.get("latency_us"),
+        "setup_us": rep.get("setup_us"),
+        "connections_ok": rep.get("connections_ok"),
+        "errors": rep.get("errors"),
+        "integrity": rep.get("integrity"),
+        "error_messages": rep.get("error_messages", [])[:3],
+    }
+    lat = rep.get("latency_us")
+    if cpu_s is not None and lat and lat.get("count"):
+        rec["cpu_us_per_round_trip"] = round(cpu_s * 1e6 / lat["count"], 2)
+    if ep is not None and ep.mode == "sink":
+        ep.wait_closed((ep_closed_before or 0) + rep.get("connections_ok", 1))
+        bad = ep.mismatches()
+        rec["endpoint_mismatches"] = bad
+        if bad:
+            rec["ok"] = False
+            rec["error_messages"].append(f"endpoint saw {bad} mismatching connection(s)")
+        if rec["integrity"] == "sender-only" and rec["ok"]:
+            rec["integrity"] = "ok (endpoint verified)"
+    return rec
+
+
+def median_of(runs):
+    """Median of every numeric figure over the runs that succeeded."""
+    good = [r for r in runs if r.get("ok")] or runs
+    out = {"runs": len(runs), "ok_runs": sum(1 for r in runs if r.get("ok"))}
+
+    def med(vals):
+        vals = [v for v in vals if isinstance(v, (int, float))]
+        return round(statistics.median(vals), 4) if vals else None
+
+    for k in ("throughput_mib_s", "msgs_per_s", "cpu_s_per_gib", "cpu_us_per_round_trip", "rss_mib", "elapsed_s"):
+        out[k] = med([r.get(k) for r in good])
+    tp = [r.get("throughput_mib_s") for r in good if isinstance(r.get("throughput_mib_s"), (int, float))]
+    if tp:
+        out["throughput_min_max"] = [min(tp), max(tp)]
+    lats = [r["latency_us"] for r in good if r.get("latency_us")]
+    if lats:
+        out["latency_us"] = {k: med([l[k] for l in lats]) for k in ("min", "mean", "p50", "p90", "p99", "p999", "max")}
+        out["latency_us"]["count"] = sum(l["count"] for l in lats)
+    sets = [r["setup_us"] for r in good if r.get("setup_us") and r["setup_us"].get("count")]
+    if sets:
+        out["setup_us"] = {k: med([s[k] for s in sets]) for k in ("p50", "p99", "max")}
+    errs = [m for r in runs for m in r.get("error_messages", [])]
+    if errs:
+        out["errors"] = errs[:3]
+    return out
+
+
+# ---------------------------------------------------------------- phases
+
+
+class Budget:
+    def __init__(self, seconds):
+        self.deadline = time.monotonic() + seconds
+
+    def left(self):
+        return self.deadline - time.monotonic()
+
+    def allows(self, est):
+        return self.left() > est
+
+
+def phase_w123(ctx, contenders, wls, results, budget):
+    """W1–W3: every contender against the same three endpoints, interleaved."""
+    eps = {}
+    modes = sorted({WORKLOADS[w]["ep"] for w in wls})
+    for m in modes:
+        eps[m] = Endpoint(ctx, f"w123-{m}", m, verify=(m == "sink"))
+    started = []
+    try:
+        for c in contenders:
+            try:
+                c.start(ctx, eps)
+                started.append(c)
+            except BenchError as e:
+                log(f"{c.name}: cannot start: {e}")
+                for w in wls:
+                    results[w][c.key] = {"runs": [], "skipped": f"start failed: {e}"}
+        secs = ctx.seconds
+        for r in range(ctx.runs):
+            for w in wls:
+                spec = WORKLOADS[w]
+                ep = eps[spec["ep"]]
+                order = started[r % len(started) :] + started[: r % len(started)] if started else []
+                for c in order:
+                    cell = results[w].setdefault(c.key, {"runs": []})
+                    if not budget.allows(secs + 4):
+                        cell.setdefault("skipped", "time budget")
+                        continue
+                    tag = f"{w}.{c.key}.{r}"
+                    try:
+                        targs, pid = c.target(ctx, w, ep)
+                        before = ep.closed()
+                        fn = lambda: load_run(  # noqa: E731
+                            ctx, targs, spec["mode"], spec["size"], ["--duration", f"{secs}s"], tag, secs + 40
+                        )
+                        rep, cpu_s, rss, _ = measure(ctx, pid, fn, settle_children=(c.kind == "socat"))
+                        rec = summarize_run(rep, cpu_s, rss, ep, before)
+                    except BenchError as e:
+                        rec = {"ok": False, "error_messages": [str(e)]}
+                    finally:
+                        c.after_run()
+                    cell["runs"].append(rec)
+                    log(f"{w} {c.name} run {r + 1}/{ctx.runs}: {report.brief(w, rec)}")
+    finally:
+        for c in contenders:
+            c.stop()
+        for ep in eps.values():
+            ep.stop()
+    for w in wls:
+        for key, cell in results[w].items():
+            if cell.get("runs"):
+                cell["median"] = median_of(cell["runs"])
+
+
+def _w4_toml(ctx, c, specs, ep):
+    """A config file for W4: 1000 channels, and a link timeout long enough for
+    the single RSA key thread to serve a batch of new clients."""
+    path = os.path.join(ctx.work, f"w4-{c.key}.toml")
+    with open(path, "w") as fh:
+        fh.write("[relay]\nlink-timeout-secs = 120\n\n[[service]]\n")
+        fh.write(f'name = "{c.key}"\nlisten = ["127.0.0.1:{c.port}"]\ndisable-ticketing = true\nchannels = [\n')
+        for t, i in specs:
+            fh.write(f'  "{t}:{i}=unix:{ep.path}",\n')
+        fh.write("]\n")
+    return path
+
+
+def _threads(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return 0
+
+
+def _tcp_rx(port):
+    """Sum of bytes_received over established TCP sockets with local port `port`
+    (the relay's side of every client connection), from `ss -tin`."""
+    rc, out = procs.run(["ss", "-tinH", "state", "established", f"( sport = :{port} )"], timeout=20)
+    total = 0
+    for tok in out.split():
+        if tok.startswith("bytes_received:"):
+            total += int(tok.split(":", 1)[1])
+    return total
+
+
+def _sent_by_json(loads):
+    """Sum of bytes_sent and of per-batch MiB/s from the batches' JSON reports."""
+    total, rate = 0, 0.0
+    for _, jpath in loads:
+        try:
+            with open(jpath) as fh:
+                j = json.load(fh)
+            total += j.get("bytes_sent", 0)
+            rate += j.get("sent_mib_s", 0.0)
+        except (OSError, ValueError):
+            pass
+    return total, rate
+
+
+def phase_w4(ctx, contenders, results, budget):
+    """W4: N channels at a paced rate each. Clients join in batches of W4_BATCH
+    (one vmcload process per batch, each on its own channel type 128+k), so
+    every link finishes within vmcload's fixed 10 s channel-link timeout
+    while vmcrelay's one key thread makes ~2N RSA keys. Once all N stream,
+    the window: bytes the relay's TCP sockets received (`ss -tin`
+    bytes_received, summed) per second, relay CPU over the window; peak RSS
+    over the whole phase. direct has no TCP socket: its figure is the sum of
+    the batches' own MiB/s (they all start within a fraction of a second)."""
+    n = ctx.w4_conns
+    batch = min(W4_BATCH, n)
+    nb = (n + batch - 1) // batch
+    rate = round(W4_OFFERED / n / W4_SIZE, 3)
+    win = ctx.w4_seconds
+    results["W4_params"] = {"connections": n, "batch": batch, "size": W4_SIZE, "rate_per_connection": rate,
+                            "window_s": win, "offered_mib_s": round(n * rate * W4_SIZE / MIB, 1)}
+    specs = [(128 + k, i) for k in range(nb) for i in range(min(batch, n - k * batch))]
+    for c in contenders:
+        cell = results["W4"].setdefault(c.key, {"runs": []})
+        if c.kind == "peer":
+            cell["skipped"] = "n/a: spice-server serves one client and the peer one channel"
+            continue
+        # vmcrelay links at one RSA key per link (~15-25 ms each here): 2N keys.
+        est = win + 10 + (2 * n * 0.03 if c.kind == "vmcrelay" else nb * 0.5)
+        if not budget.allows(est):
+            cell["skipped"] = "time budget"
+            log(f"W4 {c.name}: skipped (time budget)")
+            continue
+        ep = Endpoint(ctx, f"w4-{c.key}", "sink", verify=True)
+        proc, loads = None, []
+        rec = {"ok": False, "error_messages": []}
+        try:
+            pid = None
+            if c.kind == "vmcrelay":
+                c.port = procs.free_port()
+                cfg = _w4_toml(ctx, c, specs, ep)
+                c.launch(ctx, [], "w4", max_conns=2 * n + 64, config=cfg)
+                pid = c.pid
+            elif c.kind == "socat":
+                port, proc = c.launch(ctx, ep, "w4")
+                pid = proc.pid
+            sampler = procs.RssSampler(pid, 0.5) if pid else None
+            if sampler:
+                procs.reset_hwm(pid)
+                sampler.__enter__()
+            t_ramp = time.monotonic()
+            base = _threads(ep.proc.pid)
+            for k in range(nb):
+                m = min(batch, n - k * batch)
+                if c.kind == "vmcrelay":
+                    targs = ["--uri", f"spice://127.0.0.1:{c.port}", "--channel", f"{128 + k}:0-{m - 1}"]
+                elif c.kind == "socat":
+                    targs = ["--raw-tcp", f"127.0.0.1:{port}"]
+                else:
+                    targs = ["--raw-unix", ep.path]
+                jpath = os.path.join(ctx.work, f"run.W4.{c.key}.{k}.json")
+                argv = [ctx.vmcload, "run", *targs, "--connections", m, "--mode", "up", "--size", W4_SIZE,
+                        "--rate", rate, "--duration", "900s", "--connect-timeout", 60, "--json", jpath, "-q"]
+                p = procs.spawn(argv, log_path=os.path.join(ctx.logs, f"run.W4.{c.key}.{k}.log"))
+                loads.append((p, jpath))
+                want = base + sum(min(batch, n - j * batch) for j in range(k + 1))
+                procs.wait_until(lambda: _threads(ep.proc.pid) >= want, 60,
+                                 f"W4 {c.name}: batch {k + 1}/{nb} linked", p)
+            ramp_s = time.monotonic() - t_ramp
+            time.sleep(1.0)  # the last batch's gate opens once all its links are up
+            lport = c.port if c.kind == "vmcrelay" else port if c.kind == "socat" else None
+            c0 = procs.tree_cpu_ticks(pid) if pid else None
+            r0, t0 = (_tcp_rx(lport) if lport else 0), time.monotonic()
+            time.sleep(win)
+            r1, t1 = (_tcp_rx(lport) if lport else 0), time.monotonic()
+            c1 = procs.tree_cpu_ticks(pid) if pid else None
+            for p, _ in loads:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGINT)
+            for p, _ in loads:
+                try:
+                    p.wait(timeout=15)
+                except Exception:  # noqa: BLE001
+                    procs.stop(p, sig=signal.SIGKILL)
+            if sampler:
+                sampler.__exit__(None, None, None)
+            moved, window = r1 - r0, t1 - t0
+            if not lport:
+                moved, mib_s = _sent_by_json(loads)
+                window = moved / MIB / mib_s if mib_s else window
+            cpu_s = (c1 - c0) / procs.CLK_TCK if c0 is not None and c1 is not None else None
+            errs, linked = [], 0
+            for k, (p, jpath) in enumerate(loads):
+                try:
+                    with open(jpath) as fh:
+                        j = json.load(fh)
+                    linked += (j.get("setup_us") or {}).get("count", 0)
+                    if j.get("errors") or j.get("mismatch") or j.get("timed_out"):
+                        errs += [f"batch {k}: {e}" for e in j.get("error_messages", [])[:2]] or [f"batch {k}: errors"]
+                except (OSError, ValueError):
+                    errs.append(f"batch {k}: no JSON report (exit {p.returncode})")
+            rec = {
+                "ok": not errs and linked == n,
+                "throughput_mib_s": round(moved / MIB / window, 1) if window else None,
+                "bytes_moved": moved,
+                "window_s": round(window, 2),
+                "measured_by": "ss -tin bytes_received on the relay's port" if lport else "sum of the batches' sent MiB/s",
+                "ramp_s": round(ramp_s, 1),
+                "linked": linked,
+                "cpu_s": cpu_s,
+                "cpu_s_per_gib": round(cpu_s / (moved / GIB), 4) if cpu_s is not None and moved else None,
+                "rss_mib": round(sampler.peak_kib / 1024, 1) if sampler else None,
+                "offered_mib_s": results["W4_params"]["offered_mib_s"],
+                "error_messages": errs[:4],
+            }
+        except BenchError as e:
+            rec["error_messages"].append(str(e))
+        finally:
+            for p, _ in loads:
+                procs.stop(p, timeout=2)
+            if c.kind == "vmcrelay":
+                c.stop()
+            if proc:
+                procs.stop(proc)
+            ep.stop()
+        if rec.get("throughput_mib_s") is not None:
+            bad = ep.mismatches()
+            if bad:
+                rec["ok"] = False
+                rec["error_messages"].append(f"endpoint saw {bad} mismatching connection(s)")
+            rec["integrity"] = "ok (endpoint verified)" if not bad else "MISMATCH"
+        cell["runs"].append(rec)
+        cell["median"] = median_of(cell["runs"])
+        cell["median"]["linked"] = rec.get("linked")
+        cell["median"]["ramp_s"] = rec.get("ramp_s")
+        log(f"W4 {c.name}: {report.brief('W4', rec)}; linked {rec.get('linked')} in {rec.get('ramp_s')} s")
+
+
+def phase_w5(ctx, contenders, results, budget):
+    """Link set-up with a ticket: a tight loop of one-connection runs (same method
+    for every SPICE server), plus K concurrent connections for vmcrelay."""
+    pw = os.path.join(ctx.work, "ticket.pass")
+    with open(pw, "w") as fh:
+        fh.write("bench-secret\n")
+    secs, k = ctx.w5_seconds, ctx.w5_conc
+    results["W5_params"] = {"loop_seconds": secs, "concurrent_connections": k}
+    for c in contenders:
+        cell = results["W5"].setdefault(c.key, {"runs": []})
+        if c.kind in ("socat", "direct"):
+            cell["skipped"] = "n/a: no SPICE link, no ticket"
+            continue
+        if not budget.allows(secs + 6):
+            cell["skipped"] = "time budget"
+            continue
+        ep = Endpoint(ctx, f"w5-{c.key}", "echo", verify=False)
+        try:
+            if c.kind == "vmcrelay":
+                chans = [f"usbredir:0=unix:{ep.path}"] + [f"128:{i}=unix:{ep.path}" for i in range(k)]
+                c.launch(ctx, chans, "w5", password_file=pw, max_conns=2 * k + 64)
+                targs = ["--uri", f"spice://127.0.0.1:{c.port}", "--channel", "usbredir:0"]
+            else:
+                c.launch(ctx, ep, "w5", password_file=pw)
+                targs = ["--uri", f"spice://127.0.0.1:{c.port}", "--channel", "usbredir:0"]
+            pid = c.pid
+            extra = ["--password-file", pw, "--bytes", "64", "--connect-timeout", "10", "--timeout", "20"]
+            loop = {"ok": 0, "failed": 0, "setup_p50_us": []}
+
+            def seq():
+                end = time.monotonic() + secs
+                i = 0
+                while time.monotonic() < end:
+                    try:
+                        rep = load_run(ctx, targs, "rr", "64", extra, f"W5.{c.key}.{i % 4}", 30)
+                        if rep.get("ok") and rep.get("_rc") == 0:
+                            loop["ok"] += 1
+                            loop["setup_p50_us"].append(rep["setup_us"]["p50"])
+                        else:
+                            loop["failed"] += 1
+                            loop.setdefault("errors", rep.get("error_messages", [])[:2])
+                    except BenchError as e:
+                        loop["failed"] += 1
+                        loop.setdefault("errors", [str(e)])
+                    i += 1
+
+            _, cpu_s, rss, wall = measure(ctx, pid, seq)
+            rec = {
+                "ok": loop["ok"] > 0 and loop["failed"] == 0,
+                "links_per_s": round(loop["ok"] / wall, 2),
+                "connections": loop["ok"],
+                "failed": loop["failed"],
+                "setup_p50_ms": round(statistics.median(loop["setup_p50_us"]) / 1000, 2) if loop["ok"] else None,
+                "cpu_ms_per_link": round(cpu_s * 1000 / loop["ok"], 2) if cpu_s is not None and loop["ok"] else None,
+                "rss_mib": rss,
+                "error_messages": loop.get("errors", []),
+            }
+            if c.kind == "vmcrelay" and k > 0 and budget.allows(k * 0.06 + 5):
+                time.sleep(1.0)  # let the key pool refill, as between bursts in real life
+                targs_k = ["--uri", f"spice://127.0.0.1:{c.port}", "--channel", f"128:0-{k - 1}"]
+                extra_k = ["--connections", str(k), "--password-file", pw, "--bytes", "64",
+                           "--connect-timeout", "60", "--timeout", "120"]
+                try:
+                    rep, cpu_k, _, _ = measure(ctx, pid, lambda: load_run(ctx, targs_k, "rr", "64", extra_k, f"W5k.{c.key}", 180))
+                    st = rep.get("setup_us") or {}
+                    if st.get("count"):
+                        rec["concurrent"] = {
+                            "connections": k,
+                            "linked": st["count"],
+                            "links_per_s": round(st["count"] / (st["max"] / 1e6), 1),
+                            "setup_p50_ms": round(st["p50"] / 1000, 1),
+                            "setup_max_ms": round(st["max"] / 1000, 1),
+                            "cpu_ms_per_link": round(cpu_k * 1000 / st["count"], 2) if cpu_k is not None else None,
+                            "ok": bool(rep.get("ok")),
+                        }
+                except BenchError as e:
+                    rec["concurrent"] = {"ok": False, "error": str(e)}
+        except BenchError as e:
+            rec = {"ok": False, "error_messages": [str(e)]}
+        finally:
+            c.stop()
+            ep.stop()
+        cell["runs"].append(rec)
+        cell["median"] = rec
+        log(f"W5 {c.name}: {report.brief('W5', rec)}")
+
+
+def phase_iperf(ctx, results, budget):
+    if not budget.allows(ctx.seconds + 4):
+        results["iperf3"] = {"skipped": "time budget"}
+        return
+    port = procs.free_port()
+    log_path = os.path.join(ctx.logs, "iperf3.log")
+    srv = procs.spawn(["iperf3", "-s", "-1", "-p", port, "-B", "127.0.0.1"], log_path=log_path)
+    try:
+        procs.wait_until(lambda: procs.tcp_listening(port), 10, "iperf3 -s", srv, log_path)
+        secs = max(2, int(round(ctx.seconds)))
+        rc, out = procs.run(["iperf3", "-c", "127.0.0.1", "-p", port, "-t", secs, "-J"], timeout=secs + 20)
+        j = json.loads(out)
+        bps = j["end"]["sum_received"]["bits_per_second"]
+        results["iperf3"] = {"ok": rc == 0, "throughput_mib_s": round(bps / 8 / MIB, 1), "gbit_s": round(bps / 1e9, 2),
+                             "seconds": secs}
+        log(f"iperf3: {bps / 8 / MIB:.0f} MiB/s")
+    except (BenchError, ValueError, KeyError) as e:
+        results["iperf3"] = {"ok": False, "error": str(e)}
+    finally:
+        procs.stop(srv)
+
+
+# ---------------------------------------------------------------- main
+
+
+def machine():
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    rc, rev = procs.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], timeout=10)
+    rc2, dirty = procs.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no", "src", "Cargo.toml"], timeout=10)
+    return {
+        "nproc": os.cpu_count(),
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "loadavg_start": os.getloadavg(),
+        "revision": rev.strip() + ("+dirty" if dirty.strip() else ""),
+        "pinning": "none: relay, vmcload client and endpoint share all vCPUs (scheduler decides)",
+    }
+
+
+def build(ctx, no_build):
+    if not no_build:
+        log("cargo build --release --bins")
+        rc, out = procs.run(["cargo", "build", "--release", "--bins", "--quiet"], timeout=900, cwd=ROOT,
+                            log_path=os.path.join(ctx.logs, "build.log"))
+        if rc != 0:
+            raise BenchError(f"cargo build failed{procs.tail(os.path.join(ctx.logs, 'build.log'), 15)}")
+        src = os.path.join(ROOT, "benches/peers/spice_vmc_peer.c")
+        if not os.path.exists(ctx.peer) or os.path.getmtime(ctx.peer) < os.path.getmtime(src):
+            log("benches/peers/build.sh")
+            rc, out = procs.run([os.path.join(ROOT, "benches/peers/build.sh")], timeout=300,
+                                log_path=os.path.join(ctx.logs, "build.log"))
+            if rc != 0:
+                raise BenchError(f"benches/peers/build.sh failed{procs.tail(os.path.join(ctx.logs, 'build.log'), 15)}")
+    for b in (ctx.vmcrelay, ctx.vmcload):
+        if not os.access(b, os.X_OK):
+            raise BenchError(f"{b} missing: run cargo build --release --bins")
+
+
+def main():
+    ap = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="vmcrelay vs libspice-server, socat, direct and iperf3: same client, same endpoint, same run.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Workloads: W1 up 64 KiB, W2 down 64 KiB, W3 64 B rr, W4 many channels, W5 link rate with a ticket.\n"
+        "Contenders: relay-copy-1w relay-copy-all relay-splice-1w relay-splice-all libspice socat direct iperf3.\n"
+        "Method: perf/README.md. Results history: perf/RESULTS.md.",
+    )
+    ap.add_argument("--quick", action="store_true", help="1 run per cell, short runs, fewer W4 channels (< 2 min)")
+    ap.add_argument("--json", metavar="FILE", help="write every figure (runs, medians, machine) as JSON")
+    ap.add_argument("--only", metavar="W1,W3", help="workloads to run (default: all)")
+    ap.add_argument("--contenders", metavar="K1,K2", help="contender keys to run (default: all)")
+    ap.add_argument("--runs", type=int, help="runs per W1–W3 cell (median reported); default 3, quick 1")
+    ap.add_argument("--seconds", type=float, help="seconds per W1–W3 run; default 5, quick 1.5")
+    ap.add_argument("--w4-connections", type=int, help="W4 channels; default 1000, quick 100")
+    ap.add_argument("--budget", type=float, help="give up starting new steps after S seconds (default 840, quick 110)")
+    ap.add_argument("--no-build", action="store_true", help="use target/release binaries as they are")
+    ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, JSON of every run)")
+    args = ap.parse_args()
+
+    procs.install_cleanup()
+    nproc = os.cpu_count() or 1
+
+    class Ctx:
+        pass
+
+    ctx = Ctx()
+    ctx.quick = args.quick
+    ctx.runs = args.runs or (1 if args.quick else 3)
+    ctx.seconds = args.seconds or (1.5 if args.quick else 5.0)
+    ctx.w4_conns = args.w4_connections or (100 if args.quick else 1000)
+    ctx.w4_seconds = 3.0 if args.quick else 10.0
+    ctx.w5_seconds = 2.0 if args.quick else 6.0
+    ctx.w5_conc = 32 if args.quick else 100
+    budget = Budget(args.budget or (110 if args.quick else 840))
+    import tempfile
+
+    ctx.work = tempfile.mkdtemp(prefix="vmcbench.", dir="/tmp")
+    ctx.logs = os.path.join(ctx.work, "logs")
+    os.makedirs(ctx.logs)
+    ctx.vmcrelay = os.path.join(ROOT, "target/release/vmcrelay")
+    ctx.vmcload = os.path.join(ROOT, "target/release/vmcload")
+    ctx.peer = os.path.join(ROOT, "target/peers/spice_vmc_peer")
+
+    wls = [w.strip().upper() for w in (args.only or "W1,W2,W3,W4,W5").split(",") if w.strip()]
+    for w in wls:
+        if w not in ("W1", "W2", "W3", "W4", "W5"):
+            ap.error(f"unknown workload {w}")
+
+    all_c = [Relay("copy", 1, nproc), Relay("copy", nproc, nproc), Relay("splice", 1, nproc),
+             Relay("splice", nproc, nproc), Peer(), Socat(), Direct()]
+    if nproc == 1:
+        all_c = [c for c in all_c if not (c.kind == "vmcrelay" and c.key.endswith("-all"))]
+    keys = [k.strip() for k in args.contenders.split(",")] if args.contenders else None
+    if keys:
+        unknown = set(keys) - {c.key for c in all_c} - {"iperf3"}
+        if unknown:
+            ap.error(f"unknown contender(s) {', '.join(sorted(unknown))}")
+        contenders = [c for c in all_c if c.key in keys]
+    else:
+        contenders = all_c
+    want_iperf = keys is None or "iperf3" in keys
+
+    started = datetime.datetime.now().astimezone()
+    res = {"W1": {}, "W2": {}, "W3": {}, "W4": {}, "W5": {}}
+    meta = {}
+    rc = 0
+    try:
+        build(ctx, args.no_build)
+        meta = machine()
+        meta.update({"date": started.isoformat(timespec="seconds"), "mode": "quick" if args.quick else "full",
+                     "runs": ctx.runs, "seconds": ctx.seconds, "workdir": ctx.work,
+                     "command": "scripts/bench " + " ".join(sys.argv[1:])})
+        log(f"work dir {ctx.work}; {meta['pinning']}")
+        w123 = [w for w in ("W1", "W2", "W3") if w in wls]
+        if w123:
+            phase_w123(ctx, contenders, w123, res, budget)
+        if "W1" in wls and want_iperf:
+            phase_iperf(ctx, res, budget)
+        if "W4" in wls:
+            w4c = contenders
+            if args.quick and not keys:
+                w4c = [c for c in contenders if c.key in ("relay-copy-1w", "relay-copy-all", "socat", "direct")]
+            phase_w4(ctx, w4c, res, budget)
+        if "W5" in wls:
+            w5c = contenders
+            if args.quick and not keys:
+                w5c = [c for c in contenders if c.key in ("relay-copy-1w", "relay-copy-all", "libspice")]
+            elif not keys:
+                # Not a default: one RSA key serves 16 links (serve --key-reuse, trusted networks only).
+                kr = Relay("copy", nproc, nproc)
+                kr.key, kr.name, kr.extra = "relay-keyreuse16", f"vmcrelay copy {nproc} workers --key-reuse 16 (not default)", ("--key-reuse", "16")
+                all_c.append(kr)
+                w5c = w5c + [kr]
+            phase_w5(ctx, w5c, res, budget)
+    except BenchError as e:
+        log(f"error: {e}")
+        rc = 1
+    finally:
+        procs.kill_all()
+    meta["loadavg_end"] = os.getloadavg()
+    meta["total_s"] = round(time.monotonic() - T0, 1)
+    out = {"meta": meta, "contenders": {c.key: c.name for c in all_c}, "titles": {
+        **{w: WORKLOADS[w]["title"] for w in WORKLOADS}, "W4": W4_TITLE, "W5": W5_TITLE}, "results": res}
+    out["targets"] = report.targets(out)
+    md = report.markdown(out, [c.key for c in all_c])
+    out["markdown"] = md
+    print(md)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+        log(f"JSON written to {args.json}")
+    if args.keep:
+        log(f"kept {ctx.work}")
+    else:
+        import shutil
+
+        shutil.rmtree(ctx.work, ignore_errors=True)
+    bad = [f"{w} {k}" for w in ("W1", "W2", "W3", "W4", "W5") for k, cell in res[w].items()
+           if cell.get("runs") and not all(r.get("ok") for r in cell["runs"])]
+    if bad:
+        log(f"runs with errors: {', '.join(bad)}")
+        rc = rc or 1
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

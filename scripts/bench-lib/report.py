@@ -1,0 +1,230 @@
+"""Markdown tables and target checks for scripts/bench (input: its JSON object)."""
+
+
+def _f(v, nd=0, dash="–"):
+    if v is None:
+        return dash
+    if isinstance(v, float) and nd == 0:
+        return f"{v:,.0f}"
+    return f"{v:,.{nd}f}"
+
+
+def _ratio(a, b, nd=2):
+    if a is None or b is None or not b:
+        return "–"
+    return f"{a / b:.{nd}f}×"
+
+
+def _med(cell, key):
+    m = (cell or {}).get("median") or {}
+    return m.get(key)
+
+
+def _lat(cell, key):
+    m = (cell or {}).get("median") or {}
+    return (m.get("latency_us") or {}).get(key)
+
+
+def brief(w, rec):
+    """One progress line for a run."""
+    if not rec.get("ok") and rec.get("error_messages"):
+        return "FAILED: " + "; ".join(str(e) for e in rec["error_messages"])[:300]
+    if w == "W3":
+        l = rec.get("latency_us") or {}
+        return f"p50 {l.get('p50')} µs p99 {l.get('p99')} µs p99.9 {l.get('p999')} µs, cpu {rec.get('cpu_us_per_round_trip')} µs/rt"
+    if w == "W5":
+        s = f"{rec.get('links_per_s')} links/s (loop), set-up p50 {rec.get('setup_p50_ms')} ms, cpu {rec.get('cpu_ms_per_link')} ms/link"
+        if rec.get("concurrent"):
+            k = rec["concurrent"]
+            s += f"; {k.get('linked')} concurrent: {k.get('links_per_s')} links/s"
+        return s
+    return (f"{_f(rec.get('throughput_mib_s'), 1)} MiB/s, cpu {_f(rec.get('cpu_s_per_gib'), 3)} s/GiB, "
+            f"rss {_f(rec.get('rss_mib'), 1)} MiB, {rec.get('integrity')}")
+
+
+def _runs_ok(cell):
+    if not cell:
+        return "not run"
+    if cell.get("skipped") and not cell.get("runs"):
+        return cell["skipped"]
+    m = cell.get("median") or {}
+    s = f"{m.get('ok_runs', 0)}/{m.get('runs', 0)}"
+    if cell.get("skipped"):
+        s += f" ({cell['skipped']})"
+    return s
+
+
+def targets(out):
+    """The issue's targets, checked for every vmcrelay variant that ran."""
+    r = out["results"]
+    peer, socat = "libspice", "socat"
+    rows = []
+    for key in out["contenders"]:
+        if not key.startswith("relay-"):
+            continue
+        t = {}
+
+        def tp(w, k=key):
+            return _med(r[w].get(k), "throughput_mib_s")
+
+        for w in ("W1", "W2"):
+            t[f"{w} ≥ 3× libspice-server"] = (tp(w), tp(w, peer), 3.0, "ge")
+            t[f"{w} ≥ 1.5× socat"] = (tp(w), tp(w, socat), 1.5, "ge")
+        t["W1 relay CPU/GiB ≤ 0.5× socat"] = (_med(r["W1"].get(key), "cpu_s_per_gib"),
+                                             _med(r["W1"].get(socat), "cpu_s_per_gib"), 0.5, "le")
+        t["W2 relay CPU/GiB ≤ 0.5× socat"] = (_med(r["W2"].get(key), "cpu_s_per_gib"),
+                                             _med(r["W2"].get(socat), "cpu_s_per_gib"), 0.5, "le")
+        t["W3 p99 ≤ socat's"] = (_lat(r["W3"].get(key), "p99"), _lat(r["W3"].get(socat), "p99"), 1.0, "le")
+        t["W4 aggregate ≥ 0.9× W1"] = (tp("W4"), tp("W1"), 0.9, "ge")
+        w5 = (r["W5"].get(key) or {}).get("median") or {}
+        w5p = (r["W5"].get(peer) or {}).get("median") or {}
+        t["W5 ≥ 20× libspice-server (same loop)"] = (w5.get("links_per_s"), w5p.get("links_per_s"), 20.0, "ge")
+        t["W5 concurrent ≥ 20× libspice-server loop"] = ((w5.get("concurrent") or {}).get("links_per_s"),
+                                                       w5p.get("links_per_s"), 20.0, "ge")
+        for name, (a, b, want, op) in t.items():
+            if a is None or b is None or not b:
+                rows.append({"variant": key, "target": name, "ratio": None, "met": None})
+                continue
+            ratio = a / b
+            met = ratio >= want if op == "ge" else ratio <= want
+            rows.append({"variant": key, "target": name, "ratio": round(ratio, 3), "met": met})
+    return rows
+
+
+def markdown(out, order):
+    r, meta, names = out["results"], out["meta"], out["contenders"]
+    L = []
+    L.append(f"## scripts/bench — {meta.get('date', '?')} ({meta.get('mode', '?')})")
+    L.append("")
+    L.append(f"- machine: {meta.get('nproc')} vCPUs, {meta.get('cpu')}, kernel {meta.get('kernel')}; "
+             f"load average at start {', '.join(f'{x:.2f}' for x in meta.get('loadavg_start', ()))}, "
+             f"at end {', '.join(f'{x:.2f}' for x in meta.get('loadavg_end', ()))}")
+    L.append(f"- **no CPU pinning**: {meta.get('pinning', 'none')}")
+    L.append(f"- revision {meta.get('revision')}; command `{meta.get('command')}`; "
+             f"{meta.get('runs')} run(s) per W1–W3 cell of {meta.get('seconds')} s, median shown; total {meta.get('total_s')} s")
+    L.append("- same client (`vmcload run`), same endpoint (`vmcload endpoint`, sink verifies the pattern) for all; "
+             "relay CPU = utime+stime(+children) of the relay process over the run, from /proc/PID/stat; "
+             "peak RSS = VmHWM (reset before each run; socat: parent + children summed)")
+    L.append("")
+    for w in ("W1", "W2"):
+        cells = r[w]
+        if not cells:
+            continue
+        L.append(f"### {w}: {out['titles'][w]}")
+        L.append("")
+        L.append("| contender | MiB/s | min–max | × libspice | × socat | relay CPU s/GiB | CPU × socat | peak RSS MiB | runs ok |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        peer_tp, soc_tp = _med(cells.get("libspice"), "throughput_mib_s"), _med(cells.get("socat"), "throughput_mib_s")
+        soc_cpu = _med(cells.get("socat"), "cpu_s_per_gib")
+        for k in order:
+            c = cells.get(k)
+            if c is None:
+                continue
+            tp, cpu = _med(c, "throughput_mib_s"), _med(c, "cpu_s_per_gib")
+            mm = (c.get("median") or {}).get("throughput_min_max")
+            L.append(f"| {names[k]} | {_f(tp)} | {f'{mm[0]:,.0f}–{mm[1]:,.0f}' if mm else '–'} | {_ratio(tp, peer_tp)} | "
+                     f"{_ratio(tp, soc_tp)} | {_f(cpu, 3)} | {_ratio(cpu, soc_cpu)} | {_f(_med(c, 'rss_mib'), 1)} | {_runs_ok(c)} |")
+        if w == "W1" and r.get("iperf3"):
+            ip = r["iperf3"]
+            if ip.get("throughput_mib_s"):
+                L.append(f"| iperf3 TCP loopback, 1 stream (scale only) | {_f(ip['throughput_mib_s'])} | – | "
+                         f"{_ratio(ip['throughput_mib_s'], peer_tp)} | {_ratio(ip['throughput_mib_s'], soc_tp)} | – | – | – | "
+                         f"{'1/1' if ip.get('ok') else 'failed'} |")
+        L.append("")
+    if r["W3"]:
+        cells = r["W3"]
+        L.append(f"### W3: {out['titles']['W3']}")
+        L.append("")
+        L.append("| contender | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | round trips/s | p99 × libspice | p99 × socat | relay CPU µs/round trip | peak RSS MiB | runs ok |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        pp, sp = _lat(cells.get("libspice"), "p99"), _lat(cells.get("socat"), "p99")
+        for k in order:
+            c = cells.get(k)
+            if c is None:
+                continue
+            L.append(f"| {names[k]} | {_f(_lat(c, 'p50'))} | {_f(_lat(c, 'p90'))} | {_f(_lat(c, 'p99'))} | "
+                     f"{_f(_lat(c, 'p999'))} | {_f(_lat(c, 'max'))} | {_f(_med(c, 'msgs_per_s'))} | "
+                     f"{_ratio(_lat(c, 'p99'), pp)} | {_ratio(_lat(c, 'p99'), sp)} | {_f(_med(c, 'cpu_us_per_round_trip'), 1)} | "
+                     f"{_f(_med(c, 'rss_mib'), 1)} | {_runs_ok(c)} |")
+        L.append("")
+    if r["W4"]:
+        p = r.get("W4_params", {})
+        L.append(f"### W4: {out['titles']['W4']}")
+        L.append("")
+        L.append(f"{p.get('connections')} client sessions (main + channel each: {2 * (p.get('connections') or 0)} TCP "
+                 f"connections to a SPICE relay) join in batches of {p.get('batch')} (one vmcload process per batch), then all "
+                 f"send 64 KiB messages at {p.get('rate_per_connection')} msgs/s each (offered {p.get('offered_mib_s')} MiB/s "
+                 f"in total); MiB/s = bytes the relay's TCP sockets received (`ss -tin` bytes_received, summed) over a "
+                 f"{p.get('window_s')} s window with every connection streaming (direct, which has no relay socket: the "
+                 "sum of the batches' own MiB/s); relay CPU over the same window; peak RSS over the whole phase; one vmcload thread per "
+                 "connection and one endpoint thread per channel, all on the same vCPUs.")
+        L.append("")
+        L.append("| contender | MiB/s | × W1 (same contender) | × socat | relay CPU s/GiB | peak RSS MiB | linked | join time s | ok |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        soc = _med(r["W4"].get("socat"), "throughput_mib_s")
+        for k in order:
+            c = r["W4"].get(k)
+            if c is None:
+                continue
+            tp = _med(c, "throughput_mib_s")
+            L.append(f"| {names[k]} | {_f(tp)} | {_ratio(tp, _med(r['W1'].get(k), 'throughput_mib_s'))} | {_ratio(tp, soc)} | "
+                     f"{_f(_med(c, 'cpu_s_per_gib'), 3)} | {_f(_med(c, 'rss_mib'), 1)} | {_f(_med(c, 'linked'))} | "
+                     f"{_f(_med(c, 'ramp_s'), 1)} | {_runs_ok(c)} |")
+        L.append("")
+    if r["W5"]:
+        p = r.get("W5_params", {})
+        L.append(f"### W5: {out['titles']['W5']}")
+        L.append("")
+        L.append(f"Loop: `vmcload run --connections 1 --mode rr --size 64 --bytes 64 --password-file F` again and again for "
+                 f"{p.get('loop_seconds')} s (each run = a probe session + session + channel, process start included); "
+                 f"links/s = runs that linked and echoed per second. Concurrent (vmcrelay only; spice-server serves one "
+                 f"client at a time): {p.get('concurrent_connections')} connections at once, links/s = linked / slowest set-up.")
+        L.append("")
+        L.append("| contender | links/s (loop) | × libspice | set-up p50 ms | relay CPU ms/link | concurrent links/s | concurrent × libspice loop | concurrent set-up p50 / max ms | peak RSS MiB | ok |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        pl = ((r["W5"].get("libspice") or {}).get("median") or {}).get("links_per_s")
+        for k in order:
+            c = r["W5"].get(k)
+            if c is None:
+                continue
+            m = c.get("median") or {}
+            cc = m.get("concurrent") or {}
+            ok = "skipped: " + c["skipped"] if c.get("skipped") else ("yes" if m.get("ok") else "errors: " + "; ".join(m.get("error_messages", []))[:120])
+            L.append(f"| {names[k]} | {_f(m.get('links_per_s'), 1)} | {_ratio(m.get('links_per_s'), pl, 1)} | "
+                     f"{_f(m.get('setup_p50_ms'), 1)} | {_f(m.get('cpu_ms_per_link'), 2)} | {_f(cc.get('links_per_s'), 1)} | "
+                     f"{_ratio(cc.get('links_per_s'), pl, 1)} | "
+                     f"{(_f(cc.get('setup_p50_ms'), 1) + ' / ' + _f(cc.get('setup_max_ms'), 1)) if cc else '–'} | "
+                     f"{_f(m.get('rss_mib'), 1)} | {ok} |")
+        L.append("")
+    # summary
+    L.append("### Summary (medians)")
+    L.append("")
+    L.append("| contender | W1 MiB/s | W2 MiB/s | W3 p99 µs | W4 MiB/s | W5 links/s | W1 CPU s/GiB | W2 CPU s/GiB | W1 RSS MiB |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for k in order:
+        if not any(k in r[w] for w in ("W1", "W2", "W3", "W4", "W5")):
+            continue
+        w5 = ((r["W5"].get(k) or {}).get("median") or {}).get("links_per_s")
+        L.append(f"| {names[k]} | {_f(_med(r['W1'].get(k), 'throughput_mib_s'))} | {_f(_med(r['W2'].get(k), 'throughput_mib_s'))} | "
+                 f"{_f(_lat(r['W3'].get(k), 'p99'))} | {_f(_med(r['W4'].get(k), 'throughput_mib_s'))} | {_f(w5, 1)} | "
+                 f"{_f(_med(r['W1'].get(k), 'cpu_s_per_gib'), 3)} | {_f(_med(r['W2'].get(k), 'cpu_s_per_gib'), 3)} | "
+                 f"{_f(_med(r['W1'].get(k), 'rss_mib'), 1)} |")
+    L.append("")
+    ts = out.get("targets") or []
+    if ts:
+        variants = [k for k in order if any(t["variant"] == k for t in ts)]
+        L.append("### Targets from issue 5 (ratio; ✓ met, ✗ not met, – not measured)")
+        L.append("")
+        L.append("| target | " + " | ".join(names[v] for v in variants) + " |")
+        L.append("|---|" + "---:|" * len(variants))
+        for tname in dict.fromkeys(t["target"] for t in ts):
+            cells = []
+            for v in variants:
+                t = next((x for x in ts if x["variant"] == v and x["target"] == tname), None)
+                if not t or t["ratio"] is None:
+                    cells.append("–")
+                else:
+                    cells.append(f"{t['ratio']:.2f}× {'✓' if t['met'] else '✗'}")
+            L.append(f"| {tname} | " + " | ".join(cells) + " |")
+        L.append("")
+    return "\n".join(L)
