@@ -44,7 +44,7 @@ enum Cmd {
     /// Serve spicevmc channels to SPICE clients, each spliced to a local endpoint.
     #[command(after_help = SERVE_HELP)]
     Serve(ServeArgs),
-    /// Serve a built-in demo: echo and sink channels on 127.0.0.1, no password.
+    /// Serve a built-in demo on 127.0.0.1 (echo, sink and a type-128 channel), drive it for a few seconds, keep serving.
     Demo(DemoArgs),
     /// Log into a SPICE server (QEMU) and end chosen channels in local unix sockets.
     #[command(after_help = CONNECT_HELP)]
@@ -167,17 +167,110 @@ fn connect_config(a: &ConnectArgs) -> Result<(ServeConfig, ConnectOptions), Stri
 
 #[derive(Args, Debug)]
 struct DemoArgs {
-    /// Port on 127.0.0.1 [default: 5930, or a free one if that is taken].
+    /// Port on 127.0.0.1 [default: 5930, or a free one if that is taken; 0: a free one].
     #[arg(long)]
     port: Option<u16>,
+    /// Seconds of built-in load per figure before serving (0: skip).
+    #[arg(long, default_value_t = 2)]
+    drive_secs: u64,
+}
+
+/// Drives the demo relay with vmcrelay's own client for a few seconds and
+/// prints what it measured and what each figure means.
+fn demo_drive(addr: String, secs: u64) {
+    use std::time::{Duration, Instant};
+    use vmcrelay::relay::sync_client::Session;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let session = loop {
+        match Session::connect(&addr, b"", Duration::from_secs(5)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => {
+                eprintln!("demo: cannot reach the relay at {addr}: {e}");
+                return;
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
+    let run = || -> Result<(f64, u64, u64), String> {
+        let ch = session.open(128, 0, false).map_err(|e| e.to_string())?;
+        let (mut w, mut r) = (ch.writer, ch.reader);
+        // Echo bulk: a writer thread and this reader, the same bytes checked on return.
+        let msg: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (stop2, m2) = (std::sync::Arc::clone(&stop), msg.clone());
+        let writer = std::thread::spawn(move || {
+            let mut sent = 0u64;
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                if w.send(&m2).is_err() {
+                    break;
+                }
+                sent += m2.len() as u64;
+            }
+            (w, sent)
+        });
+        let t = Instant::now();
+        let mut got = vec![0u8; msg.len()];
+        let mut received = 0u64;
+        while t.elapsed() < Duration::from_secs(secs) {
+            let mut have = 0;
+            while have < got.len() {
+                let n = r.read(&mut got[have..]).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("relay closed the channel".into());
+                }
+                have += n;
+            }
+            if got != msg {
+                return Err("echoed bytes differ".into());
+            }
+            received += got.len() as u64;
+        }
+        let mib_s = received as f64 / (1024.0 * 1024.0) / t.elapsed().as_secs_f64();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // Drain what is still in flight so the writer can finish.
+        let (mut w, sent) = writer.join().map_err(|_| "writer panicked".to_string())?;
+        let mut left = sent - received;
+        while left > 0 {
+            let n = r.read(&mut got).map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            left = left.saturating_sub(n as u64);
+        }
+        // Request/response: 64 bytes out, wait for them back.
+        let mut h = hdrhistogram::Histogram::<u64>::new(3).map_err(|e| e.to_string())?;
+        let small = [7u8; 64];
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(secs) {
+            let s = Instant::now();
+            w.send(&small).map_err(|e| e.to_string())?;
+            let mut have = 0;
+            let mut b = [0u8; 64];
+            while have < 64 {
+                have += r.read(&mut b[have..]).map_err(|e| e.to_string())?;
+            }
+            let _ = h.record(u64::try_from(s.elapsed().as_micros()).unwrap_or(u64::MAX));
+        }
+        Ok((mib_s, h.value_at_quantile(0.5), h.value_at_quantile(0.99)))
+    };
+    match run() {
+        Ok((mib_s, p50, p99)) => println!(
+            "demo load through the relay (vmcrelay's own client, channel 128 → built-in echo, {secs} s each):\n\
+             \x20 echo, 64 KiB messages   {mib_s:8.1} MiB/s each way   bytes sent to the relay, echoed by the endpoint and checked on return\n\
+             \x20 request/response, 64 B  p50 {p50} µs, p99 {p99} µs   time from sending 64 bytes to their echo arriving (client → relay → endpoint → back)\n\
+             \x20 (client, relay and endpoint share this machine's cores; scripts/bench compares against other relays)\n"
+        ),
+        Err(e) => eprintln!("demo: built-in load failed: {e}"),
+    }
+    session.close();
 }
 
 /// The demo's built-in service: a port channel that echoes, one that
 /// discards, and a user-defined channel 128 that echoes.
 fn demo_config(a: &DemoArgs) -> Result<ServeConfig, String> {
     let port = match a.port {
-        Some(p) => p,
-        None => std::net::TcpListener::bind("127.0.0.1:5930")
+        Some(p) if p != 0 => p,
+        _ => std::net::TcpListener::bind("127.0.0.1:5930")
             .or_else(|_| std::net::TcpListener::bind("127.0.0.1:0"))
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -344,7 +437,21 @@ fn main() -> ExitCode {
     log::set_level(if cli.quiet { 1 } else { 2 + cli.verbose });
     let cfg = match cli.cmd {
         Cmd::Serve(a) => build_config(&a),
-        Cmd::Demo(a) => demo_config(&a),
+        Cmd::Demo(a) => {
+            let cfg = demo_config(&a);
+            if let (Ok(c), true) = (&cfg, a.drive_secs > 0) {
+                // Block the signals serve waits for before the driver thread exists.
+                let mut set = nix::sys::signal::SigSet::empty();
+                set.add(nix::sys::signal::Signal::SIGTERM);
+                set.add(nix::sys::signal::Signal::SIGINT);
+                set.add(nix::sys::signal::Signal::SIGPIPE);
+                let _ = nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_BLOCK, Some(&set), None);
+                let addr = c.services[0].listen[0].to_string();
+                let secs = a.drive_secs;
+                std::thread::spawn(move || demo_drive(addr, secs));
+            }
+            cfg
+        }
         Cmd::Connect(a) => return connect_main(&a),
     };
     let cfg = match cfg {
