@@ -195,7 +195,7 @@ fn demo_drive(addr: String, secs: u64) {
         let ch = session.open(128, 0, false).map_err(|e| e.to_string())?;
         let (mut w, mut r) = (ch.writer, ch.reader);
         // Echo bulk: a writer thread and this reader, the same bytes checked on return.
-        let msg: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let msg: Vec<u8> = (0..65536u32).map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[2]).collect();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (stop2, m2) = (std::sync::Arc::clone(&stop), msg.clone());
         let writer = std::thread::spawn(move || {
