@@ -243,10 +243,21 @@ fn usbredir_hellos_reach_local_sockets() {
     .iter()
     .map(|s| s.to_string())
     .collect();
+    a.extend(["-chardev", "spiceport,id=qmp0,name=org.qemu.monitor.qmp.0", "-mon", "chardev=qmp0,mode=control"].map(String::from));
     a.push("-spice".into());
     a.push(format!("port={port},addr=127.0.0.1,disable-ticketing=on"));
     let _q = Qemu::start(&a);
     wait_port(port, Duration::from_secs(30));
+    // Test 6: --list prints the main, port and usbredir channels.
+    let out = Command::new(env!("CARGO_BIN_EXE_vmcrelay"))
+        .args(["connect", &format!("spice://127.0.0.1:{port}"), "--list"])
+        .output()
+        .expect("--list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "--list: {text} {}", String::from_utf8_lossy(&out.stderr));
+    for want in ["main", "usbredir     0", "usbredir     1", "org.qemu.monitor.qmp.0"] {
+        assert!(text.contains(want), "--list lacks {want:?}:\n{text}");
+    }
     let dir = TempDir::new("cusb");
     let (s0, s1) = (dir.path("ur0.sock"), dir.path("ur1.sock"));
     let _c = Connect::start(&[

@@ -118,6 +118,7 @@ fn list_channels(addr: &ServerAddr, password: &[u8]) -> Result<(), String> {
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     println!("session {:#010x} on {addr}", s.session_id);
     println!("{:<10} {:>3}  port name", "type", "id");
+    println!("{:<10} {:>3}  (this session's own channel)", "main", 0);
     for &(t, id) in &s.channels {
         let name = vmcrelay::proto::channel::ChannelKind::of(t).map_or_else(|| t.to_string(), |k| k.to_string());
         let port = if t == vmcrelay::proto::channel::CH_PORT || t == vmcrelay::proto::channel::CH_WEBDAV {
