@@ -856,10 +856,21 @@ def main():
     md = report.markdown(out, [c.key for c in all_c])
     out["markdown"] = md
     print(md)
-    if args.json:
-        with open(args.json, "w") as fh:
+    outdir = os.path.join(ROOT, "perf", "out")
+    os.makedirs(outdir, exist_ok=True)
+    last = os.path.join(outdir, f"bench-{meta.get('mode', 'run')}.json")
+    for path in [last] + ([args.json] if args.json else []):
+        with open(path, "w") as fh:
             json.dump(out, fh, indent=1)
-        log(f"JSON written to {args.json}")
+    log(f"JSON written to {last}" + (f" and {args.json}" if args.json else ""))
+    if res["W3"]:
+        svg = os.path.join(outdir, f"latency-w3-{meta.get('mode', 'run')}.svg")
+        try:
+            rc_plot, _ = procs.run([sys.executable, os.path.join(ROOT, "perf", "plot"), last, "--out", svg], timeout=60)
+            if rc_plot == 0:
+                log(f"W3 latency plot: {svg}")
+        except BenchError as e:
+            log(f"perf/plot: {e}")
     if args.keep:
         log(f"kept {ctx.work}")
     else:
