@@ -243,7 +243,10 @@ fn usbredir_hellos_reach_local_sockets() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    a.extend(["-chardev", "spiceport,id=qmp0,name=org.qemu.monitor.qmp.0", "-mon", "chardev=qmp0,mode=control"].map(String::from));
+    a.extend(
+        ["-chardev", "spiceport,id=qmp0,name=org.qemu.monitor.qmp.0", "-mon", "chardev=qmp0,mode=control"]
+            .map(String::from),
+    );
     a.push("-spice".into());
     a.push(format!("port={port},addr=127.0.0.1,disable-ticketing=on"));
     let _q = Qemu::start(&a);
@@ -260,13 +263,16 @@ fn usbredir_hellos_reach_local_sockets() {
     }
     let dir = TempDir::new("cusb");
     let (s0, s1) = (dir.path("ur0.sock"), dir.path("ur1.sock"));
+    // --eager: linked at session start; QEMU's hello waits in the relay for the app.
     let _c = Connect::start(&[
         format!("spice://127.0.0.1:{port}"),
+        "--eager".into(),
         "--channel".into(),
         format!("usbredir:0=unix-listen:{}", s0.display()),
         "--channel".into(),
         format!("usbredir:1=unix-listen:{}", s1.display()),
     ]);
+    std::thread::sleep(Duration::from_millis(500));
     for s in [&s0, &s1] {
         let mut u = connect_unix(s, Duration::from_secs(20));
         u.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");

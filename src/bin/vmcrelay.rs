@@ -56,9 +56,12 @@ CHANNEL SPECS (--channel, repeatable): KIND[:ID]=LOCAL
   KIND    port:NAME (found by its PORT_INIT name) | usbredir[:ID] | webdav | smartcard | 128..=255
   LOCAL   unix-listen:PATH  vmcrelay listens; one local app at a time talks to the channel
           unix:PATH         vmcrelay connects to a local app (e.g. a usbredir host)
-Every channel is linked when the session starts; bytes from the server wait
-(back-pressure, nothing dropped) until the local app is there. When the app
-leaves, the channel is relinked for the next one (QEMU's monitor greets anew).
+A unix-listen channel is linked when its local app connects (one app at a
+time); when the app leaves, the SPICE channel closes and the next app gets a
+fresh link (QEMU's monitor greets anew). With --eager every channel is linked
+when the session starts and server bytes wait (back-pressure, nothing
+dropped) until the app connects. Port channels are found by their
+PORT_INIT name: each port is linked briefly once per session to learn it.
 
 EXAMPLES
   # QMP over SPICE: QEMU started with -chardev spiceport,id=qmp0,name=org.qemu.monitor.qmp.0 -mon chardev=qmp0,mode=control
@@ -93,6 +96,9 @@ struct ConnectArgs {
     /// Longest wait between reconnection attempts, in seconds.
     #[arg(long, default_value_t = 30)]
     max_backoff_secs: u64,
+    /// Link every channel when the session starts; server bytes wait until the local app connects.
+    #[arg(long)]
+    eager: bool,
 }
 
 const EXIT_AUTH: u8 = 4;
@@ -155,6 +161,7 @@ fn connect_config(a: &ConnectArgs) -> Result<(ServeConfig, ConnectOptions), Stri
         password,
         lz4: a.lz4,
         max_backoff: std::time::Duration::from_secs(a.max_backoff_secs.max(1)),
+        eager: a.eager,
     };
     let channels = config::parse_channels(a.channel.iter().map(|c| (c.as_str(), "--channel".to_string())))
         .map_err(|e| e.to_string())?;

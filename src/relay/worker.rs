@@ -71,9 +71,10 @@ enum Op {
     SpliceIn,
     SpliceOut,
     SplicePoll,
+    LocalAccept,
 }
 
-const OPS: [Op; 15] = [
+const OPS: [Op; 16] = [
     Op::Accept,
     Op::Mailbox,
     Op::Tick,
@@ -89,7 +90,29 @@ const OPS: [Op; 15] = [
     Op::SpliceIn,
     Op::SpliceOut,
     Op::SplicePoll,
+    Op::LocalAccept,
 ];
+
+impl Op {
+    /// Ops that belong to a connection slot (the others use the slot
+    /// field for a listener or channel index, so a slot match alone must
+    /// never select them).
+    fn is_conn_op(self) -> bool {
+        matches!(
+            self,
+            Op::ClientRead
+                | Op::ClientWrite
+                | Op::EpRead
+                | Op::EpWrite
+                | Op::EpConnect
+                | Op::EpAccept
+                | Op::SrvConnect
+                | Op::SpliceIn
+                | Op::SpliceOut
+                | Op::SplicePoll
+        )
+    }
+}
 
 /// `op:8 | slot:24 | generation:32`. The generation is bumped on every slot
 /// reuse, so a late completion can never touch the slot's next connection.
@@ -535,6 +558,7 @@ impl Worker {
             Op::Mailbox => self.on_mailbox(),
             Op::Tick => self.on_tick(),
             Op::Retry => self.on_retry(),
+            Op::LocalAccept => self.on_local_accept(slot as usize, c.result),
             _ => self.on_conn_op(op, slot, generation, c),
         }
     }
@@ -825,7 +849,7 @@ impl Worker {
         }
         conn.closing = Some(reason.to_string());
         let generation = self.slots[slot as usize].generation;
-        let pred = move |t: u64| decode(t).is_some_and(|(op, s, g)| s == slot && g == generation && op != Op::Cancel);
+        let pred = move |t: u64| decode(t).is_some_and(|(op, s, g)| s == slot && g == generation && op.is_conn_op());
         match self.ring.cancel_where(pred, token(Op::Cancel, slot, generation)) {
             Ok(n) => conn.inflight += u32::try_from(n).unwrap_or(0),
             Err(e) => warn!(self.who, "cannot cancel ops of peer={}: {e}", conn.peer),

@@ -52,16 +52,23 @@ pub struct ConnectOptions {
     pub lz4: bool,
     /// Longest wait between reconnection attempts.
     pub max_backoff: Duration,
+    /// Link every channel when the session starts, instead of when its
+    /// local app connects (`unix-listen` only).
+    pub eager: bool,
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default)]
 struct SpecState {
     /// Live connection `(slot, generation)` for this channel.
     conn: Option<(u32, u32)>,
     /// The port id that carries this spec's name (learned per session).
     port_id: Option<u8>,
+    /// A local app that connected and waits for its SPICE channel.
+    local: Option<OwnedFd>,
+    /// An accept on the spec's `unix-listen` socket is in flight.
+    accepting: bool,
 }
 
 /// The session controller.
@@ -90,13 +97,14 @@ pub fn run_connect_worker(shared: Arc<Shared>, opts: ConnectOptions) -> anyhow::
         main: None,
         session: None,
         list: Vec::new(),
-        specs: vec![SpecState::default(); n],
+        specs: (0..n).map(|_| SpecState::default()).collect(),
         probes: 0,
         backoff: FIRST_BACKOFF,
         attempt: 0,
         retry_armed: false,
         warned_missing: Vec::new(),
     }));
+    w.ctl_arm_local_accepts();
     w.run()
 }
 
@@ -120,6 +128,60 @@ fn server_socket(addr: &ServerAddr) -> std::io::Result<(OwnedFd, SockaddrStorage
 impl Worker {
     fn ctl_conf(&self, ci: usize) -> Option<&ChannelConf> {
         self.shared.config.services.first()?.channels.get(ci)
+    }
+
+    /// Whether spec `ci` links only once its local app is there.
+    fn ctl_lazy(&self, ci: usize) -> bool {
+        let eager = self.ctl.as_ref().is_none_or(|c| c.opts.eager);
+        !eager && matches!(self.ctl_conf(ci).map(|c| &c.endpoint), Some(EndpointSpec::UnixListen(_)))
+    }
+
+    /// Lazy mode: wait for a local app on every `unix-listen` spec without one.
+    fn ctl_arm_local_accepts(&mut self) {
+        let n = self.ctl.as_ref().map_or(0, |c| c.specs.len());
+        for ci in 0..n {
+            let idle = self.ctl.as_ref().is_some_and(|c| {
+                let st = &c.specs[ci];
+                st.conn.is_none() && st.local.is_none() && !st.accepting
+            });
+            if !idle || !self.ctl_lazy(ci) || self.draining.is_some() {
+                continue;
+            }
+            let Some(lfd) = self.shared.listen_eps.get(&(0, ci)).map(AsRawFd::as_raw_fd) else { continue };
+            let t = token(Op::LocalAccept, u32::try_from(ci).unwrap_or(0), 0);
+            match self.ring.accept(lfd, t) {
+                Ok(()) => {
+                    if let Some(c) = self.ctl.as_mut() {
+                        c.specs[ci].accepting = true;
+                    }
+                }
+                Err(e) => warn!(self.who, "cannot wait for a local app: {e}"),
+            }
+        }
+    }
+
+    pub(super) fn on_local_accept(&mut self, ci: usize, res: i32) {
+        let Some(ctl) = self.ctl.as_mut() else { return };
+        let Some(st) = ctl.specs.get_mut(ci) else { return };
+        st.accepting = false;
+        match own_result_fd(res) {
+            Some(fd) if self.draining.is_none() => {
+                st.local = Some(fd);
+                debug!(self.who, "local app connected for spec {ci}");
+                if ctl.session.is_some() {
+                    self.ctl_link_channels();
+                } else {
+                    info!(self.who, "local app waits: no SPICE session yet");
+                }
+            }
+            Some(_) => {}
+            None => {
+                if res != -libc::ECANCELED {
+                    warn!(self.who, "local accept failed: {}", std::io::Error::from_raw_os_error(-res));
+                }
+                self.ctl_arm_local_accepts();
+            }
+        }
     }
 
     /// Opens a SPICE connection and starts its link: main (`ci` None,
@@ -272,6 +334,14 @@ impl Worker {
         if let Some(c) = self.ctl_conf(ci) {
             conn.label = c.label();
         }
+        let pending = self.ctl.as_mut().and_then(|c| c.specs.get_mut(ci)).and_then(|s| s.local.take());
+        if let Some(fd) = pending {
+            if let Stage::Chan(ch) = &mut conn.stage {
+                ch.ep = Some(fd);
+                ch.ep_state = EpState::Open;
+            }
+            return self.pump_out(slot, conn);
+        }
         match ep {
             EndpointSpec::UnixListen(_) => {
                 if let Stage::Chan(ch) = &mut conn.stage {
@@ -384,11 +454,17 @@ impl Worker {
             }
             let Some(c) = self.ctl_conf(ci) else { continue };
             let t = c.kind.channel_type;
+            let waiting_app = self.ctl_lazy(ci) && st.local.is_none();
             if t == crate::proto::channel::CH_PORT {
+                if waiting_app && st.port_id.is_some() {
+                    continue;
+                }
                 match st.port_id {
                     Some(id) if list.contains(&(t, id)) => todo.push((ci, t, id)),
                     _ => need_probe = true,
                 }
+            } else if waiting_app {
+                continue;
             } else if list.contains(&(t, c.id)) {
                 todo.push((ci, t, c.id));
             } else {
@@ -446,6 +522,14 @@ impl Worker {
             debug!(self.who, "port {} is {name}: not wanted, closing the probe", conn.label);
             return self.close(slot, conn, "port probe done");
         };
+        if self.ctl_lazy(ci) && self.ctl.as_ref().is_some_and(|c| c.specs[ci].local.is_none()) {
+            // Known now; linked again when the local app connects.
+            if let Some(ctl) = self.ctl.as_mut() {
+                ctl.specs[ci].port_id = Some(conn.chan.1);
+            }
+            info!(self.who, "port {name} is port:{}; linking when the local app connects", conn.chan.1);
+            return self.close(slot, conn, "port probe done");
+        }
         if let Some(ctl) = self.ctl.as_mut() {
             ctl.specs[ci].conn = Some((slot, generation));
             ctl.specs[ci].port_id = Some(conn.chan.1);
@@ -513,10 +597,15 @@ impl Worker {
                 conn.st.e2c_bytes,
                 conn.since.elapsed().as_millis()
             );
-            if self.draining.is_none() && ctl.session.is_some() {
-                // Relink soon (not at once: a server that keeps closing must not spin us).
-                let _ = linked;
-                self.ctl_schedule_retry_after(Duration::from_millis(100));
+            let _ = linked;
+            if self.draining.is_none() {
+                if self.ctl_lazy(ci) {
+                    // The local app went with the channel; wait for the next one.
+                    self.ctl_arm_local_accepts();
+                } else if self.ctl.as_ref().is_some_and(|c| c.session.is_some()) {
+                    // Relink soon (not at once: a server that keeps closing must not spin us).
+                    self.ctl_schedule_retry_after(Duration::from_millis(100));
+                }
             }
         }
     }
