@@ -42,7 +42,7 @@ use crate::proto::msg::{
     ChannelsList, ClientMsg, CompressedData, ControlBuf, Lz4Compressor, MainInit, PortInit, ServerMsg, lz4_scratch_len,
 };
 use crate::proto::server_link::{Action, Decision, LinkRequest, Linked, ServerLink, ServerLinkConfig};
-use crate::uring::{BufId, Completion, MAX_IOV, Ring, RingConfig, SubmitError, own_result_fd};
+use crate::uring::{BufId, Completion, MAX_IOV, Ring, RingConfig, SubmitError};
 use crate::{debug, info, warn};
 
 mod connect;
@@ -554,18 +554,18 @@ impl Worker {
     fn on_completion(&mut self, c: Completion) {
         let Some((op, slot, generation)) = decode(c.token) else { return };
         match op {
-            Op::Accept => self.on_accept(slot as usize, &c),
+            Op::Accept => self.on_accept(slot as usize, c),
             Op::Mailbox => self.on_mailbox(),
             Op::Tick => self.on_tick(),
             Op::Retry => self.on_retry(),
-            Op::LocalAccept => self.on_local_accept(slot as usize, c.result),
+            Op::LocalAccept => self.on_local_accept(slot as usize, c.result, c.fd),
             _ => self.on_conn_op(op, slot, generation, c),
         }
     }
 
     // -- accept, mailbox, tick --------------------------------------------
 
-    fn on_accept(&mut self, li: usize, c: &Completion) {
+    fn on_accept(&mut self, li: usize, c: Completion) {
         if !c.more
             && self.draining.is_none()
             && let Some(l) = self.listeners.get(li)
@@ -581,7 +581,7 @@ impl Worker {
             }
             return;
         }
-        let Some(fd) = own_result_fd(c.result) else { return };
+        let Some(fd) = c.fd else { return };
         let Some(service) = self.listeners.get(li).map(|l| l.service) else { return };
         if self.draining.is_some() {
             return;
@@ -798,10 +798,8 @@ impl Worker {
                 return;
             }
             if conn.closing.is_some() {
-                // Accepted endpoint fds that raced with the close are dropped here.
-                if op == Op::EpAccept {
-                    drop(own_result_fd(c.result));
-                }
+                // An accepted endpoint fd that raced with the close is
+                // dropped (closed) with the completion.
                 // Owned vectors come home; nothing else to do while closing.
                 drop(c.owned);
                 return;
@@ -812,7 +810,7 @@ impl Worker {
                 Op::EpRead => w.on_ep_read(slot, conn, c.result),
                 Op::EpWrite => w.on_ep_write(slot, conn, c.result, c.owned),
                 Op::EpConnect => w.on_ep_connect(slot, conn, c.result),
-                Op::EpAccept => w.on_ep_accept(slot, conn, c.result),
+                Op::EpAccept => w.on_ep_accept(slot, conn, c.result, c.fd),
                 Op::SrvConnect => w.on_srv_connect(slot, conn, c.result),
                 Op::SpliceIn => w.on_splice_in(slot, conn, c.result),
                 Op::SpliceOut => w.on_splice_out(slot, conn, c.result),
@@ -1330,9 +1328,9 @@ impl Worker {
         self.pushed(slot, conn, r);
     }
 
-    fn on_ep_accept(&mut self, slot: u32, conn: &mut Conn, res: i32) {
+    fn on_ep_accept(&mut self, slot: u32, conn: &mut Conn, res: i32, fd: Option<OwnedFd>) {
         let Stage::Chan(ch) = &mut conn.stage else { return };
-        let Some(fd) = own_result_fd(res) else {
+        let Some(fd) = fd else {
             let ci = ch.conf;
             if self.draining.is_some() {
                 return self.maybe_drained(slot, conn);

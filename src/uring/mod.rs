@@ -18,4 +18,4 @@ mod ring;
 
 pub use arena::{Arena, BufId, MAX_BUFFERS};
 pub use errno::{Errno, classify};
-pub use ring::{Completion, MAX_IOV, Ring, RingConfig, RingError, SubmitError, own_result_fd, sockaddr_storage_of};
+pub use ring::{Completion, MAX_IOV, Ring, RingConfig, RingError, SubmitError, sockaddr_storage_of};

@@ -75,7 +75,7 @@ pub enum SubmitError {
 }
 
 /// A reaped completion.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Completion {
     /// The caller's token, as pushed.
     pub token: u64,
@@ -89,6 +89,8 @@ pub struct Completion {
     pub counter: u64,
     /// The vector handed to [`Ring::write_owned`], given back.
     pub owned: Option<Vec<u8>>,
+    /// The connection an accept op produced (owned: closed when dropped).
+    pub fd: Option<OwnedFd>,
 }
 
 /// Everything an in-flight op needs kept alive until its CQE.
@@ -102,6 +104,8 @@ struct OpRecord {
     ts: types::Timespec,
     counter: u64,
     owned: Option<Vec<u8>>,
+    /// The op is an accept: a non-negative result is a new descriptor.
+    accept: bool,
 }
 
 impl OpRecord {
@@ -117,6 +121,7 @@ impl OpRecord {
             ts: types::Timespec::new(),
             counter: 0,
             owned: None,
+            accept: false,
         }
     }
 }
@@ -216,6 +221,7 @@ impl Ring {
         rec.generation = rec.generation.wrapping_add(1);
         rec.token = token;
         rec.buf = buf;
+        rec.accept = false;
         Ok((i, (u64::from(rec.generation) << 32) | i as u64))
     }
 
@@ -258,6 +264,7 @@ impl Ring {
     /// Multishot accept on a listening socket.
     pub fn accept_multi(&mut self, fd: RawFd, token: u64) -> Result<(), SubmitError> {
         let (i, ud) = self.take_op(token, None)?;
+        self.ops[i].accept = true;
         let e = opcode::AcceptMulti::new(types::Fd(fd)).flags(libc::SOCK_CLOEXEC).build().user_data(ud);
         self.push(i, e)
     }
@@ -265,6 +272,7 @@ impl Ring {
     /// One accept on a listening socket (result: the new fd).
     pub fn accept(&mut self, fd: RawFd, token: u64) -> Result<(), SubmitError> {
         let (i, ud) = self.take_op(token, None)?;
+        self.ops[i].accept = true;
         let e = opcode::Accept::new(types::Fd(fd), std::ptr::null_mut(), std::ptr::null_mut())
             .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
             .build()
@@ -457,7 +465,16 @@ impl Ring {
             };
             let buf = rec.buf;
             let owned = if more { None } else { rec.owned.take() };
-            let c = Completion { token: rec.token, result: cqe.result(), more, buf, counter: rec.counter, owned };
+            let res = cqe.result();
+            let fd = if rec.accept && res >= 0 {
+                // SAFETY: a non-negative accept result is a descriptor the
+                // kernel just installed for this process; nothing else
+                // knows it, so this Completion owns it.
+                Some(unsafe { OwnedFd::from_raw_fd(res) })
+            } else {
+                None
+            };
+            let c = Completion { token: rec.token, result: res, more, buf, counter: rec.counter, owned, fd };
             if !more {
                 rec.in_use = false;
                 rec.buf = None;
@@ -469,13 +486,6 @@ impl Ring {
             out.push(c);
         }
     }
-}
-
-/// Takes ownership of the fd an accept CQE returned (`res ≥ 0`).
-pub fn own_result_fd(res: i32) -> Option<OwnedFd> {
-    // SAFETY: a non-negative accept result is a descriptor the kernel just
-    // installed for this process; nothing else knows it, so we own it.
-    (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) })
 }
 
 /// Copies any socket address into a `SockaddrStorage`.

@@ -160,11 +160,11 @@ impl Worker {
         }
     }
 
-    pub(super) fn on_local_accept(&mut self, ci: usize, res: i32) {
+    pub(super) fn on_local_accept(&mut self, ci: usize, res: i32, fd: Option<OwnedFd>) {
         let Some(ctl) = self.ctl.as_mut() else { return };
         let Some(st) = ctl.specs.get_mut(ci) else { return };
         st.accepting = false;
-        match own_result_fd(res) {
+        match fd {
             Some(fd) if self.draining.is_none() => {
                 st.local = Some(fd);
                 debug!(self.who, "local app connected for spec {ci}");
