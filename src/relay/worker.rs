@@ -606,8 +606,14 @@ impl Worker {
     /// Puts a new connection in a free slot with two buffers.
     fn new_conn(&mut self, fd: OwnedFd, peer: String, service: usize, stage: Stage, client_role: bool) -> Option<u32> {
         let slot = self.free.pop()?;
-        let (Some(rx), Some(tx)) = (self.ring.arena_mut().alloc(), self.ring.arena_mut().alloc()) else {
-            // Cannot happen: the arena holds two buffers per slot.
+        let Some(rx) = self.ring.alloc_buf() else {
+            // The arena holds two buffers per slot; only a failed buffer
+            // registration (locked-memory limit) gets here.
+            self.free.push(slot);
+            return None;
+        };
+        let Some(tx) = self.ring.alloc_buf() else {
+            self.ring.arena_mut().free(rx);
             self.free.push(slot);
             return None;
         };

@@ -33,6 +33,8 @@ pub struct Arena {
     lent: Vec<bool>,
     /// Buffer handed out to a caller (not on the free list).
     taken: Vec<bool>,
+    /// Buffer registered with the ring (registration is lazy).
+    registered: Vec<bool>,
     free: Vec<u16>,
 }
 
@@ -50,7 +52,16 @@ impl Arena {
         let base = NonNull::new(ptr).ok_or_else(|| std::io::Error::other("out of memory for buffer arena"))?;
         // Hand out low ids first (pop from the end).
         let free = (0..count).rev().map(|i| u16::try_from(i).unwrap_or(0)).collect();
-        Ok(Self { base, layout, size, count, lent: vec![false; count], taken: vec![false; count], free })
+        Ok(Self {
+            base,
+            layout,
+            size,
+            count,
+            lent: vec![false; count],
+            taken: vec![false; count],
+            registered: vec![false; count],
+            free,
+        })
     }
 
     /// Size of every buffer.
@@ -141,15 +152,23 @@ impl Arena {
         self.lent.get(id.index()).copied().unwrap_or(false)
     }
 
-    /// The iovecs to register.
-    pub(crate) fn iovecs(&self) -> Vec<libc::iovec> {
-        (0..self.count)
-            .map(|i| libc::iovec {
-                // SAFETY: `i < count`: inside the allocation.
-                iov_base: unsafe { self.base.as_ptr().add(i * self.size) }.cast(),
-                iov_len: self.size,
-            })
-            .collect()
+    /// The iovec of one buffer, to register it.
+    pub(crate) fn iovec(&self, id: BufId) -> libc::iovec {
+        let i = id.index().min(self.count - 1);
+        // SAFETY: `i < count`: the start of buffer `i` lies inside the allocation.
+        libc::iovec { iov_base: unsafe { self.base.as_ptr().add(i * self.size) }.cast(), iov_len: self.size }
+    }
+
+    /// Whether the buffer is registered with the ring.
+    pub(crate) fn is_registered(&self, id: BufId) -> bool {
+        self.registered.get(id.index()).copied().unwrap_or(false)
+    }
+
+    /// Records a successful registration.
+    pub(crate) fn mark_registered(&mut self, id: BufId) {
+        if let Some(r) = self.registered.get_mut(id.index()) {
+            *r = true;
+        }
     }
 
     /// Whether every buffer is home (none lent, none handed out).

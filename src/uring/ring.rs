@@ -174,15 +174,12 @@ impl Ring {
             return Err(RingError::MissingOpcode(name));
         }
         let arena = Arena::new(cfg.buffers, cfg.buf_size).map_err(RingError::Arena)?;
-        let iovecs = arena.iovecs();
-        // SAFETY: the iovecs describe the arena's allocation, which outlives
-        // the registration: `ring` is declared before `arena` in `Ring`, so
-        // it is dropped (unregistering the buffers) first.
-        unsafe { ring.submitter().register_buffers(&iovecs) }.map_err(|err| RingError::Register {
-            count: arena.count(),
-            size: arena.buf_size(),
-            err,
-        })?;
+        // Sparse: a buffer is registered (and its pages pinned, so counted
+        // in RSS) the first time it is handed out, so memory follows the
+        // peak number of connections, not the configured maximum.
+        ring.submitter()
+            .register_buffers_sparse(u32::try_from(arena.count()).unwrap_or(u32::MAX))
+            .map_err(|err| RingError::Register { count: arena.count(), size: arena.buf_size(), err })?;
         let ops: Box<[OpRecord]> = (0..cfg.max_ops).map(|_| OpRecord::new()).collect();
         let free_ops = (0..u32::try_from(cfg.max_ops).unwrap_or(u32::MAX)).rev().collect();
         Ok(Self { ring, ops, free_ops, arena, stale_cqes: 0 })
@@ -196,6 +193,24 @@ impl Ring {
     /// The buffer arena, mutable.
     pub fn arena_mut(&mut self) -> &mut Arena {
         &mut self.arena
+    }
+
+    /// Takes a free buffer, registering it with the ring on first use.
+    pub fn alloc_buf(&mut self) -> Option<BufId> {
+        let id = self.arena.alloc()?;
+        if !self.arena.is_registered(id) {
+            let iov = self.arena.iovec(id);
+            // SAFETY: the iovec describes buffer `id` of the arena, which
+            // outlives the registration: `ring` is declared before `arena`
+            // in `Ring`, so it is dropped (unregistering every buffer) first.
+            let r = unsafe { self.ring.submitter().register_buffers_update(u32::from(id.0), &[iov], None) };
+            if r.is_err() {
+                self.arena.free(id);
+                return None;
+            }
+            self.arena.mark_registered(id);
+        }
+        Some(id)
     }
 
     /// Ops pushed and not yet completed.
