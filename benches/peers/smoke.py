@@ -62,33 +62,58 @@ def free_port():
 # endpoint: unix-socket echo server (python threads) with a mode switch
 # --------------------------------------------------------------------------
 class EchoEndpoint:
-    """mode 'echo' echoes, 'pause' stops reading (a stalled device)."""
+    """Unix-socket echo server in a separate process (this script with
+    --serve-echo), so that it does not share the GIL with the spice-gtk client.
+    mode 'echo' echoes, 'pause' stops reading (a stalled device); switched
+    with SIGUSR1 (pause) / SIGUSR2 (echo)."""
 
     def __init__(self, path):
         self.path = path
-        self.mode = "echo"
-        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.srv.bind(path)
-        self.srv.listen(8)
-        self.stop = False
-        self.conns = 0
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._mode = "echo"
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                                      "--serve-echo", path], start_new_session=True)
+        deadline = time.monotonic() + 10
+        while not os.path.exists(path):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise Failure("echo endpoint did not start")
+            time.sleep(0.01)
 
-    def _accept(self):
-        while not self.stop:
-            try:
-                c, _ = self.srv.accept()
-            except OSError:
-                return
-            self.conns += 1
-            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+    @property
+    def mode(self):
+        return self._mode
 
-    def _serve(self, c):
+    @mode.setter
+    def mode(self, m):
+        self._mode = m
+        self.proc.send_signal(signal.SIGUSR1 if m == "pause" else signal.SIGUSR2)
+
+    def close(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait()
+
+
+def serve_echo(path):
+    """--serve-echo PATH: the echo endpoint process (threads per connection)."""
+    try:  # die with the parent (PR_SET_PDEATHSIG = 1)
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except Exception:
+        pass
+    paused = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda *a: paused.set())
+    signal.signal(signal.SIGUSR2, lambda *a: paused.clear())
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(8)
+
+    def serve(c):
         buf = bytearray(256 * 1024)
         mv = memoryview(buf)
         try:
-            while not self.stop:
-                if self.mode == "pause":
+            while True:
+                if paused.is_set():
                     time.sleep(0.01)
                     continue
                 n = c.recv_into(buf)
@@ -100,21 +125,21 @@ class EchoEndpoint:
         finally:
             c.close()
 
-    def close(self):
-        self.stop = True
-        try:
-            self.srv.close()
-        except OSError:
-            pass
+    while True:
+        c, _ = srv.accept()
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
 
 
 class SocatEndpoint:
     def __init__(self, path):
         if not shutil.which("socat"):
             raise Failure("socat not found (apt-get install socat)")
-        # own process group: close() must also end the forked children
+        # own process group: close() must also end the forked children.
+        # -b must stay <= 64 KiB: socat writes a whole block with a blocking
+        # write; with -b 262144 socat (blocked writing into cat) and cat
+        # (blocked writing back into socat) deadlock under a sustained echo.
         self.proc = subprocess.Popen(
-            ["socat", "-b", "262144", "UNIX-LISTEN:%s,fork" % path, "EXEC:cat"],
+            ["socat", "-b", "65536", "UNIX-LISTEN:%s,fork" % path, "EXEC:cat"],
             start_new_session=True)
         deadline = time.monotonic() + 5
         while not os.path.exists(path):
@@ -134,11 +159,15 @@ class SocatEndpoint:
 # the peer process
 # --------------------------------------------------------------------------
 class Peer:
-    def __init__(self, exe, port, unix_path, port_name, password_file=None, verbose=False):
-        cmd = [exe, "--port", str(port), "--addr", "127.0.0.1", "--kind", "port",
-               "--port-name", port_name, "--unix", unix_path]
+    def __init__(self, exe, port, unix_path, port_name, password_file=None, verbose=False,
+                 extra=(), kind="port"):
+        cmd = [exe, "--port", str(port), "--addr", "127.0.0.1", "--kind", kind,
+               "--unix", unix_path]
+        if kind == "port":
+            cmd += ["--port-name", port_name]
         cmd += ["--password-file", password_file] if password_file else ["--disable-ticketing"]
         cmd.append("--die-with-parent")
+        cmd += list(extra)
         if verbose:
             cmd.append("-v")
         self.cmd = cmd
@@ -265,23 +294,37 @@ class Client:
         self.rx_hash.update(data)
         if self.keep_rx:
             self.rx += data
+        if self.window is not None and hasattr(self, "tx"):
+            self._fill()
 
     # sending: `inflight` writes of `chunk` bytes outstanding at any time
-    def start_send(self, data, chunk, inflight):
+    # sending: at most `inflight` writes of `chunk` bytes outstanding, and at
+    # most `window` bytes sent but not yet echoed back (see README: spice-gtk
+    # does not read a channel while a write to it is blocked, so an echo loop
+    # whose unechoed bytes exceed the buffering along the loop deadlocks)
+    def start_send(self, data, chunk, inflight, window=None):
         self.tx = memoryview(data)
         self.chunk = chunk
-        for _ in range(inflight):
-            self._send_next()
+        self.inflight = inflight
+        self.window = window
+        self._fill()
+
+    def _fill(self):
+        while len(self.pending) < self.inflight and self._send_next():
+            pass
 
     def _send_next(self):
         if self.closing or self.tx_off >= len(self.tx):
-            return
+            return False
+        if self.window is not None and self.tx_off - self.rx_bytes >= self.window:
+            return False  # resumed from _port_data
         buf = bytes(self.tx[self.tx_off:self.tx_off + self.chunk])
         self.tx_off += len(buf)
         key = self.seq
         self.seq += 1
         self.pending[key] = buf
         self.chan.write_async(buf, None, self._written, key)
+        return True
 
     def _written(self, ch, res, key):
         try:
@@ -293,7 +336,7 @@ class Client:
             if not self.closing:
                 self.errors.append("write: %s" % e.message)
         del self.pending[key]
-        self._send_next()
+        self._fill()
 
     def fail_if_errors(self):
         if self.errors:
@@ -312,12 +355,14 @@ def echo_transfer(peer, args, port, password):
     run_until(lambda: cl.opened or cl.errors, 10, "port-opened")  # gotcha 6
     cl.fail_if_errors()
     cpu0, ns0 = peer.cpu()
+    self0 = os.times()
     t0 = time.monotonic()
-    cl.start_send(data, args.chunk, args.inflight)
+    cl.start_send(data, args.chunk, args.inflight, args.window_kib * 1024)
     run_until(lambda: cl.rx_bytes >= total or cl.errors or not peer.alive(),
               args.timeout, "%d echoed bytes (got %d)" % (total, cl.rx_bytes))
     t1 = time.monotonic()
     cpu1, ns1 = peer.cpu()
+    self1 = os.times()
     cl.fail_if_errors()
     if not peer.alive():
         raise Failure("peer died during the transfer (exit %r)" % peer.proc.returncode)
@@ -332,6 +377,7 @@ def echo_transfer(peer, args, port, password):
         "bytes": total,
         "chunk": args.chunk,
         "inflight": args.inflight,
+        "window": args.window_kib * 1024,
         "endpoint": args.endpoint,
         "seconds": round(secs, 4),
         "mib_per_s": round(total / MiB / secs, 1),
@@ -339,6 +385,9 @@ def echo_transfer(peer, args, port, password):
         "peer_cpu_s_per_gib": round(cpu / (total / GiB), 3),
         "sha256": got,
     }
+    client_cpu = (self1.user + self1.system) - (self0.user + self0.system)
+    res["client_cpu_s_per_gib"] = round(client_cpu / (total / GiB), 3)
+    res["client_cpu_share"] = round(client_cpu / secs, 2)  # 1.0 = one core busy
     if ns0 is not None:
         res["peer_cpu_s_per_gib_schedstat"] = round((ns1 - ns0) / 1e9 / (total / GiB), 3)
     return res
@@ -399,6 +448,34 @@ def _gspice_log(domain, level, message, _data):
         print("(%s) %s" % (domain, message), file=sys.stderr, flush=True)
 
 
+def usbredir_check(args, unix_path):
+    """A usbredir peer starts and spice-gtk opens its usbredir channel (no data:
+    spice-gtk only sends usbredir traffic for a redirected USB device)."""
+    port = free_port()
+    peer = Peer(args.peer, port, unix_path, None, None, args.verbose, args.peer_arg,
+                kind="usbredir")
+    try:
+        cl = Client(port, None)
+        opened = []
+        on(cl.session, "channel-new", lambda s, ch: isinstance(ch, Spice.UsbredirChannel) and
+           on(ch, "channel-event",
+              lambda c, ev: ev == Spice.ChannelEvent.OPENED and opened.append(c)))
+        cl.connect()
+        run_until(lambda: opened or cl.errors, 10, "usbredir channel OPENED")
+        cl.fail_if_errors()
+        cl.disconnect()
+        if not peer.alive():
+            raise Failure("usbredir peer died")
+        code = peer.stop()
+        if code != 0:
+            raise Failure("usbredir peer exited %d on SIGTERM" % code)
+        log("usbredir check ok: UsbredirChannel opened")
+    finally:
+        if peer.alive():
+            peer.proc.kill()
+            peer.proc.wait()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--peer", default=os.path.join(ROOT, "target/peers/spice_vmc_peer"))
@@ -406,16 +483,26 @@ def main():
     ap.add_argument("--size-mib", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=64 * 1024, help="bytes per client write")
     ap.add_argument("--inflight", type=int, default=8, help="client writes outstanding")
+    ap.add_argument("--window-kib", type=int, default=4096,
+                    help="max bytes sent but not yet echoed (KiB)")
     ap.add_argument("--endpoint", choices=["python", "socat"], default="python")
     ap.add_argument("--port-name", default="org.vmcrelay.bench.0")
     ap.add_argument("--ticket", action="store_true",
                     help="use --password-file (and check a wrong password is refused)")
     ap.add_argument("--disconnect-test", action="store_true",
                     help="also disconnect a client while the device stalls")
+    ap.add_argument("--usbredir-check", action="store_true",
+                    help="also start a --kind usbredir peer and open its channel")
     ap.add_argument("--timeout", type=float, default=60)
     ap.add_argument("--json", action="store_true", help="print one JSON line on stdout")
     ap.add_argument("-v", "--verbose", action="store_true", help="peer logs to stderr")
+    ap.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for the peer (repeatable), e.g. --peer-arg=--dev-buffer=...")
+    ap.add_argument("--serve-echo", metavar="PATH", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.serve_echo:
+        serve_echo(args.serve_echo)
+        return 0
 
     cleanup = []  # run on the hard timeout too
 
@@ -453,7 +540,8 @@ def main():
             with open(pwfile, "w") as f:
                 f.write(password + "\n")
         port = free_port()
-        peer = Peer(args.peer, port, unix_path, args.port_name, pwfile, args.verbose)
+        peer = Peer(args.peer, port, unix_path, args.port_name, pwfile, args.verbose,
+                    args.peer_arg)
         cleanup.insert(0, peer.proc.kill)
         if args.ticket:
             wrong_password(args, port)
@@ -467,6 +555,8 @@ def main():
         code = peer.stop()
         if code != 0:
             raise Failure("peer exited %d on SIGTERM, expected 0" % code)
+        if args.usbredir_check:
+            usbredir_check(args, unix_path)
         if args.json:
             print(json.dumps(res), flush=True)
         else:

@@ -292,7 +292,8 @@ static void ep_close(const char *why)
 {
     if (ep_fd < 0)
         return;
-    fprintf(stderr, "spice_vmc_peer: endpoint %s closed (%s)%s\n", opt.unix_path, why,
+    fprintf(stderr, "spice_vmc_peer: endpoint %s closed (%s), %zu held bytes dropped%s\n",
+            opt.unix_path, why, ob_end - ob_start,
             opt.exit_on_endpoint_close ? ", exiting" : ", reconnecting every 100 ms");
     close(ep_fd);
     ep_fd = -1;
@@ -708,10 +709,12 @@ int main(int argc, char **argv)
                 ep_reconnect_at = now_ms() + 100;
             }
         }
+        size_t held = ob_end - ob_start;
         if (write_refused && client_attached && ep_fd >= 0 &&
-            (ob_end == ob_start || ob_end - ob_start + refused_len <= opt.dev_buffer)) {
-            /* NOTIFY_WRITABLE: the buffer we refused fits now, let
-             * spice-server retry it */
+            (held == 0 || (held <= opt.dev_buffer / 2 && held + refused_len <= opt.dev_buffer))) {
+            /* NOTIFY_WRITABLE: the buffer we refused fits now (with some
+             * hysteresis, so that a slow endpoint does not cause one
+             * refuse/wakeup round per message); let spice-server retry */
             write_refused = 0;
             need_wakeup = 1;
         }
