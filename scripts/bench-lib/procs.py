@@ -259,6 +259,18 @@ def tree(pid):
     return seen
 
 
+def pss_kib(pid):
+    """Proportional set size of pid in KiB (0 if gone)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as fh:
+            for line in fh:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def reset_hwm(pid):
     """Resets VmHWM of pid and its descendants (`echo 5 > clear_refs`, Linux ≥ 4.0)."""
     for p in tree(pid):
@@ -273,8 +285,9 @@ class RssSampler:
     """Largest sum of VmHWM over a process tree, sampled every `period` s.
 
     One process (vmcrelay, the peer): its VmHWM. socat with `fork`: the
-    parent plus every live child, summed, so a thousand children count as
-    the memory they hold together.
+    largest sampled sum of Pss over the parent and every live child, so a
+    thousand children count as the memory they hold together (shared
+    libraries once).
     """
 
     def __init__(self, pid, period=0.2):
@@ -284,12 +297,14 @@ class RssSampler:
         self._t = threading.Thread(target=self._loop, daemon=True)
 
     def _sample(self):
-        total = 0
-        for p in tree(self.pid):
-            v = status_kib(p, "VmHWM")
-            if v:
-                total += v
-        self.peak_kib = max(self.peak_kib, total)
+        pids = tree(self.pid)
+        if len(pids) == 1:
+            v = status_kib(self.pid, "VmHWM") or 0
+        else:
+            # Several processes (socat fork): summing RSS would count the shared
+            # libraries once per child; proportional set size counts them once.
+            v = sum(pss_kib(p) for p in pids)
+        self.peak_kib = max(self.peak_kib, v)
 
     def _loop(self):
         while not self._stop.wait(self.period):

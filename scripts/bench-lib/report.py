@@ -54,6 +54,11 @@ def _runs_ok(cell):
     return s
 
 
+def _late(cell):
+    n = sum(r.get("stopped_late") or 0 for r in (cell or {}).get("runs", []))
+    return f" ({n} stopped > 2 s after SIGINT)" if n else ""
+
+
 def targets(out):
     """The issue's targets, checked for every vmcrelay variant that ran."""
     r = out["results"]
@@ -104,7 +109,7 @@ def markdown(out, order):
              f"{meta.get('runs')} run(s) per W1–W3 cell of {meta.get('seconds')} s, median shown; total {meta.get('total_s')} s")
     L.append("- same client (`vmcload run`), same endpoint (`vmcload endpoint`, sink verifies the pattern) for all; "
              "relay CPU = utime+stime(+children) of the relay process over the run, from /proc/PID/stat; "
-             "peak RSS = VmHWM (reset before each run; socat: parent + children summed)")
+             "peak RSS = VmHWM (reset before each run; socat with its per-connection children: largest sampled sum of Pss)")
     L.append("")
     for w in ("W1", "W2"):
         cells = r[w]
@@ -169,7 +174,7 @@ def markdown(out, order):
             tp = _med(c, "throughput_mib_s")
             L.append(f"| {names[k]} | {_f(tp)} | {_ratio(tp, _med(r['W1'].get(k), 'throughput_mib_s'))} | {_ratio(tp, soc)} | "
                      f"{_f(_med(c, 'cpu_s_per_gib'), 3)} | {_f(_med(c, 'rss_mib'), 1)} | {_f(_med(c, 'linked'))} | "
-                     f"{_f(_med(c, 'ramp_s'), 1)} | {_runs_ok(c)} |")
+                     f"{_f(_med(c, 'ramp_s'), 1)} | {_runs_ok(c)}{_late(c)} |")
         L.append("")
     if r["W5"]:
         p = r.get("W5_params", {})
