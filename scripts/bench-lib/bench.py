@@ -416,6 +416,10 @@ def phase_w123(ctx, contenders, wls, results, budget):
                 cell["median"] = median_of(cell["runs"])
 
 
+class _Done(Exception):
+    """Ends a W4 step early with its record already made."""
+
+
 def _w4_toml(ctx, c, specs, ep):
     """A config file for W4: 1000 channels, and a link timeout long enough for
     the single RSA key thread to serve a batch of new clients."""
@@ -468,8 +472,8 @@ def phase_w4(ctx, contenders, results, budget):
     while vmcrelay's one key thread makes ~2N RSA keys. Once all N stream,
     the window: bytes the relay's TCP sockets received (`ss -tin`
     bytes_received, summed) per second, relay CPU over the window; peak RSS
-    over the whole phase. direct has no TCP socket: its figure is the sum of
-    the batches' own MiB/s (they all start within a fraction of a second)."""
+    over the whole phase. direct has no relay socket and nothing to link:
+    one vmcload with all N connections, its own aggregate MiB/s."""
     n = ctx.w4_conns
     batch = min(W4_BATCH, n)
     nb = (n + batch - 1) // batch
@@ -508,6 +512,17 @@ def phase_w4(ctx, contenders, results, budget):
                 sampler.__enter__()
             t_ramp = time.monotonic()
             base = _threads(ep.proc.pid)
+            if c.kind == "direct":
+                # No relay, nothing to link: one vmcload with every connection,
+                # its own aggregate MiB/s over the run is the figure.
+                extra = ["--connections", n, "--rate", rate, "--duration", f"{win}s", "--connect-timeout", 60]
+                rep = load_run(ctx, ["--raw-unix", ep.path], "up", W4_SIZE, [str(x) for x in extra],
+                               f"W4.{c.key}", win + 120)
+                rec = summarize_run(rep, None, None, ep, 0)
+                rec.update({"linked": (rep.get("setup_us") or {}).get("count"), "ramp_s": None, "window_s": rep.get("elapsed_s"),
+                            "measured_by": "vmcload's aggregate over one run of every connection",
+                            "offered_mib_s": results["W4_params"]["offered_mib_s"]})
+                nb = 0  # skip the batches below
             for k in range(nb):
                 m = min(batch, n - k * batch)
                 if c.kind == "vmcrelay":
@@ -522,9 +537,12 @@ def phase_w4(ctx, contenders, results, budget):
                 p = procs.spawn(argv, log_path=os.path.join(ctx.logs, f"run.W4.{c.key}.{k}.log"))
                 loads.append((p, jpath))
                 want = base + sum(min(batch, n - j * batch) for j in range(k + 1))
-                procs.wait_until(lambda: _threads(ep.proc.pid) >= want, 60,
-                                 f"W4 {c.name}: batch {k + 1}/{nb} linked", p)
+                procs.wait_until(lambda: _threads(ep.proc.pid) >= want, 120,
+                                 f"W4 {c.name}: batch {k + 1}/{nb} linked ({_threads(ep.proc.pid) - base} of {want - base} "
+                                 "endpoint connections)", p, os.path.join(ctx.logs, f"run.W4.{c.key}.{k}.log"))
             ramp_s = time.monotonic() - t_ramp
+            if c.kind == "direct":
+                raise _Done()
             time.sleep(1.0)  # the last batch's gate opens once all its links are up
             lport = c.port if c.kind == "vmcrelay" else port if c.kind == "socat" else None
             c0 = procs.tree_cpu_ticks(pid) if pid else None
@@ -587,8 +605,12 @@ def phase_w4(ctx, contenders, results, budget):
                 "offered_mib_s": results["W4_params"]["offered_mib_s"],
                 "error_messages": errs[:4],
             }
+        except _Done:
+            pass
         except BenchError as e:
             rec["error_messages"].append(str(e))
+            if c.kind == "vmcrelay":
+                rec["error_messages"].append("relay log: " + procs.tail(c.log, 4))
         finally:
             for p, _ in loads:
                 procs.stop(p, timeout=2)

@@ -160,8 +160,8 @@ def markdown(out, order):
                  f"connections to a SPICE relay) join in batches of {p.get('batch')} (one vmcload process per batch), then all "
                  f"send 64 KiB messages at {p.get('rate_per_connection')} msgs/s each (offered {p.get('offered_mib_s')} MiB/s "
                  f"in total); MiB/s = bytes the relay's TCP sockets received (`ss -tin` bytes_received, summed) over a "
-                 f"{p.get('window_s')} s window with every connection streaming (direct, which has no relay socket: the "
-                 "sum of the batches' own MiB/s); relay CPU over the same window; peak RSS over the whole phase; one vmcload thread per "
+                 f"{p.get('window_s')} s window with every connection streaming (direct, which has no relay socket and nothing "
+                 "to link: one vmcload run with all connections, its aggregate MiB/s); relay CPU over the same window; peak RSS over the whole phase; one vmcload thread per "
                  "connection and one endpoint thread per channel, all on the same vCPUs.")
         L.append("")
         L.append("| contender | MiB/s | × W1 (same contender) | × socat | relay CPU s/GiB | peak RSS MiB | linked | join time s | ok |")
