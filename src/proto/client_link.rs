@@ -14,7 +14,7 @@ use super::consts::*;
 use super::framing::HeaderKind;
 use super::link::{HeaderError, LinkErrorCode, LinkHeader, LinkMess, LinkReply};
 use super::server_link::Linked;
-use super::wire::Writer;
+use super::wire::OutBuf;
 
 /// What to link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,9 +84,7 @@ pub struct ClientLink {
     rng: StdRng,
     inbuf: Box<[u8; MAX_LINK_BODY_LEN as usize]>,
     have: usize,
-    out: [u8; OUT_CAP],
-    out_start: usize,
-    out_end: usize,
+    out: OutBuf<OUT_CAP>,
     reply: Option<LinkReply>,
     action: Option<Action>,
 }
@@ -109,10 +107,8 @@ impl ClientLink {
             common_caps,
             channel_caps: config.channel_caps,
         };
-        let mut out = [0u8; OUT_CAP];
-        let mut w = Writer::new(&mut out);
-        mess.emit(&mut w).map_err(|_| AuthError::Rsa)?;
-        let out_end = w.written();
+        let mut out = OutBuf::new();
+        out.push_with(|w| mess.emit(w)).map_err(|_| AuthError::Rsa)?;
         Ok(Self {
             state: State::ReplyHeader,
             config,
@@ -121,8 +117,6 @@ impl ClientLink {
             inbuf: Box::new([0; MAX_LINK_BODY_LEN as usize]),
             have: 0,
             out,
-            out_start: 0,
-            out_end,
             reply: None,
             action: None,
         })
@@ -228,26 +222,17 @@ impl ClientLink {
     }
 
     fn push_out(&mut self, b: &[u8]) {
-        if self.out_start == self.out_end {
-            self.out_start = 0;
-            self.out_end = 0;
-        }
-        let n = b.len().min(OUT_CAP - self.out_end);
-        self.out[self.out_end..self.out_end + n].copy_from_slice(&b[..n]);
-        self.out_end += n;
+        self.out.push(b);
     }
 
     /// Bytes waiting to be sent.
     pub fn pending_output(&self) -> &[u8] {
-        &self.out[self.out_start..self.out_end]
+        self.out.pending()
     }
 
     /// Copies pending output into `buf`; returns the bytes copied.
     pub fn poll_output(&mut self, buf: &mut [u8]) -> usize {
-        let n = buf.len().min(self.out_end - self.out_start);
-        buf[..n].copy_from_slice(&self.out[self.out_start..self.out_start + n]);
-        self.out_start += n;
-        n
+        self.out.poll(buf)
     }
 
     /// The next action, once.

@@ -13,7 +13,7 @@ use super::caps::Caps;
 use super::consts::*;
 use super::framing::HeaderKind;
 use super::link::{HeaderError, LinkErrorCode, LinkHeader, LinkMess, LinkReply};
-use super::wire::Writer;
+use super::wire::OutBuf;
 
 /// Server-wide link settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,9 +175,7 @@ pub struct ServerLink {
     /// ticket. Sized for the largest of them.
     inbuf: Box<[u8; MAX_LINK_BODY_LEN as usize]>,
     have: usize,
-    out: [u8; OUT_CAP],
-    out_start: usize,
-    out_end: usize,
+    out: OutBuf<OUT_CAP>,
     request: Option<LinkRequest>,
     decision: Option<Decision>,
     action: Option<Action>,
@@ -193,9 +191,7 @@ impl ServerLink {
             mini_header: config.mini_header,
             inbuf: Box::new([0; MAX_LINK_BODY_LEN as usize]),
             have: 0,
-            out: [0; OUT_CAP],
-            out_start: 0,
-            out_end: 0,
+            out: OutBuf::new(),
             request: None,
             decision: None,
             action: None,
@@ -362,13 +358,9 @@ impl ServerLink {
     }
 
     fn emit_reply(&mut self, reply: &LinkReply) {
-        let mut buf = [0u8; OUT_CAP];
-        let mut w = Writer::new(&mut buf);
-        // OUT_CAP is sized for the largest reply; a failure here is our bug
-        // and shows up as a short (rejected) reply, never a panic.
-        let _ = reply.emit(&mut w);
-        let n = w.written();
-        self.push_out(&buf[..n]);
+        // OUT_CAP is sized for the largest replies; a failure here is our
+        // bug and shows up as a short (rejected) reply, never a panic.
+        let _ = self.out.push_with(|w| reply.emit(w));
     }
 
     fn fail_with_reply(&mut self, f: LinkFailure) {
@@ -388,28 +380,17 @@ impl ServerLink {
     }
 
     fn push_out(&mut self, b: &[u8]) {
-        if self.out_start == self.out_end {
-            self.out_start = 0;
-            self.out_end = 0;
-        }
-        // OUT_CAP is sized for the worst case; a shortfall is our bug.
-        debug_assert!(b.len() <= OUT_CAP - self.out_end, "link output overflow");
-        let n = b.len().min(OUT_CAP - self.out_end);
-        self.out[self.out_end..self.out_end + n].copy_from_slice(&b[..n]);
-        self.out_end += n;
+        self.out.push(b);
     }
 
     /// Bytes waiting to be sent.
     pub fn pending_output(&self) -> &[u8] {
-        &self.out[self.out_start..self.out_end]
+        self.out.pending()
     }
 
     /// Copies pending output into `buf`; returns the bytes copied.
     pub fn poll_output(&mut self, buf: &mut [u8]) -> usize {
-        let n = buf.len().min(self.out_end - self.out_start);
-        buf[..n].copy_from_slice(&self.out[self.out_start..self.out_start + n]);
-        self.out_start += n;
-        n
+        self.out.poll(buf)
     }
 
     /// The next action, once.

@@ -110,6 +110,64 @@ impl<'a> Writer<'a> {
     }
 }
 
+/// Output queued by a link state machine: fixed capacity, sized by the
+/// caller for its worst case, drained by copying into the caller's buffer.
+#[derive(Debug, Clone)]
+pub struct OutBuf<const N: usize> {
+    buf: [u8; N],
+    start: usize,
+    end: usize,
+}
+
+impl<const N: usize> OutBuf<N> {
+    /// Empty.
+    pub const fn new() -> Self {
+        Self { buf: [0; N], start: 0, end: 0 }
+    }
+
+    /// Appends `b`. `N` is sized for the worst case, so a shortfall is our
+    /// bug: it is caught in debug builds and truncates in release.
+    pub fn push(&mut self, b: &[u8]) {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        debug_assert!(b.len() <= N - self.end, "link output overflow");
+        let n = b.len().min(N - self.end);
+        self.buf[self.end..self.end + n].copy_from_slice(&b[..n]);
+        self.end += n;
+    }
+
+    /// Appends what `f` writes (at most the free room).
+    pub fn push_with(&mut self, f: impl FnOnce(&mut Writer<'_>) -> Result<(), Truncated>) -> Result<(), Truncated> {
+        let mut tmp = [0u8; N];
+        let mut w = Writer::new(&mut tmp);
+        f(&mut w)?;
+        let n = w.written();
+        self.push(&tmp[..n]);
+        Ok(())
+    }
+
+    /// Bytes waiting.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Copies waiting bytes into `out`; returns how many.
+    pub fn poll(&mut self, out: &mut [u8]) -> usize {
+        let n = out.len().min(self.end - self.start);
+        out[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+        self.start += n;
+        n
+    }
+}
+
+impl<const N: usize> Default for OutBuf<N> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Converts a length we produced to a u32 wire field.
 pub(crate) fn len_u32(n: usize) -> Result<u32, Truncated> {
     u32::try_from(n).map_err(|_| Truncated)

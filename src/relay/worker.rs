@@ -339,6 +339,31 @@ struct Chan {
     poll_in: bool,
 }
 
+impl Chan {
+    /// A channel's data-stage state, endpoint not open yet.
+    fn new(conf: usize, kind: ChannelKind, probe: bool, lz4_send: bool) -> Self {
+        Self {
+            conf,
+            kind,
+            ep: None,
+            ep_state: EpState::Connecting,
+            ranges: Vec::with_capacity(MAX_IOV),
+            lz4_in: Vec::new(),
+            lz4_out: Some(Vec::new()),
+            lz4_pending: None,
+            eof_client: false,
+            e2c_chunk: 0,
+            probe,
+            lz4_send: lz4_send.then(|| Box::new(Lz4Compressor::new())),
+            lz4_tx: Some(Vec::new()),
+            ack: ServerAck::new(),
+            pipe: None,
+            piped: 0,
+            poll_in: false,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Stage {
     WaitKey,
@@ -1276,28 +1301,13 @@ impl Worker {
                 None => (None, EpState::Accepting),
             };
             let opened = ep_state == EpState::Open;
-            conn.stage = Stage::Chan(Box::new(Chan {
-                conf: ci,
-                kind: cc.kind,
-                ep: ep_fd,
-                ep_state,
-                ranges: Vec::with_capacity(MAX_IOV),
-                lz4_in: Vec::new(),
-                lz4_out: Some(Vec::new()),
-                lz4_pending: None,
-                eof_client: false,
-                e2c_chunk: 0,
-                probe: false,
-                lz4_send: (self.shared.config.limits.lz4_to_client
-                    && cc.kind.lz4
-                    && l.peer_channel_caps.has(SPICEVMC_CAP_DATA_COMPRESS_LZ4))
-                .then(|| Box::new(Lz4Compressor::new())),
-                lz4_tx: Some(Vec::new()),
-                ack: ServerAck::new(),
-                pipe: None,
-                piped: 0,
-                poll_in: false,
-            }));
+            let lz4_send = self.shared.config.limits.lz4_to_client
+                && cc.kind.lz4
+                && l.peer_channel_caps.has(SPICEVMC_CAP_DATA_COMPRESS_LZ4);
+            let mut ch = Chan::new(ci, cc.kind, false, lz4_send);
+            ch.ep = ep_fd;
+            ch.ep_state = ep_state;
+            conn.stage = Stage::Chan(Box::new(ch));
             let window = self.shared.config.limits.ack_window;
             if window > 0
                 && let Stage::Chan(ch) = &mut conn.stage

@@ -300,28 +300,10 @@ impl Worker {
             return;
         };
         let kind = ChannelKind::of(conn.chan.0).unwrap_or(ChannelKind { channel_type: conn.chan.0, ..PORT_KIND });
-        conn.stage = Stage::Chan(Box::new(Chan {
-            conf: ci,
-            kind,
-            ep: None,
-            ep_state: EpState::Connecting,
-            ranges: Vec::with_capacity(MAX_IOV),
-            lz4_in: Vec::new(),
-            lz4_out: Some(Vec::new()),
-            lz4_pending: None,
-            eof_client: false,
-            e2c_chunk: 0,
-            probe,
-            lz4_send: (self.ctl.as_ref().is_some_and(|c| c.opts.lz4)
-                && kind.lz4
-                && l.peer_channel_caps.has(SPICEVMC_CAP_DATA_COMPRESS_LZ4))
-            .then(|| Box::new(Lz4Compressor::new())),
-            lz4_tx: Some(Vec::new()),
-            ack: ServerAck::new(),
-            pipe: None,
-            piped: 0,
-            poll_in: false,
-        }));
+        let lz4_send = self.ctl.as_ref().is_some_and(|c| c.opts.lz4)
+            && kind.lz4
+            && l.peer_channel_caps.has(SPICEVMC_CAP_DATA_COMPRESS_LZ4);
+        conn.stage = Stage::Chan(Box::new(Chan::new(ci, kind, probe, lz4_send)));
         if !probe {
             conn.owns = Some(ci);
             self.ctl_open_local(slot, conn, ci);
