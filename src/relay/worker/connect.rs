@@ -557,6 +557,8 @@ impl Worker {
                 }
             }
             if self.draining.is_none() {
+                // Their local apps went with them: wait for the next ones.
+                self.ctl_arm_local_accepts();
                 self.ctl_schedule_retry();
             }
             return;
