@@ -305,7 +305,9 @@ fn wrong_seed_is_detected_on_both_sides() {
     // Endpoint side: the client writes seed 5, the sink expects seed 1.
     let (code, v) =
         b.run("bad-up", &["--channel", "128", "--mode", "up", "--bytes", "1M", "--seed", "5", "--size", "4K"]);
-    assert_eq!(code, 0, "the sender cannot know: {v:#}");
+    // The sender cannot see the mismatch; it may only see the endpoint hang
+    // up on it (a race with the end of its 1 MiB): then one send error.
+    assert!(code == 0 || (code == 1 && v["integrity"] == "sender-only" && v["errors"] == 1), "{v:#}");
     let e = b.sink.wait_closed(1);
     assert_eq!(e["integrity"], "mismatch", "{e:#}");
     let (code, e) = b.sink.stop();
