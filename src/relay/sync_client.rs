@@ -371,10 +371,16 @@ impl ChannelReader {
                 _ => match ServerMsg::parse(self.kind, h.msg_type, &self.body) {
                     Ok(ServerMsg::CompressedData(cd)) => {
                         self.compressed_msgs += 1;
-                        let mut out = vec![0u8; cd.uncompressed_size as usize];
-                        let n = cd
-                            .decompress(16 * 1024 * 1024, &mut out)
-                            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                        // Bound the announced size before allocating for it.
+                        const MAX_LZ4: usize = 16 * 1024 * 1024;
+                        let size = cd.uncompressed_size as usize;
+                        if size > MAX_LZ4 {
+                            return Err(ClientError::Protocol(format!(
+                                "COMPRESSED_DATA announces {size} bytes (limit {MAX_LZ4})"
+                            )));
+                        }
+                        let mut out = vec![0u8; size];
+                        let n = cd.decompress(MAX_LZ4, &mut out).map_err(|e| ClientError::Protocol(e.to_string()))?;
                         out.truncate(n);
                         self.data_msgs += 1;
                         self.pending = out;
