@@ -1718,11 +1718,11 @@ impl Worker {
     }
 
     fn write_ranges(&mut self, slot: u32, conn: &mut Conn) {
-        let Stage::Chan(ch) = &mut conn.stage else { return };
-        let Some(fd) = ch.ep.as_ref().map(AsRawFd::as_raw_fd) else { return };
         let t = self.tok(Op::EpWrite, slot);
-        let ranges = ch.ranges.clone();
-        let r = self.ring.writev(fd, conn.rx, &ranges, t);
+        let Stage::Chan(ch) = &conn.stage else { return };
+        let Some(fd) = ch.ep.as_ref().map(AsRawFd::as_raw_fd) else { return };
+        // The ring copies the ranges into its own iovec array: no clone needed.
+        let r = self.ring.writev(fd, conn.rx, &ch.ranges, t);
         if self.pushed(slot, conn, r) {
             conn.c2e_busy = true;
         }
