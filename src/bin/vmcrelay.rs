@@ -12,8 +12,10 @@ use vmcrelay::relay::{log, serve};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Exit codes: 0 success, 1 runtime failure, 2 usage or configuration
-/// error, 3 start-up failure (io_uring, listen address, endpoint socket).
+/// Exit codes: 0 success, 1 runtime failure (`connect`: cannot reach the
+/// server, or it is not SPICE), 2 usage or configuration error (in every
+/// mode), 3 start-up failure (io_uring, listen address, endpoint socket),
+/// 4 the server refused the password.
 const EXIT_RUNTIME: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 const EXIT_STARTUP: u8 = 3;
@@ -26,7 +28,8 @@ const EXIT_STARTUP: u8 = 3;
     long_about = "vmcrelay carries SPICE spicevmc channels outside QEMU's main loop, on one io_uring per core.\n\n\
         `serve` is a SPICE server: remote-viewer or any spice-gtk client connects to it, and each \
         channel is spliced to a local endpoint (QEMU chardev socket, char device, FIFO, any app).",
-    after_help = "Exit codes: 0 success, 1 runtime failure, 2 usage/configuration error, 3 start-up failure."
+    after_help = "Exit codes: 0 success, 1 runtime failure, 2 usage/configuration error, 3 start-up failure, \
+        4 wrong password (connect)."
 )]
 struct Cli {
     /// Log verbosity: -q errors and warnings only, -v debug.
@@ -42,37 +45,96 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Serve spicevmc channels to SPICE clients, each spliced to a local endpoint.
-    #[command(after_help = SERVE_HELP)]
+    #[command(help_template = help_template(SERVE_HELP))]
     Serve(ServeArgs),
     /// Serve a built-in demo on 127.0.0.1 (echo, sink and a type-128 channel), drive it for a few seconds, keep serving.
     Demo(DemoArgs),
     /// Log into a SPICE server (QEMU) and end chosen channels in local unix sockets.
-    #[command(after_help = CONNECT_HELP)]
+    #[command(help_template = help_template(CONNECT_HELP))]
     Connect(ConnectArgs),
+}
+
+/// clap's default layout with `text` after the options, verbatim: clap
+/// rewraps `after_help` to the terminal's width, which breaks command
+/// lines in the middle; literal template text is printed as written (every
+/// line of it fits 80 columns).
+fn help_template(text: &str) -> String {
+    format!("{{before-help}}{{about-with-newline}}\n{{usage-heading}} {{usage}}\n\n{{all-args}}\n\n{text}")
+}
+
+/// Mode, owner and group of the unix-listen sockets (serve and connect).
+#[derive(Args, Debug)]
+struct SocketArgs {
+    /// Permission bits of every unix-listen socket, in octal [default: 0660: owner and group may connect].
+    #[arg(long, value_name = "MODE", value_parser = config::parse_socket_mode)]
+    socket_mode: Option<u32>,
+    /// Owner (user name or uid) of every unix-listen socket [default: vmcrelay's user].
+    #[arg(long, value_name = "USER", value_parser = config::parse_socket_owner)]
+    socket_owner: Option<u32>,
+    /// Group (name or gid) of every unix-listen socket [default: vmcrelay's group].
+    #[arg(long, value_name = "GROUP", value_parser = config::parse_socket_group)]
+    socket_group: Option<u32>,
+}
+
+impl SocketArgs {
+    fn apply(&self, p: &mut config::SocketPerms) {
+        if let Some(m) = self.socket_mode {
+            p.mode = m;
+        }
+        if let Some(o) = self.socket_owner {
+            p.owner = Some(o);
+        }
+        if let Some(g) = self.socket_group {
+            p.group = Some(g);
+        }
+    }
 }
 
 const CONNECT_HELP: &str = "\
 CHANNEL SPECS (--channel, repeatable): KIND[:ID]=LOCAL
-  KIND    port:NAME (found by its PORT_INIT name) | usbredir[:ID] | webdav | smartcard | 128..=255
-  LOCAL   unix-listen:PATH  vmcrelay listens; one local app at a time talks to the channel
-          unix:PATH         vmcrelay connects to a local app (e.g. a usbredir host)
+  KIND    port:NAME (found by its PORT_INIT name) | usbredir[:ID] | webdav
+          | smartcard | 128..=255
+  LOCAL   unix-listen:PATH  vmcrelay listens; one local app at a time talks
+                            to the channel
+          unix:PATH         vmcrelay connects to a local app (e.g. a usbredir
+                            host)
 A unix-listen channel is linked when its local app connects (one app at a
-time); when the app leaves, the SPICE channel closes and the next app gets a
-fresh link (QEMU's monitor greets anew). With --eager every channel is linked
-when the session starts and server bytes wait (back-pressure, nothing
-dropped) until the app connects. Port channels are found by their
-PORT_INIT name: each port is linked briefly once per session to learn it.
+time). When the app leaves, server bytes are dropped (counted) and the SPICE
+channel closes once the server has been quiet for --linger-ms, so QEMU never
+loses a channel with input of ours still unread (spice-server 0.15.1 crashes
+then); the next app gets a fresh link (QEMU's monitor greets anew). Bytes of
+an app that hung up before its channel was linked are discarded, never sent.
+With --eager every channel is linked when the session starts and server
+bytes wait (back-pressure, nothing dropped) until the first app connects.
+unix:/file: local ends are opened before the SPICE link; while one is
+missing it is retried with backoff and nothing is linked. Port channels are
+found by their PORT_INIT name: each port is linked briefly once per session
+to learn it, and the log names configured ports the server does not have.
+
+unix-listen sockets get --socket-mode (default 0660), --socket-owner and
+--socket-group; a missing directory is created (0755); the sockets are
+removed when vmcrelay exits.
 
 EXAMPLES
-  # QMP over SPICE: QEMU started with -chardev spiceport,id=qmp0,name=org.qemu.monitor.qmp.0 -mon chardev=qmp0,mode=control
-  vmcrelay connect spice://127.0.0.1:5930 --channel port:org.qemu.monitor.qmp.0=unix-listen:/run/me/qmp.sock
-  socat - UNIX-CONNECT:/run/me/qmp.sock      # then type {\"execute\":\"qmp_capabilities\"}
+  # QMP over SPICE; QEMU runs with
+  #   -chardev spiceport,id=qmp0,name=org.qemu.monitor.qmp.0
+  #   -mon chardev=qmp0,mode=control
+  vmcrelay connect spice://127.0.0.1:5930 \\
+      --channel port:org.qemu.monitor.qmp.0=unix-listen:/run/me/qmp.sock
+  socat - UNIX-CONNECT:/run/me/qmp.sock   # type {\"execute\":\"qmp_capabilities\"}
 
-  vmcrelay connect spice://host:5930 --password-file ~/.vm1.pass --channel usbredir:0=unix:/run/usbredir-host.sock
+  # a USB redirection slot ending in a local usbredir host
+  vmcrelay connect spice://host:5930 --password-file ~/.vm1.pass \\
+      --channel usbredir:0=unix:/run/usbredir-host.sock
+
+  # the server's channels and port names
   vmcrelay connect spice://127.0.0.1:5930 --list
 
-Exit codes: 0 stopped by SIGTERM/SIGINT (or --list done), 1 runtime failure, 2 usage,
-3 start-up failure, 4 the server refused the password (never retried).";
+Exit codes: 0 stopped by SIGTERM/SIGINT (or --list done); 1 cannot reach
+the server, or it is not a SPICE server (--list; without it, connect keeps
+retrying); 2 usage or configuration error (URI, channel spec, password
+file), in every mode; 3 start-up failure (a local socket); 4 the server
+refused the password (never retried).";
 
 #[derive(Args, Debug)]
 struct ConnectArgs {
@@ -90,6 +152,11 @@ struct ConnectArgs {
     /// Print the server's channels (type, id, port names) and exit.
     #[arg(long)]
     list: bool,
+    /// --list: seconds to wait for the server's answers.
+    #[arg(long, default_value_t = 10, hide = true)]
+    timeout_secs: u64,
+    #[command(flatten)]
+    socket: SocketArgs,
     /// Announce LZ4 on pass-through channels (the server compresses large payloads).
     #[arg(long)]
     lz4: bool,
@@ -99,12 +166,24 @@ struct ConnectArgs {
     /// Link every channel when the session starts; server bytes wait until the local app connects.
     #[arg(long)]
     eager: bool,
+    /// Keep unix-listen channels linked for the whole session: local apps come and go as PORT_EVENT
+    /// opened/closed, server bytes while no app is there are dropped. QEMU's monitor does not restart
+    /// on PORT_EVENT, so for QMP only the first app gets the greeting: leave this off for QMP.
+    #[arg(long)]
+    keep_linked: bool,
+    /// After a local app leaves, its SPICE channel closes once the server has been quiet this long
+    /// (closing earlier can crash QEMU's spice-server 0.15.1 while it still has input of ours).
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    linger_ms: u64,
 }
 
 const EXIT_AUTH: u8 = 4;
 
 fn parse_uri(uri: &str) -> Result<ServerAddr, String> {
     if let Some(p) = uri.strip_prefix("spice+unix://") {
+        if p.is_empty() {
+            return Err(format!("`{uri}`: write spice+unix:///PATH"));
+        }
         return Ok(ServerAddr::Unix(PathBuf::from(p)));
     }
     let rest = uri
@@ -114,14 +193,44 @@ fn parse_uri(uri: &str) -> Result<ServerAddr, String> {
         Some((h, p)) => format!("{h}:{}", p.split('&').next().unwrap_or(p)),
         None => rest.trim_end_matches('/').to_string(),
     };
-    config::parse_listen(&hostport).map(ServerAddr::Tcp)
+    config::parse_server_addr(&hostport).map(ServerAddr::Tcp)
 }
 
-fn list_channels(addr: &ServerAddr, password: &[u8]) -> Result<(), String> {
+/// Why `--list` failed, with its exit code.
+fn list_failure(addr: &str, e: &vmcrelay::relay::sync_client::ClientError) -> (u8, String) {
+    use vmcrelay::proto::client_link::ClientLinkFailure;
+    use vmcrelay::proto::link::LinkErrorCode;
+    use vmcrelay::relay::sync_client::ClientError;
+    match e {
+        ClientError::Link(
+            ClientLinkFailure::Result(LinkErrorCode::PermissionDenied)
+            | ClientLinkFailure::ErrorReply(LinkErrorCode::PermissionDenied),
+        ) => (
+            EXIT_AUTH,
+            format!(
+                "{addr} refused the password ({}); check --password-file or --password-env",
+                LinkErrorCode::PermissionDenied
+            ),
+        ),
+        ClientError::Link(f) => (EXIT_RUNTIME, format!("{addr}: {f}")),
+        ClientError::LinkEof => (
+            EXIT_RUNTIME,
+            format!(
+                "{addr} closed the connection without a SPICE link reply: not a SPICE server, \
+                 or a TLS-only port (vmcrelay does not speak TLS)"
+            ),
+        ),
+        ClientError::Connect { .. } | ClientError::NoAnswer { .. } => (EXIT_RUNTIME, e.to_string()),
+        other => (EXIT_RUNTIME, format!("{addr}: {other}")),
+    }
+}
+
+fn list_channels(addr: &ServerAddr, password: &[u8], timeout: std::time::Duration) -> Result<(), (u8, String)> {
     use vmcrelay::relay::sync_client::Session;
-    let ServerAddr::Tcp(sa) = addr else { return Err("--list supports spice:// addresses only".into()) };
-    let s = Session::connect(&sa.to_string(), password, std::time::Duration::from_secs(10))
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let ServerAddr::Tcp(sa) = addr else {
+        return Err((EXIT_CONFIG, "--list supports spice:// addresses only".into()));
+    };
+    let s = Session::connect(&sa.to_string(), password, timeout).map_err(|e| list_failure(&sa.to_string(), &e))?;
     println!("session {:#010x} on {addr}", s.session_id);
     println!("{:<10} {:>3}  port name", "type", "id");
     println!("{:<10} {:>3}  (this session's own channel)", "main", 0);
@@ -129,7 +238,12 @@ fn list_channels(addr: &ServerAddr, password: &[u8]) -> Result<(), String> {
         let name = vmcrelay::proto::channel::ChannelKind::of(t).map_or_else(|| t.to_string(), |k| k.to_string());
         let port = if t == vmcrelay::proto::channel::CH_PORT || t == vmcrelay::proto::channel::CH_WEBDAV {
             match s.open(t, id, false) {
-                Ok(mut ch) => match ch.reader.wait_port_state() {
+                Ok(mut ch) => match ch
+                    .reader
+                    .set_read_timeout(Some(timeout))
+                    .map_err(Into::into)
+                    .and_then(|()| ch.reader.wait_port_state())
+                {
                     Ok(opened) => format!(
                         "{}{}",
                         ch.reader.port_name.clone().unwrap_or_default(),
@@ -148,27 +262,34 @@ fn list_channels(addr: &ServerAddr, password: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+fn connect_password(a: &ConnectArgs) -> Result<Vec<u8>, String> {
+    match (&a.password_file, &a.password_env) {
+        (Some(f), None) => config::read_password_file(f),
+        (None, Some(v)) => config::read_password_env(v),
+        (None, None) => Ok(Vec::new()),
+        _ => Err("choose one of --password-file and --password-env".into()),
+    }
+}
+
 fn connect_config(a: &ConnectArgs) -> Result<(ServeConfig, ConnectOptions), String> {
     let server = parse_uri(&a.uri)?;
-    let password = match (&a.password_file, &a.password_env) {
-        (Some(f), None) => config::read_password_file(f)?,
-        (None, Some(v)) => config::read_password_env(v)?,
-        (None, None) => Vec::new(),
-        _ => return Err("choose one of --password-file and --password-env".into()),
-    };
+    let password = connect_password(a)?;
     let opts = ConnectOptions {
         server,
         password,
         lz4: a.lz4,
         max_backoff: std::time::Duration::from_secs(a.max_backoff_secs.max(1)),
         eager: a.eager,
+        keep_linked: a.keep_linked,
+        linger: std::time::Duration::from_millis(a.linger_ms),
     };
     let channels = config::parse_channels(a.channel.iter().map(|c| (c.as_str(), "--channel".to_string())))
         .map_err(|e| e.to_string())?;
-    let cfg = ServeConfig {
+    let mut cfg = ServeConfig {
         services: vec![Service { name: "connect".into(), listen: Vec::new(), password: None, channels }],
         limits: Limits { workers: 1, max_conns_per_worker: 64, ..Limits::default() },
     };
+    a.socket.apply(&mut cfg.limits.socket);
     cfg.validate()?;
     Ok((cfg, opts))
 }
@@ -307,13 +428,18 @@ fn demo_config(a: &DemoArgs) -> Result<ServeConfig, String> {
 
 const SERVE_HELP: &str = "\
 CHANNEL SPECS (--channel, repeatable): KIND[:ID]=ENDPOINT
-  KIND      usbredir | smartcard | webdav | port:NAME | 128..=255 (user-defined, vmcrelay's own)
+  KIND      usbredir | smartcard | webdav | port:NAME
+            | 128..=255 (user-defined, vmcrelay's own)
   ID        channel id within its type; default: the next free one
-  ENDPOINT  unix:PATH         connect to a unix socket (QEMU -chardev socket,server=on,wait=off)
+  ENDPOINT  unix:PATH         connect to a unix socket
+                              (QEMU -chardev socket,server=on,wait=off)
             unix-listen:PATH  listen; QEMU or the app connects to vmcrelay
             file:PATH         a char device (/dev/virtio-ports/NAME) or FIFO
             tcp:HOST:PORT     connect over TCP
             echo: | sink:     built-in, for demos and tests
+unix-listen sockets get --socket-mode (default 0660), --socket-owner and
+--socket-group; a missing directory is created (0755); the sockets are
+removed when vmcrelay exits.
 
 EXAMPLES
   # one VM, no password, QMP and a USB redirection slot
@@ -322,12 +448,19 @@ EXAMPLES
       --channel port:org.qemu.monitor.qmp.0=unix:/run/vm1/qmp.sock
   remote-viewer spice://127.0.0.1:5930
 
-  # password from a file; a whole host from a config file
-  vmcrelay serve --listen 0.0.0.0:5930 --password-file /etc/vmcrelay/vm1.pass --channel 128=unix-listen:/run/vm1/app.sock
+  # a password from a file; channel 128 ends where the host app connects
+  vmcrelay serve --listen 0.0.0.0:5930 \\
+      --password-file /etc/vmcrelay/vm1.pass \\
+      --channel 128=unix-listen:/run/vm1/app.sock
+
+  # a whole host from a config file (see README)
   vmcrelay serve --config /etc/vmcrelay/host.toml
 
 Logs go to stderr, one line per link and per close (grep `link ` / `close `).
-SIGTERM or SIGINT: stop accepting, flush accepted data, close, exit 0.";
+SIGTERM or SIGINT: stop accepting, flush accepted data, close, exit 0.
+Exit codes: 0 stopped by a signal, 1 runtime failure, 2 usage or
+configuration error, 3 start-up failure (address in use, io_uring, an
+endpoint socket).";
 
 #[derive(Args, Debug)]
 struct ServeArgs {
@@ -355,13 +488,14 @@ struct ServeArgs {
     /// Worker threads, one io_uring each [default: all cores].
     #[arg(long)]
     workers: Option<usize>,
-    /// Client connections per worker (each holds two buffers).
+    /// Client connections per worker (each holds two buffers) [default: 256].
     #[arg(long, value_name = "N")]
     max_conns: Option<usize>,
-    /// Size of each registered buffer in KiB.
+    /// Size of each registered buffer in KiB [default: 262,216 bytes ≈ 256 KiB: four 64 KiB messages with
+    /// their headers].
     #[arg(long, value_name = "KIB")]
     buffer_kib: Option<usize>,
-    /// A busy channel: `replace` (newest client wins, as spice-server) or `refuse`.
+    /// A busy channel: `replace` (newest client wins, as spice-server) or `refuse` [default: replace].
     #[arg(long, value_enum)]
     busy: Option<BusyPolicy>,
     /// Keep a unix-listen endpoint connection open when the client goes away.
@@ -370,10 +504,11 @@ struct ServeArgs {
     /// Send LZ4 COMPRESSED_DATA to clients that accept it (payloads over 1000 B that shrink).
     #[arg(long)]
     lz4_to_client: bool,
-    /// SPICE ACK window toward clients in messages (0: off, as spice-server on spicevmc).
+    /// SPICE ACK window toward clients in messages (0: off, as spice-server on spicevmc) [default: 0].
     #[arg(long, value_name = "N")]
     ack_window: Option<u32>,
-    /// Client → endpoint payload path: `copy` (registered buffers) or `splice` (socket → pipe → endpoint).
+    /// Client → endpoint payload path: `copy` (registered buffers) or `splice` (socket → pipe → endpoint)
+    /// [default: copy].
     #[arg(long, value_enum)]
     data_path: Option<config::DataPath>,
     /// Seconds between `stats` log lines with live totals and MiB/s (0: none) [default: 60].
@@ -384,6 +519,8 @@ struct ServeArgs {
     /// the same key: only on trusted networks.
     #[arg(long, value_name = "N")]
     key_reuse: Option<usize>,
+    #[command(flatten)]
+    socket: SocketArgs,
 }
 
 fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
@@ -436,6 +573,7 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     if let Some(k) = a.key_reuse {
         l.key_reuse = k;
     }
+    a.socket.apply(&mut l.socket);
     cfg.validate()?;
     Ok(cfg)
 }
@@ -484,19 +622,26 @@ fn main() -> ExitCode {
 
 fn connect_main(a: &ConnectArgs) -> ExitCode {
     if a.list {
-        let r = parse_uri(&a.uri).and_then(|addr| {
-            let pw = match (&a.password_file, &a.password_env) {
-                (Some(f), _) => config::read_password_file(f)?,
-                (None, Some(v)) => config::read_password_env(v)?,
-                _ => Vec::new(),
-            };
-            list_channels(&addr, &pw)
+        // The same mistakes as without --list are configuration errors (exit 2).
+        let checked = parse_uri(&a.uri).and_then(|addr| {
+            if !a.channel.is_empty() {
+                config::parse_channels(a.channel.iter().map(|c| (c.as_str(), "--channel".to_string())))
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok((addr, connect_password(a)?))
         });
-        return match r {
-            Ok(()) => ExitCode::SUCCESS,
+        let (addr, pw) = match checked {
+            Ok(x) => x,
             Err(e) => {
+                eprintln!("vmcrelay: configuration error: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        };
+        return match list_channels(&addr, &pw, std::time::Duration::from_secs(a.timeout_secs.max(1))) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err((code, e)) => {
                 eprintln!("vmcrelay: {e}");
-                ExitCode::from(if e.contains("permission denied") { EXIT_AUTH } else { EXIT_RUNTIME })
+                ExitCode::from(code)
             }
         };
     }

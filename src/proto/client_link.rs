@@ -37,10 +37,10 @@ pub struct ClientLinkConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ClientLinkFailure {
     /// The server's link header was refused.
-    #[error("bad reply header: {0}")]
+    #[error("{}", describe_header(*.0))]
     Header(HeaderError),
     /// The reply does not parse.
-    #[error("malformed link reply")]
+    #[error("malformed SPICE link reply (a broken or foreign server)")]
     BadReply,
     /// The server answered with an error reply.
     #[error("server refused the link: {0}")]
@@ -54,6 +54,26 @@ pub enum ClientLinkFailure {
     /// The final link result was not OK.
     #[error("link refused: {0}")]
     Result(LinkErrorCode),
+}
+
+/// Says what came instead of a SPICE link reply: printable bytes as text,
+/// others in hex.
+fn describe_header(e: HeaderError) -> String {
+    match e {
+        HeaderError::Magic(m) => {
+            let sent = if m.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+                format!("`{}`", String::from_utf8_lossy(&m))
+            } else {
+                let hex: Vec<String> = m.iter().map(|b| format!("{b:02x}")).collect();
+                format!("bytes {} (hex)", hex.join(" "))
+            };
+            format!("not a SPICE server: it sent {sent} where a SPICE link reply starts with `REDQ`")
+        }
+        HeaderError::Version(v) => {
+            format!("the server speaks SPICE link protocol version {v}; vmcrelay speaks version 2")
+        }
+        HeaderError::Size(n) => format!("not a SPICE server: its link reply announces {n} bytes (out of range)"),
+    }
 }
 
 /// What the caller must do next.

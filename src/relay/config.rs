@@ -138,6 +138,8 @@ pub struct Limits {
     /// spice-server). More raises the link rate but lets a sniffed ticket
     /// be replayed on another link that got the same key.
     pub key_reuse: usize,
+    /// Mode, owner and group of the `unix-listen` sockets.
+    pub socket: SocketPerms,
 }
 
 impl Default for Limits {
@@ -159,6 +161,7 @@ impl Default for Limits {
             data_path: DataPath::Copy,
             stats_secs: 60,
             key_reuse: 1,
+            socket: SocketPerms::default(),
         }
     }
 }
@@ -333,6 +336,9 @@ struct FileRelay {
     data_path: Option<DataPath>,
     stats_secs: Option<u64>,
     key_reuse: Option<usize>,
+    socket_mode: Option<toml::Spanned<toml::Value>>,
+    socket_owner: Option<toml::Spanned<String>>,
+    socket_group: Option<toml::Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,10 +359,72 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 /// Resolves a listen address (`127.0.0.1:5930`, `[::1]:5930`, `localhost:5930`).
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    resolve_addr(s, "listen address", "HOST:PORT, e.g. 127.0.0.1:5930")
+}
+
+/// Resolves the `HOST:PORT` of a SPICE server to connect to (`connect`'s URI).
+pub fn parse_server_addr(s: &str) -> Result<SocketAddr, String> {
+    resolve_addr(s, "server address", "spice://HOST:PORT or spice://HOST?port=PORT, e.g. spice://127.0.0.1:5930")
+}
+
+fn resolve_addr(s: &str, what: &str, write: &str) -> Result<SocketAddr, String> {
     s.to_socket_addrs()
-        .map_err(|e| format!("listen address `{s}`: {e}; write HOST:PORT, e.g. 127.0.0.1:5930"))?
+        .map_err(|e| format!("{what} `{s}`: {e}; write {write}"))?
         .next()
-        .ok_or_else(|| format!("listen address `{s}` resolves to nothing"))
+        .ok_or_else(|| format!("{what} `{s}` resolves to nothing"))
+}
+
+/// Who may use the `unix-listen` sockets vmcrelay creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketPerms {
+    /// Permission bits (connecting needs write permission).
+    pub mode: u32,
+    /// Owner uid to set (`None`: the process's).
+    pub owner: Option<u32>,
+    /// Group gid to set (`None`: the process's).
+    pub group: Option<u32>,
+}
+
+/// Default `unix-listen` socket mode: owner and group may connect.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o660;
+
+impl Default for SocketPerms {
+    fn default() -> Self {
+        Self { mode: DEFAULT_SOCKET_MODE, owner: None, group: None }
+    }
+}
+
+/// Parses an octal mode such as `0660`, `660` or `0o660`.
+pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m),
+        _ => Err(format!("socket mode `{s}` must be octal permission bits 0..=0777, e.g. 0660")),
+    }
+}
+
+/// Resolves a user name (or a numeric uid) to a uid.
+pub fn parse_socket_owner(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::User::from_name(s) {
+        Ok(Some(u)) => Ok(u.uid.as_raw()),
+        Ok(None) => Err(format!("socket owner `{s}`: no such user")),
+        Err(e) => Err(format!("socket owner `{s}`: cannot look it up: {e}")),
+    }
+}
+
+/// Resolves a group name (or a numeric gid) to a gid.
+pub fn parse_socket_group(s: &str) -> Result<u32, String> {
+    if let Ok(n) = s.parse::<u32>() {
+        return Ok(n);
+    }
+    match nix::unistd::Group::from_name(s) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(format!("socket group `{s}`: no such group")),
+        Err(e) => Err(format!("socket group `{s}`: cannot look it up: {e}")),
+    }
 }
 
 /// Chooses the password from the mutually exclusive sources.
@@ -415,6 +483,22 @@ impl ServeConfig {
         limits.data_path = r.data_path.unwrap_or(limits.data_path);
         limits.stats_secs = r.stats_secs.unwrap_or(limits.stats_secs);
         limits.key_reuse = r.key_reuse.unwrap_or(limits.key_reuse);
+        if let Some(m) = &r.socket_mode {
+            limits.socket.mode = match m.get_ref() {
+                toml::Value::String(t) => parse_socket_mode(t),
+                other => Err(format!(
+                    "socket-mode must be an octal string in quotes, e.g. socket-mode = \"0660\" (not a {})",
+                    other.type_str()
+                )),
+            }
+            .map_err(|e| err(at(m.span().start), e))?;
+        }
+        if let Some(o) = &r.socket_owner {
+            limits.socket.owner = Some(parse_socket_owner(o.get_ref()).map_err(|e| err(at(o.span().start), e))?);
+        }
+        if let Some(g) = &r.socket_group {
+            limits.socket.group = Some(parse_socket_group(g.get_ref()).map_err(|e| err(at(g.span().start), e))?);
+        }
         let mut services = Vec::new();
         for (n, sp) in fc.service.iter().enumerate() {
             let s = sp.get_ref();
@@ -509,6 +593,31 @@ mod tests {
         assert!(e.to_string().contains("no password source"), "{e}");
         let e = ServeConfig::from_toml("[relay]\nworkerz = 2\n", "f").unwrap_err();
         assert_eq!(e.origin, "f:2");
+    }
+
+    #[test]
+    fn socket_perms() {
+        assert_eq!(parse_socket_mode("0640"), Ok(0o640));
+        assert_eq!(parse_socket_mode("660"), Ok(0o660));
+        assert_eq!(parse_socket_mode("0o600"), Ok(0o600));
+        assert!(parse_socket_mode("0668").is_err());
+        assert!(parse_socket_mode("01777").is_err());
+        assert!(parse_socket_mode("").is_err());
+        assert_eq!(parse_socket_owner("0"), Ok(0));
+        assert_eq!(parse_socket_owner("root"), Ok(0));
+        assert!(parse_socket_owner("no-such-user-vmcrelay").unwrap_err().contains("no such user"));
+        assert!(parse_socket_group("no-such-group-vmcrelay").unwrap_err().contains("no such group"));
+        let base = "[[service]]\nlisten = [\"127.0.0.1:1\"]\ndisable-ticketing = true\nchannels = [\"128=sink:\"]\n";
+        let c = ServeConfig::from_toml(&format!("[relay]\nsocket-mode = \"0640\"\nsocket-owner = \"0\"\n{base}"), "f")
+            .expect("ok");
+        assert_eq!(c.limits.socket, SocketPerms { mode: 0o640, owner: Some(0), group: None });
+        assert_eq!(ServeConfig::from_toml(base, "f").expect("ok").limits.socket.mode, DEFAULT_SOCKET_MODE);
+        let e = ServeConfig::from_toml(&format!("[relay]\nworkers = 1\nsocket-mode = 640\n{base}"), "f").unwrap_err();
+        assert_eq!(e.origin, "f:3", "{e}");
+        assert!(e.message.contains("octal string"), "{e}");
+        let e = ServeConfig::from_toml(&format!("[relay]\nsocket-group = \"no-such-group-vmcrelay\"\n{base}"), "f")
+            .unwrap_err();
+        assert_eq!(e.origin, "f:2", "{e}");
     }
 
     #[test]

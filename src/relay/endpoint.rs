@@ -9,13 +9,13 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6, SockaddrLike, SockaddrStorage, UnixAddr, socket,
 };
 
-use super::config::EndpointSpec;
+use super::config::{EndpointSpec, SocketPerms};
 
 /// How an endpoint comes up.
 #[derive(Debug)]
@@ -102,6 +102,74 @@ pub fn bind_listener(path: &Path) -> std::io::Result<OwnedFd> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on unix:{}: {e}", path.display())))?;
     l.set_nonblocking(true)?;
     Ok(OwnedFd::from(l))
+}
+
+/// A file's identity (device, inode): tells later whether a path still
+/// names the socket file we created.
+pub type FileId = (u64, u64);
+
+/// The identity of the socket file at `path`, if there is one.
+pub fn socket_file_id(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::symlink_metadata(path).ok()?;
+    m.file_type().is_socket().then(|| (m.dev(), m.ino()))
+}
+
+/// Creates the missing directories above a socket path, each with mode
+/// 0755 whatever the umask; returns those it created, outermost first.
+pub fn create_parent_dirs(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut missing = Vec::new();
+    let mut dir = path.parent();
+    while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
+        match std::fs::symlink_metadata(d) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(d.to_path_buf()),
+            Err(e) => return Err(std::io::Error::new(e.kind(), format!("{}: {e}", d.display()))),
+        }
+        dir = d.parent();
+    }
+    missing.reverse();
+    let mut created = Vec::new();
+    for d in missing {
+        match std::fs::create_dir(&d) {
+            Ok(()) => {}
+            // Made by someone else meanwhile: not ours to chmod.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(std::io::Error::new(e.kind(), format!("cannot create {}: {e}", d.display()))),
+        }
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot chmod 0755 {}: {e}", d.display())))?;
+        created.push(d);
+    }
+    Ok(created)
+}
+
+/// Gives the socket file at `path` its owner and group, then its mode.
+pub fn apply_socket_perms(path: &Path, perms: &SocketPerms) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if perms.owner.is_some() || perms.group.is_some() {
+        std::os::unix::fs::lchown(path, perms.owner, perms.group).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot give unix-listen:{} owner {} group {}: {e}",
+                    path.display(),
+                    perms.owner.map_or_else(|| "(unchanged)".into(), |u| u.to_string()),
+                    perms.group.map_or_else(|| "(unchanged)".into(), |g| g.to_string()),
+                ),
+            )
+        })?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(perms.mode)).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot chmod {:04o} unix-listen:{}: {e}", perms.mode, path.display()))
+    })
+}
+
+/// Removes the socket file at `path` if it is still the file `id`;
+/// returns whether it did.
+pub fn remove_socket_if_ours(path: &Path, id: FileId) -> bool {
+    socket_file_id(path) == Some(id) && std::fs::remove_file(path).is_ok()
 }
 
 /// Peer address of an accepted TCP socket, for logs.

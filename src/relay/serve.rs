@@ -1,15 +1,19 @@
 //! `vmcrelay serve`: starts the key pool and one worker per core, waits
 //! for SIGTERM/SIGINT, drains and exits.
 
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+use nix::sys::stat::{Mode, umask};
 
-use super::config::ServeConfig;
-use super::keypool;
+use super::config::{EndpointSpec, ServeConfig};
 use super::worker::{Shared, Worker};
-use crate::{error, info};
+use super::{endpoint, keypool};
+use crate::{debug, error, info};
 
 /// Why serve stopped with a failure; the binary maps it to an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +27,116 @@ pub enum ServeError {
     /// An error retrying cannot fix (a wrong password in `connect`).
     #[error("{0}")]
     Fatal(String),
+}
+
+/// Makes sure nobody holds a listen address before the workers bind it
+/// with SO_REUSEPORT (which would otherwise share the port with another
+/// vmcrelay of the same user in silence). Returns one exclusive abstract
+/// unix socket per address, to hold for the process's lifetime: two
+/// vmcrelays starting at once cannot both pass the probe.
+fn claim_listen_addrs(config: &ServeConfig) -> Result<Vec<OwnedFd>, ServeError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr, bind, setsockopt, socket};
+    let in_use = |addr: &SocketAddr, who: &str| {
+        ServeError::Startup(format!(
+            "cannot listen on {addr}: address in use ({who}; `ss -ltnp 'sport = :{}'` shows which process)",
+            addr.port()
+        ))
+    };
+    let mut locks = Vec::new();
+    for addr in config.services.iter().flat_map(|s| &s.listen) {
+        if addr.port() == 0 {
+            continue;
+        }
+        let other = |e: nix::Error| ServeError::Startup(format!("cannot listen on {addr}: {e}"));
+        let lock = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(other)?;
+        let name = UnixAddr::new_abstract(format!("vmcrelay-listen-{addr}").as_bytes()).map_err(other)?;
+        match bind(lock.as_raw_fd(), &name) {
+            Ok(()) => locks.push(lock),
+            Err(nix::Error::EADDRINUSE) => return Err(in_use(addr, "another vmcrelay holds it")),
+            Err(e) => return Err(other(e)),
+        }
+        // The probe: SO_REUSEADDR (TIME_WAIT leftovers do not count) but no
+        // SO_REUSEPORT, so any listener on the port refuses it.
+        let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        let probe = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(other)?;
+        setsockopt(&probe, nix::sys::socket::sockopt::ReuseAddr, &true).map_err(other)?;
+        match bind(probe.as_raw_fd(), &SockaddrStorage::from(*addr)) {
+            Ok(()) => {}
+            Err(nix::Error::EADDRINUSE) => return Err(in_use(addr, "another process holds it")),
+            Err(e) => return Err(other(e)),
+        }
+    }
+    Ok(locks)
+}
+
+/// The `unix-listen` socket files this process created; each is removed
+/// on drop if the path still names that file.
+#[derive(Debug, Default)]
+struct OwnSockets(Vec<(PathBuf, endpoint::FileId)>);
+
+impl Drop for OwnSockets {
+    fn drop(&mut self) {
+        for (p, id) in &self.0 {
+            if endpoint::remove_socket_if_ours(p, *id) {
+                debug!("main", "removed unix-listen:{}", p.display());
+            }
+        }
+    }
+}
+
+/// Builds the shared state, which binds the `unix-listen` sockets: their
+/// missing directories are created first; each socket is bound under a
+/// restrictive umask, then given its owner, group and mode.
+fn make_shared(config: ServeConfig) -> Result<(Arc<Shared>, OwnSockets), ServeError> {
+    let perms = config.limits.socket;
+    let paths: Vec<PathBuf> = config
+        .services
+        .iter()
+        .flat_map(|s| &s.channels)
+        .filter_map(|c| match &c.endpoint {
+            EndpointSpec::UnixListen(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    for p in &paths {
+        let made = endpoint::create_parent_dirs(p).map_err(|e| {
+            ServeError::Startup(format!("cannot create the directory of unix-listen:{}: {e}", p.display()))
+        })?;
+        for d in made {
+            info!("main", "created directory {} (mode 0755) for unix-listen:{}", d.display(), p.display());
+        }
+    }
+    let before: Vec<Option<endpoint::FileId>> = paths.iter().map(|p| endpoint::socket_file_id(p)).collect();
+    // Nobody but us may connect until owner, group and mode are set. No
+    // other thread runs yet, so the process-wide umask is ours to change.
+    let old_mask = umask(Mode::from_bits_truncate(0o177));
+    let shared = Shared::new(config);
+    umask(old_mask);
+    let shared = match shared {
+        Ok(s) => s,
+        Err(e) => {
+            // Remove what this attempt bound before it failed.
+            for (p, b) in paths.iter().zip(&before) {
+                if let Some(id) = endpoint::socket_file_id(p).filter(|id| Some(*id) != *b) {
+                    endpoint::remove_socket_if_ours(p, id);
+                }
+            }
+            return Err(ServeError::Startup(e.to_string()));
+        }
+    };
+    let mut own = OwnSockets::default();
+    for p in &paths {
+        let id = endpoint::socket_file_id(p).ok_or_else(|| {
+            ServeError::Startup(format!("unix-listen:{}: the socket file vanished after bind", p.display()))
+        })?;
+        own.0.push((p.clone(), id));
+        endpoint::apply_socket_perms(p, &perms).map_err(|e| ServeError::Startup(e.to_string()))?;
+        let (uid, gid) = std::fs::symlink_metadata(p)
+            .map(|m| (std::os::unix::fs::MetadataExt::uid(&m), std::os::unix::fs::MetadataExt::gid(&m)))
+            .unwrap_or((u32::MAX, u32::MAX));
+        info!("main", "unix-listen:{} mode={:04o} uid={uid} gid={gid}", p.display(), perms.mode);
+    }
+    Ok((shared, own))
 }
 
 /// Runs the relay until a signal; returns after every worker drained.
@@ -52,7 +166,8 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
             chans.join(" ")
         );
     }
-    let shared = Shared::new(config).map_err(|e| ServeError::Startup(e.to_string()))?;
+    let _listen_locks = claim_listen_addrs(&config)?;
+    let (shared, _own_sockets) = make_shared(config)?;
     let stop_keys = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reuse = shared.config.limits.key_reuse;
     if reuse > 1 {
@@ -154,7 +269,7 @@ pub fn run_connect(config: ServeConfig, opts: super::worker::ConnectOptions) -> 
     for c in config.services.iter().flat_map(|s| &s.channels) {
         info!("main", "channel {} ends in {}", c.label(), c.endpoint);
     }
-    let shared = Shared::new(config).map_err(|e| ServeError::Startup(e.to_string()))?;
+    let (shared, _own_sockets) = make_shared(config)?;
     let s2 = Arc::clone(&shared);
     let h = std::thread::Builder::new()
         .name("vmcrelay-connect".into())

@@ -32,6 +32,23 @@ pub enum ClientError {
     /// channel that does not exist).
     #[error("server closed the connection during the link (no such channel?)")]
     LinkEof,
+    /// The TCP connection could not be made.
+    #[error("cannot connect to {addr}: {err}")]
+    Connect {
+        /// Server address.
+        addr: String,
+        /// Cause.
+        err: std::io::Error,
+    },
+    /// The server accepted the connection but sent nothing (or not enough)
+    /// in time.
+    #[error("no answer from {addr} within {secs} s: not a SPICE server, or it is stuck")]
+    NoAnswer {
+        /// Server address.
+        addr: String,
+        /// The timeout.
+        secs: u64,
+    },
     /// The server broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -46,11 +63,22 @@ fn link(
     channel_caps: Caps,
     timeout: Duration,
 ) -> Result<(TcpStream, Linked, Vec<u8>), ClientError> {
-    let sa = addr
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{addr}: no address")))?;
-    let mut s = TcpStream::connect_timeout(&sa, timeout)?;
+    let cannot = |err: std::io::Error| ClientError::Connect { addr: addr.to_string(), err };
+    let nothing = || cannot(std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address"));
+    let sa = addr.to_socket_addrs().map_err(cannot)?.next().ok_or_else(nothing)?;
+    let mut s = TcpStream::connect_timeout(&sa, timeout).map_err(|err| match err.kind() {
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => cannot(std::io::Error::new(
+            err.kind(),
+            format!("no TCP answer within {} s (host down or a firewall drops the packets)", timeout.as_secs()),
+        )),
+        _ => cannot(err),
+    })?;
+    let no_answer = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+            ClientError::NoAnswer { addr: addr.to_string(), secs: timeout.as_secs() }
+        }
+        _ => ClientError::Io(e),
+    };
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(timeout))?;
     let cfg = ClientLinkConfig {
@@ -72,7 +100,7 @@ fn link(
             let mut sink = vec![0u8; out.len()];
             l.poll_output(&mut sink);
         }
-        let n = s.read(&mut buf)?;
+        let n = s.read(&mut buf).map_err(no_answer)?;
         if n == 0 {
             return Err(ClientError::LinkEof);
         }
@@ -179,7 +207,14 @@ impl Session {
         let mut body = Vec::new();
         let mut session_id = 0;
         let channels: Vec<(u8, u8)> = loop {
-            let Some(h) = r.next(&mut body, 64 * 1024)? else {
+            let next = r.next(&mut body, 64 * 1024).map_err(|e| match e.kind() {
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => ClientError::Protocol(format!(
+                    "{addr} linked the main channel but sent no channel list within {} s",
+                    timeout.as_secs()
+                )),
+                _ => ClientError::Io(e),
+            })?;
+            let Some(h) = next else {
                 return Err(ClientError::Protocol("main channel closed before CHANNELS_LIST".into()));
             };
             match ServerMsg::parse(main_kind, h.msg_type, &body) {
@@ -403,6 +438,11 @@ impl ChannelReader {
                 },
             }
         }
+    }
+
+    /// Bounds each read (`None`: wait forever, the default once linked).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.r.sock.set_read_timeout(t)
     }
 
     /// Reads until the port reports `opened` (PORT_INIT or PORT_EVENT).

@@ -47,7 +47,7 @@ use crate::{debug, info, warn};
 
 mod connect;
 
-pub use connect::{ConnectOptions, ServerAddr, run_connect_worker};
+pub use connect::{ConnectOptions, DEFAULT_LINGER, ServerAddr, run_connect_worker};
 
 // ---------------------------------------------------------------------------
 // tokens
@@ -72,9 +72,10 @@ enum Op {
     SpliceOut,
     SplicePoll,
     LocalAccept,
+    Linger,
 }
 
-const OPS: [Op; 16] = [
+const OPS: [Op; 17] = [
     Op::Accept,
     Op::Mailbox,
     Op::Tick,
@@ -91,6 +92,7 @@ const OPS: [Op; 16] = [
     Op::SpliceOut,
     Op::SplicePoll,
     Op::LocalAccept,
+    Op::Linger,
 ];
 
 impl Op {
@@ -294,6 +296,9 @@ enum EpState {
     Connecting,
     Accepting,
     Open,
+    /// `connect`: the local app left; the SPICE channel lingers (see
+    /// `Chan::app_left`) and what the server sends is dropped.
+    Gone,
 }
 
 /// What the current client message's body is for.
@@ -337,6 +342,14 @@ struct Chan {
     piped: u32,
     /// Which splice a POLL wakes up: true = into the pipe (socket readable).
     poll_in: bool,
+    /// Payload bytes dropped because no local app was there to take them.
+    dropped: u64,
+    /// `connect`: when the local app left. From then on server bytes are
+    /// dropped (counted), and the SPICE channel is closed only once the
+    /// server has been quiet for the linger time: spice-server 0.15.1
+    /// crashes QEMU when a channel closes while the device still has input
+    /// of ours to consume.
+    app_left: Option<Instant>,
 }
 
 impl Chan {
@@ -360,6 +373,8 @@ impl Chan {
             pipe: None,
             piped: 0,
             poll_in: false,
+            dropped: 0,
+            app_left: None,
         }
     }
 }
@@ -430,6 +445,8 @@ struct Conn {
     chan: (u8, u8),
     /// Client-side ACK window accounting (`connect`).
     ack: ClientAck,
+    /// When the last bytes came from the peer socket.
+    last_rx: Instant,
 }
 
 /// Smallest DATA body remainder worth splicing (below it, one read is cheaper).
@@ -584,6 +601,7 @@ impl Worker {
             Op::Tick => self.on_tick(),
             Op::Retry => self.on_retry(),
             Op::LocalAccept => self.on_local_accept(slot as usize, c.result, c.fd),
+            Op::Linger => self.on_linger(),
             _ => self.on_conn_op(op, slot, generation, c),
         }
     }
@@ -671,6 +689,7 @@ impl Worker {
             client_role,
             chan: (0, 0),
             ack: ClientAck::new(),
+            last_rx: Instant::now(),
         };
         self.stats().conns_open.fetch_add(1, Ordering::Relaxed);
         self.slots[slot as usize].conn = Some(Box::new(conn));
@@ -721,6 +740,7 @@ impl Worker {
             self.ring.cancel_where(|t| decode(t).is_some_and(|d| d.0 == Op::Accept), token(Op::Cancel, 0xff_ffff, 0));
         for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
             self.with_conn(slot, |w, conn| match conn.stage {
+                _ if conn.client_role => w.ctl_drain_conn(slot, conn),
                 Stage::Chan(_) => {
                     // Stop reading; what was read is still written.
                     let generation = w.slots[slot as usize].generation;
@@ -740,7 +760,8 @@ impl Worker {
     }
 
     fn maybe_drained(&mut self, slot: u32, conn: &mut Conn) {
-        if self.draining.is_some() && !conn.c2e_busy && !conn.tx_busy && conn.ctl_q.is_empty() {
+        // `connect` closes its channels itself, once the server is quiet.
+        if self.draining.is_some() && !conn.client_role && !conn.c2e_busy && !conn.tx_busy && conn.ctl_q.is_empty() {
             self.close(slot, conn, "shutdown");
         }
     }
@@ -783,9 +804,6 @@ impl Worker {
         };
         let (c2e, e2c) = (sum(|s| &s.c2e_bytes), sum(|s| &s.e2c_bytes));
         self.last_stats = (now, c2e, e2c);
-        if c2e == c2e0 && e2c == e2c0 {
-            return;
-        }
         let secs = now.duration_since(then).as_secs_f64().max(0.001);
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         info!(
@@ -969,7 +987,8 @@ impl Worker {
     // -- client → relay ------------------------------------------------------
 
     fn read_client(&mut self, slot: u32, conn: &mut Conn) {
-        if conn.c2e_busy || conn.closing.is_some() || self.draining.is_some() {
+        // While draining, `connect` keeps reading (and dropping) until the server is quiet.
+        if conn.c2e_busy || conn.closing.is_some() || (self.draining.is_some() && !conn.client_role) {
             return;
         }
         if let Stage::Chan(ch) = &conn.stage
@@ -1012,6 +1031,7 @@ impl Worker {
         }
         conn.rx_len = usize::try_from(res).unwrap_or(0);
         conn.rx_pos = 0;
+        conn.last_rx = Instant::now();
         self.pump_in(slot, conn);
     }
 
@@ -1234,10 +1254,16 @@ impl Worker {
         if let Stage::Chan(ch) = &mut conn.stage {
             if res < 0 {
                 let r = errno_reason("local endpoint connect", res);
+                if conn.client_role {
+                    return self.ctl_local_failed(slot, conn, &r);
+                }
                 warn!(self.who, "channel={} {r}", conn.label);
                 return self.close(slot, conn, &r);
             }
             ch.ep_state = EpState::Open;
+            if conn.client_role {
+                self.ctl_local_up(slot, conn);
+            }
             self.pump_in(slot, conn);
             return self.pump_out(slot, conn);
         }
@@ -1356,10 +1382,13 @@ impl Worker {
         };
         ch.ep = Some(fd);
         ch.ep_state = EpState::Open;
-        // Only a server announces port events; as a client we just start moving bytes.
-        let port = ch.kind.port_messages && !conn.client_role;
+        ch.app_left = None;
+        let port = ch.kind.port_messages;
         debug!(self.who, "endpoint connected channel={}", conn.label);
-        if port {
+        if port && conn.client_role {
+            // The local app is the port's frontend.
+            self.queue_client(slot, conn, &ClientMsg::PortEvent { event: PORT_EVENT_OPENED });
+        } else if port {
             self.queue(slot, conn, &ServerMsg::PortEvent { event: PORT_EVENT_OPENED });
         }
         self.pump_in(slot, conn);
@@ -1474,7 +1503,10 @@ impl Worker {
                     match conn.cur {
                         Cur::Data => {
                             if let Stage::Chan(ch) = &mut conn.stage {
-                                if len > 0 {
+                                if ch.app_left.is_some() {
+                                    // No local app: dropped, counted.
+                                    ch.dropped += len as u64;
+                                } else if len > 0 {
                                     // Merge with the previous range when contiguous.
                                     match ch.ranges.last_mut() {
                                         Some(r) if r.0 + r.1 == a => r.1 += len,
@@ -1539,7 +1571,9 @@ impl Worker {
             return false;
         }
         let Stage::Chan(ch) = &mut conn.stage else { return true };
-        if compressed_done {
+        if compressed_done && ch.app_left.is_some() {
+            ch.dropped += ch.lz4_in.len() as u64;
+        } else if compressed_done {
             let mut out = ch.lz4_out.take().unwrap_or_default();
             let parsed = if conn.client_role {
                 match ServerMsg::parse(kind, MSG_SPICEVMC_COMPRESSED_DATA, &ch.lz4_in) {
@@ -1731,6 +1765,16 @@ impl Worker {
     fn on_ep_write(&mut self, slot: u32, conn: &mut Conn, res: i32, owned: Option<Vec<u8>>) {
         conn.c2e_busy = false;
         let Stage::Chan(ch) = &mut conn.stage else { return };
+        if ch.app_left.is_some() {
+            // The local app left while this write was in flight: what it
+            // did not take is dropped (counted when the app left).
+            ch.ranges.clear();
+            ch.lz4_pending = None;
+            if let Some(v) = owned {
+                ch.lz4_out = Some(v);
+            }
+            return self.pump_in(slot, conn);
+        }
         if res < 0 {
             if let Some(v) = owned {
                 ch.lz4_out = Some(v);
@@ -2025,6 +2069,9 @@ impl Worker {
 
     /// The endpoint went away: tell a port client, then close.
     fn endpoint_gone(&mut self, slot: u32, conn: &mut Conn, reason: &str) {
+        if conn.client_role {
+            return self.ctl_app_gone(slot, conn, reason);
+        }
         let Stage::Chan(ch) = &mut conn.stage else { return self.close(slot, conn, reason) };
         let port = ch.kind.port_messages && !conn.client_role;
         ch.ep_state = EpState::Connecting;

@@ -43,8 +43,8 @@ pub enum RingError {
     MissingOpcode(&'static str),
     /// Buffer registration failed.
     #[error(
-        "cannot register {count} buffers of {size} bytes ({err}); lower --max-channels or \
-         --buffer-kib, or raise the locked-memory limit (ulimit -l)"
+        "cannot register {count} buffers of {size} bytes ({err}); lower --max-conns \
+         (max-conns-per-worker) or --buffer-kib, or raise the locked-memory limit (ulimit -l)"
     )]
     Register {
         /// Buffers.

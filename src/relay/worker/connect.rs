@@ -10,8 +10,22 @@
 //! relinks a channel that closes, and reconnects the session with capped
 //! exponential backoff when the server goes away. A wrong password is not
 //! retried.
+//!
+//! Never harm the VM: spice-server 0.15.1 crashes QEMU when a channel
+//! closes while the device has not consumed our input yet. So a channel
+//! whose local app left is not closed at once: it *lingers*, server bytes
+//! are dropped (and counted), and it closes only once the server has been
+//! quiet for `linger` and everything of ours went out. The next app gets a
+//! fresh link, and with it a fresh chardev session (QEMU's monitor greets
+//! again: QEMU 7.2 ignores a client's PORT_EVENT opened/closed, measured,
+//! so only a relink resets it). `--keep-linked` keeps the channel linked
+//! instead and turns apps into PORT_EVENT opened/closed.
+//!
+//! Bytes of a local app that hung up before its channel was linked are
+//! never sent anywhere (e.g. to the next QEMU after a restart).
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr, socket};
@@ -55,9 +69,20 @@ pub struct ConnectOptions {
     /// Link every channel when the session starts, instead of when its
     /// local app connects (`unix-listen` only).
     pub eager: bool,
+    /// Keep `unix-listen` channels linked for the whole session; local apps
+    /// come and go as PORT_EVENT opened/closed (implies eager links).
+    pub keep_linked: bool,
+    /// How long the server must be quiet after a local app left before its
+    /// SPICE channel closes.
+    pub linger: Duration,
 }
 
+/// Default for [`ConnectOptions::linger`].
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(1000);
+
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// Granularity of the linger check.
+const LINGER_TICK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Default)]
 struct SpecState {
@@ -69,6 +94,12 @@ struct SpecState {
     local: Option<OwnedFd>,
     /// An accept on the spec's `unix-listen` socket is in flight.
     accepting: bool,
+    /// The local endpoint failed: no SPICE link before this time.
+    retry_at: Option<Instant>,
+    /// Current local-endpoint backoff.
+    backoff: Duration,
+    /// Why the local endpoint is down (logged once per change of state).
+    down: Option<String>,
 }
 
 /// The session controller.
@@ -84,6 +115,13 @@ pub(crate) struct ConnectCtl {
     attempt: u32,
     retry_armed: bool,
     warned_missing: Vec<usize>,
+    /// Port names learned this session: (id, name).
+    ports: Vec<(u8, String)>,
+    /// Port ids linked to learn their name this session.
+    probed: Vec<u8>,
+    /// The session's port names were logged (and missing ones named).
+    ports_reported: bool,
+    linger_armed: bool,
 }
 
 /// Runs a `connect` worker until shutdown or a fatal error.
@@ -103,6 +141,10 @@ pub fn run_connect_worker(shared: Arc<Shared>, opts: ConnectOptions) -> anyhow::
         attempt: 0,
         retry_armed: false,
         warned_missing: Vec::new(),
+        ports: Vec::new(),
+        probed: Vec::new(),
+        ports_reported: false,
+        linger_armed: false,
     }));
     w.ctl_arm_local_accepts();
     w.run()
@@ -132,7 +174,7 @@ impl Worker {
 
     /// Whether spec `ci` links only once its local app is there.
     fn ctl_lazy(&self, ci: usize) -> bool {
-        let eager = self.ctl.as_ref().is_none_or(|c| c.opts.eager);
+        let eager = self.ctl.as_ref().is_none_or(|c| c.opts.eager || c.opts.keep_linked);
         !eager && matches!(self.ctl_conf(ci).map(|c| &c.endpoint), Some(EndpointSpec::UnixListen(_)))
     }
 
@@ -161,26 +203,33 @@ impl Worker {
     }
 
     pub(super) fn on_local_accept(&mut self, ci: usize, res: i32, fd: Option<OwnedFd>) {
-        let Some(ctl) = self.ctl.as_mut() else { return };
-        let Some(st) = ctl.specs.get_mut(ci) else { return };
+        let Some(st) = self.ctl.as_mut().and_then(|c| c.specs.get_mut(ci)) else { return };
         st.accepting = false;
-        match fd {
-            Some(fd) if self.draining.is_none() => {
-                st.local = Some(fd);
-                debug!(self.who, "local app connected for spec {ci}");
-                if ctl.session.is_some() {
-                    self.ctl_link_channels();
-                } else {
-                    info!(self.who, "local app waits: no SPICE session yet");
-                }
+        let Some(fd) = fd else {
+            if res != -libc::ECANCELED {
+                warn!(self.who, "local accept failed: {}", std::io::Error::from_raw_os_error(-res));
             }
-            Some(_) => {}
-            None => {
-                if res != -libc::ECANCELED {
-                    warn!(self.who, "local accept failed: {}", std::io::Error::from_raw_os_error(-res));
-                }
-                self.ctl_arm_local_accepts();
-            }
+            return self.ctl_arm_local_accepts();
+        };
+        if self.draining.is_some() {
+            return;
+        }
+        let conf = self.ctl_conf(ci).cloned();
+        let Some(ctl) = self.ctl.as_mut() else { return };
+        let is_port = conf.as_ref().is_some_and(|c| c.kind.channel_type == crate::proto::channel::CH_PORT);
+        if is_port && ctl.ports_reported && ctl.specs[ci].port_id.is_none() {
+            // The server has no such port: say so instead of swallowing the app's bytes.
+            let name = conf.and_then(|c| c.port_name).unwrap_or_default();
+            warn!(self.who, "local app for port {name} closed: the server has no port of that name");
+            drop(fd);
+            return self.ctl_arm_local_accepts();
+        }
+        ctl.specs[ci].local = Some(fd);
+        debug!(self.who, "local app connected for spec {ci}");
+        if ctl.session.is_some() {
+            self.ctl_link_channels();
+        } else {
+            info!(self.who, "local app waits: no SPICE session yet (its bytes go nowhere if it leaves before)");
         }
     }
 
@@ -275,6 +324,7 @@ impl Worker {
                         LinkErrorCode::PermissionDenied
                     ));
                 }
+                self.stats().links_failed.fetch_add(1, Ordering::Relaxed);
                 warn!(self.who, "link to {} channel={} failed: {f}", conn.peer, conn.label);
                 self.close(slot, conn, &format!("link failed: {f}"));
                 false
@@ -283,6 +333,7 @@ impl Worker {
     }
 
     fn on_clinked(&mut self, slot: u32, conn: &mut Conn, l: Linked) {
+        self.stats().links_ok.fetch_add(1, Ordering::Relaxed);
         conn.enc = Encoder::new(l.header_kind);
         conn.deframer = Deframer::new(l.header_kind);
         let Stage::CLink { ci, probe, .. } = conn.stage else { return };
@@ -318,11 +369,16 @@ impl Worker {
         }
         let pending = self.ctl.as_mut().and_then(|c| c.specs.get_mut(ci)).and_then(|s| s.local.take());
         if let Some(fd) = pending {
-            if let Stage::Chan(ch) = &mut conn.stage {
-                ch.ep = Some(fd);
-                ch.ep_state = EpState::Open;
+            if hung_up(&fd) {
+                // Nothing of ours went to the server on this channel: closing is safe.
+                info!(
+                    self.who,
+                    "channel={} the local app left before its channel was linked; its bytes are discarded", conn.label
+                );
+                drop(fd);
+                return self.close(slot, conn, "local app left before the link");
             }
-            return self.pump_out(slot, conn);
+            return self.ctl_attach_local(slot, conn, fd);
         }
         match ep {
             EndpointSpec::UnixListen(_) => {
@@ -332,13 +388,7 @@ impl Worker {
                 self.accept_endpoint(slot, conn, ci);
             }
             other => match endpoint::open(&other) {
-                Ok(Opening::Ready(fd)) => {
-                    if let Stage::Chan(ch) = &mut conn.stage {
-                        ch.ep = Some(fd);
-                        ch.ep_state = EpState::Open;
-                    }
-                    self.pump_out(slot, conn);
-                }
+                Ok(Opening::Ready(fd)) => self.ctl_attach_local(slot, conn, fd),
                 Ok(Opening::Connect(fd, addr)) => {
                     let t = self.tok(Op::EpConnect, slot);
                     let r = self.ring.connect(fd.as_raw_fd(), &addr, t);
@@ -348,11 +398,191 @@ impl Worker {
                     self.pushed(slot, conn, r);
                 }
                 Ok(Opening::Accept) => {}
-                Err(e) => {
-                    warn!(self.who, "channel={} local endpoint {other} unavailable: {e}", conn.label);
-                    self.close(slot, conn, "local endpoint unavailable");
-                }
+                Err(e) => self.ctl_local_failed(slot, conn, &e.to_string()),
             },
+        }
+    }
+
+    /// The channel's local app is there: start moving bytes.
+    fn ctl_attach_local(&mut self, slot: u32, conn: &mut Conn, fd: OwnedFd) {
+        let Stage::Chan(ch) = &mut conn.stage else { return };
+        ch.ep = Some(fd);
+        ch.ep_state = EpState::Open;
+        ch.app_left = None;
+        if ch.kind.port_messages {
+            // The local app is the port's frontend (QEMU 7.2 ignores this; other servers may not).
+            self.queue_client(slot, conn, &ClientMsg::PortEvent { event: PORT_EVENT_OPENED });
+        }
+        self.ctl_local_up(slot, conn);
+        // Called from within the deframing pass (link or PORT_INIT): it goes
+        // on by itself; only the output side needs a push.
+        self.pump_out(slot, conn);
+    }
+
+    /// The local end of a linked channel went away (EOF, error, shutdown):
+    /// tell a port, drop what the server sends from now on, and let the
+    /// channel linger (or, with `--keep-linked`, wait for the next app).
+    pub(super) fn ctl_app_gone(&mut self, slot: u32, conn: &mut Conn, reason: &str) {
+        let keep = self.ctl.as_ref().is_some_and(|c| c.opts.keep_linked) && self.draining.is_none();
+        let Stage::Chan(ch) = &mut conn.stage else { return self.close(slot, conn, reason) };
+        if ch.app_left.is_some() {
+            return;
+        }
+        let ci = ch.conf;
+        let pending: usize = ch.ranges.iter().map(|r| r.1).sum();
+        ch.dropped += pending as u64;
+        ch.ranges.clear();
+        if let Some(fd) = ch.ep.take() {
+            // Any op still on it completes now; the app sees the end.
+            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+        ch.ep_state = EpState::Gone;
+        ch.app_left = Some(Instant::now());
+        let port = ch.kind.port_messages;
+        let listen = matches!(self.ctl_conf(ci).map(|c| &c.endpoint), Some(EndpointSpec::UnixListen(_)));
+        info!(
+            self.who,
+            "channel={} local app left ({reason}); {}",
+            conn.label,
+            if keep && listen {
+                "the channel stays linked for the next app"
+            } else {
+                "closing once the server is quiet"
+            }
+        );
+        if port {
+            self.queue_client(slot, conn, &ClientMsg::PortEvent { event: PORT_EVENT_CLOSED });
+        }
+        if keep && listen {
+            if let Stage::Chan(ch) = &mut conn.stage {
+                ch.ep_state = EpState::Accepting;
+            }
+            self.accept_endpoint(slot, conn, ci);
+        } else {
+            self.ctl_arm_linger();
+        }
+        self.pump_in(slot, conn);
+    }
+
+    /// SIGTERM in `connect`: local apps go, channels linger until the server
+    /// is quiet, main closes last (bounded by the drain timeout).
+    pub(super) fn ctl_drain_conn(&mut self, slot: u32, conn: &mut Conn) {
+        match conn.stage {
+            Stage::Chan(_) => {
+                let generation = self.slots[slot as usize].generation;
+                let pred = move |t: u64| {
+                    decode(t).is_some_and(|(op, s, g)| s == slot && g == generation && op == Op::EpAccept)
+                };
+                if let Ok(n) = self.ring.cancel_where(pred, token(Op::Cancel, slot, generation)) {
+                    conn.inflight += u32::try_from(n).unwrap_or(0);
+                }
+                if let Stage::Chan(ch) = &mut conn.stage
+                    && ch.app_left.is_some()
+                {
+                    ch.ep_state = EpState::Gone;
+                }
+                self.ctl_app_gone(slot, conn, "shutdown");
+            }
+            Stage::CMain => {}
+            _ => self.close(slot, conn, "shutdown"),
+        }
+        self.ctl_arm_linger();
+    }
+
+    fn ctl_arm_linger(&mut self) {
+        let Some(ctl) = self.ctl.as_mut() else { return };
+        if ctl.linger_armed {
+            return;
+        }
+        ctl.linger_armed = true;
+        if let Err(e) = self.ring.timeout(LINGER_TICK, token(Op::Linger, 0, 0)) {
+            warn!(self.who, "cannot arm the linger timer: {e}");
+        }
+    }
+
+    /// Closes lingering channels whose server has been quiet long enough;
+    /// while draining, closes main once no channel is left.
+    pub(super) fn on_linger(&mut self) {
+        let Some(ctl) = self.ctl.as_mut() else { return };
+        ctl.linger_armed = false;
+        let linger = ctl.opts.linger;
+        let now = Instant::now();
+        let mut waiting = false;
+        let mut chans = 0usize;
+        for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
+            let Some(c) = self.slots[slot as usize].conn.as_ref() else { continue };
+            let Stage::Chan(ch) = &c.stage else { continue };
+            if !c.client_role || c.closing.is_some() {
+                continue;
+            }
+            chans += 1;
+            let Some(left) = ch.app_left else { continue };
+            if ch.ep_state != EpState::Gone {
+                continue;
+            }
+            let quiet = now.duration_since(left.max(c.last_rx)) >= linger;
+            if quiet && !c.tx_busy && c.ctl_q.is_empty() {
+                let why = format!("local app left; server quiet for {} ms", linger.as_millis());
+                self.with_conn(slot, |w, conn| w.close(slot, conn, &why));
+            } else {
+                waiting = true;
+            }
+        }
+        if self.draining.is_some() {
+            if chans == 0 {
+                for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
+                    self.with_conn(slot, |w, conn| w.close(slot, conn, "shutdown"));
+                }
+            } else {
+                waiting = true;
+            }
+        }
+        if waiting {
+            self.ctl_arm_linger();
+        }
+    }
+
+    /// The channel's local endpoint could not be opened: back off (no SPICE
+    /// link until the next try) and close the channel.
+    pub(super) fn ctl_local_failed(&mut self, slot: u32, conn: &mut Conn, reason: &str) {
+        if let Some(ci) = conn.owns {
+            self.ctl_local_down(ci, reason);
+        }
+        self.close(slot, conn, &format!("local endpoint unavailable: {reason}"));
+    }
+
+    /// Records a local-endpoint failure of spec `ci`: one warning per change
+    /// of state, capped exponential backoff.
+    fn ctl_local_down(&mut self, ci: usize, reason: &str) {
+        let (label, ep) = self.ctl_conf(ci).map(|c| (c.label(), c.endpoint.to_string())).unwrap_or_default();
+        let Some(ctl) = self.ctl.as_mut() else { return };
+        let max = ctl.opts.max_backoff;
+        let st = &mut ctl.specs[ci];
+        st.backoff = if st.down.is_some() { (st.backoff * 2).min(max) } else { FIRST_BACKOFF };
+        st.retry_at = Some(Instant::now() + st.backoff);
+        if st.down.is_none() {
+            warn!(
+                self.who,
+                "channel={label} local endpoint {ep} unavailable: {reason}; not linking it until it is back \
+                 (retrying with backoff up to {} s)",
+                max.as_secs()
+            );
+        } else {
+            debug!(self.who, "channel={label} local endpoint {ep} still unavailable: {reason}");
+        }
+        st.down = Some(reason.to_string());
+        let wait = st.backoff;
+        self.ctl_schedule_retry_after(wait);
+    }
+
+    /// The channel's local end is up: clear a recorded failure.
+    pub(super) fn ctl_local_up(&mut self, _slot: u32, conn: &mut Conn) {
+        let Some(ci) = conn.owns else { return };
+        let ep = self.ctl_conf(ci).map(|c| c.endpoint.to_string()).unwrap_or_default();
+        let Some(st) = self.ctl.as_mut().and_then(|c| c.specs.get_mut(ci)) else { return };
+        st.retry_at = None;
+        if st.down.take().is_some() {
+            info!(self.who, "channel={} local endpoint {ep} is back", conn.label);
         }
     }
 
@@ -426,58 +656,91 @@ impl Worker {
         if ctl.session.is_none() {
             return;
         }
+        let now = Instant::now();
         let list = ctl.list.clone();
+        let unprobed: Vec<u8> = list
+            .iter()
+            .filter(|(t, id)| *t == crate::proto::channel::CH_PORT && !ctl.probed.contains(id))
+            .map(|&(_, id)| id)
+            .collect();
         let mut todo: Vec<(usize, u8, u8)> = Vec::new();
         let mut need_probe = false;
         let mut missing = Vec::new();
+        let mut learned = Vec::new();
+        let mut next_try: Option<Instant> = None;
         for (ci, st) in ctl.specs.iter().enumerate() {
             if st.conn.is_some() {
                 continue;
             }
             let Some(c) = self.ctl_conf(ci) else { continue };
             let t = c.kind.channel_type;
-            let waiting_app = self.ctl_lazy(ci) && st.local.is_none();
-            if t == crate::proto::channel::CH_PORT {
-                if waiting_app && st.port_id.is_some() {
-                    continue;
+            let id = if t == crate::proto::channel::CH_PORT {
+                let known = st.port_id.or_else(|| {
+                    let name = c.port_name.as_deref()?;
+                    ctl.ports.iter().find(|(_, n)| n == name).map(|(id, _)| *id)
+                });
+                match known {
+                    Some(id) => {
+                        learned.push((ci, id));
+                        id
+                    }
+                    None if unprobed.is_empty() => {
+                        missing.push(ci);
+                        continue;
+                    }
+                    None => {
+                        need_probe = true;
+                        continue;
+                    }
                 }
-                match st.port_id {
-                    Some(id) if list.contains(&(t, id)) => todo.push((ci, t, id)),
-                    _ => need_probe = true,
-                }
-            } else if waiting_app {
-                continue;
-            } else if list.contains(&(t, c.id)) {
-                todo.push((ci, t, c.id));
             } else {
+                c.id
+            };
+            if !list.contains(&(t, id)) {
                 missing.push(ci);
+                continue;
+            }
+            if self.ctl_lazy(ci) && st.local.is_none() {
+                continue;
+            }
+            if let Some(at) = st.retry_at
+                && at > now
+            {
+                next_try = Some(next_try.map_or(at, |n| n.min(at)));
+                continue;
+            }
+            todo.push((ci, t, id));
+        }
+        if let Some(ctl) = self.ctl.as_mut() {
+            for (ci, id) in learned {
+                ctl.specs[ci].port_id = Some(id);
             }
         }
-        for ci in missing {
-            let Some(ctl) = self.ctl.as_mut() else { return };
-            if !ctl.warned_missing.contains(&ci) {
-                ctl.warned_missing.push(ci);
-                let label = self.ctl_conf(ci).map(ChannelConf::label).unwrap_or_default();
-                let have: Vec<String> = list.iter().map(|(t, i)| format!("{}:{i}", kind_name(*t))).collect();
-                warn!(self.who, "server offers no channel {label} (it has {}); waiting for it", have.join(" "));
-            }
+        if !need_probe {
+            self.ctl_report_ports(&missing, &list);
         }
         for (ci, t, id) in todo {
+            // A local end we connect to is opened first: no SPICE link (and no
+            // device socket opened on the VM's side) while it is missing.
+            if !self.ctl_lazy(ci) && !self.ctl_open_local_first(ci) {
+                continue;
+            }
             let c = self.ctl_link(Some(ci), t, id, false);
             if let Some(ctl) = self.ctl.as_mut() {
                 ctl.specs[ci].conn = c;
             }
         }
+        if let Some(at) = next_try {
+            self.ctl_schedule_retry_after(at.saturating_duration_since(now));
+        }
         let probes_running = self.ctl.as_ref().is_some_and(|c| c.probes > 0);
         if need_probe && !probes_running {
-            // Learn port names: link every port channel not in use.
-            let in_use: Vec<u8> = self
-                .ctl
-                .as_ref()
-                .map(|c| c.specs.iter().filter(|s| s.conn.is_some()).filter_map(|s| s.port_id).collect())
-                .unwrap_or_default();
-            for &(t, id) in list.iter().filter(|(t, id)| *t == crate::proto::channel::CH_PORT && !in_use.contains(id)) {
-                if self.ctl_link(None, t, id, true).is_some()
+            // Learn port names: link every port not probed yet this session.
+            for id in unprobed {
+                if let Some(ctl) = self.ctl.as_mut() {
+                    ctl.probed.push(id);
+                }
+                if self.ctl_link(None, crate::proto::channel::CH_PORT, id, true).is_some()
                     && let Some(ctl) = self.ctl.as_mut()
                 {
                     ctl.probes += 1;
@@ -486,9 +749,95 @@ impl Worker {
         }
     }
 
+    /// Opens a `unix:` or `file:` local end before its SPICE link (kept as
+    /// the spec's pending local fd). Returns whether to link now.
+    fn ctl_open_local_first(&mut self, ci: usize) -> bool {
+        let Some(ep) = self.ctl_conf(ci).map(|c| c.endpoint.clone()) else { return false };
+        if self.ctl.as_ref().is_some_and(|c| c.specs[ci].local.is_some()) {
+            return true;
+        }
+        let opened = match &ep {
+            EndpointSpec::Unix(p) => connect_unix_now(p),
+            EndpointSpec::File(_) => match endpoint::open(&ep) {
+                Ok(Opening::Ready(fd)) => Ok(fd),
+                Ok(_) => return true,
+                Err(e) => Err(e),
+            },
+            // TCP connects through the ring after the link; failures back off there.
+            _ => return true,
+        };
+        match opened {
+            Ok(fd) => {
+                if let Some(ctl) = self.ctl.as_mut() {
+                    ctl.specs[ci].local = Some(fd);
+                }
+                true
+            }
+            Err(e) => {
+                self.ctl_local_down(ci, &e.to_string());
+                false
+            }
+        }
+    }
+
+    /// Once per session, when every port's name is known: the names the
+    /// server has, and the configured channels it does not have.
+    fn ctl_report_ports(&mut self, missing: &[usize], list: &[(u8, u8)]) {
+        let Some(ctl) = self.ctl.as_ref() else { return };
+        if ctl.ports_reported && missing.iter().all(|ci| ctl.warned_missing.contains(ci)) {
+            return;
+        }
+        let mut ports: Vec<String> = ctl.ports.iter().map(|(id, n)| format!("{n} (port:{id})")).collect();
+        ports.sort();
+        let first = !ctl.ports_reported;
+        if first && !ctl.ports.is_empty() {
+            info!(self.who, "server ports: {}", ports.join(", "));
+        }
+        let have: Vec<String> = list.iter().map(|(t, i)| format!("{}:{i}", kind_name(*t))).collect();
+        let mut warned = Vec::new();
+        for &ci in missing {
+            if ctl.warned_missing.contains(&ci) {
+                continue;
+            }
+            let Some(c) = self.ctl_conf(ci) else { continue };
+            if c.kind.channel_type == crate::proto::channel::CH_PORT {
+                let name = c.port_name.clone().unwrap_or_default();
+                warn!(
+                    self.who,
+                    "the server has no port named {name} (its ports: {}); check --channel port:NAME; local apps \
+                     of this channel are closed at once",
+                    if ports.is_empty() { "none".to_string() } else { ports.join(", ") }
+                );
+            } else {
+                warn!(self.who, "server offers no channel {} (it has {}); waiting for it", c.label(), have.join(" "));
+            }
+            warned.push(ci);
+        }
+        if let Some(ctl) = self.ctl.as_mut() {
+            ctl.ports_reported = true;
+            ctl.warned_missing.extend(warned);
+        }
+        // Apps already waiting on a port that does not exist get their answer now.
+        for &ci in missing {
+            let is_port = self.ctl_conf(ci).is_some_and(|c| c.kind.channel_type == crate::proto::channel::CH_PORT);
+            if is_port
+                && let Some(ctl) = self.ctl.as_mut()
+                && ctl.specs[ci].local.take().is_some()
+            {
+                info!(self.who, "closed the waiting local app of a port the server does not have");
+            }
+        }
+        self.ctl_arm_local_accepts();
+    }
+
     /// A port probe learned its name: keep it if a spec wants that name.
     fn ctl_on_probe(&mut self, slot: u32, conn: &mut Conn, name: &str) {
         let generation = self.slots[slot as usize].generation;
+        if let Some(ctl) = self.ctl.as_mut()
+            && !ctl.ports.iter().any(|(id, _)| *id == conn.chan.1)
+        {
+            ctl.ports.push((conn.chan.1, name.to_string()));
+        }
         let want = self.ctl.as_ref().and_then(|ctl| {
             ctl.specs.iter().enumerate().position(|(ci, st)| {
                 st.conn.is_none()
@@ -497,24 +846,22 @@ impl Worker {
                     })
             })
         });
-        if let Some(ctl) = self.ctl.as_mut() {
-            ctl.probes = ctl.probes.saturating_sub(1);
-        }
-        let Some(ci) = want else {
-            debug!(self.who, "port {} is {name}: not wanted, closing the probe", conn.label);
+        let adopt =
+            want.filter(|&ci| !(self.ctl_lazy(ci) && self.ctl.as_ref().is_some_and(|c| c.specs[ci].local.is_none())));
+        let Some(ci) = adopt else {
+            if let (Some(ci), Some(ctl)) = (want, self.ctl.as_mut()) {
+                ctl.specs[ci].port_id = Some(conn.chan.1);
+                info!(self.who, "port {name} is port:{}; linking when the local app connects", conn.chan.1);
+            } else {
+                debug!(self.who, "port {} is {name}: not wanted, closing the probe", conn.label);
+            }
+            // We sent nothing on a probe: closing it at once is safe for the VM.
             return self.close(slot, conn, "port probe done");
         };
-        if self.ctl_lazy(ci) && self.ctl.as_ref().is_some_and(|c| c.specs[ci].local.is_none()) {
-            // Known now; linked again when the local app connects.
-            if let Some(ctl) = self.ctl.as_mut() {
-                ctl.specs[ci].port_id = Some(conn.chan.1);
-            }
-            info!(self.who, "port {name} is port:{}; linking when the local app connects", conn.chan.1);
-            return self.close(slot, conn, "port probe done");
-        }
         if let Some(ctl) = self.ctl.as_mut() {
             ctl.specs[ci].conn = Some((slot, generation));
             ctl.specs[ci].port_id = Some(conn.chan.1);
+            ctl.probes = ctl.probes.saturating_sub(1);
         }
         if let Stage::Chan(ch) = &mut conn.stage {
             ch.probe = false;
@@ -536,6 +883,9 @@ impl Worker {
             ctl.list.clear();
             ctl.probes = 0;
             ctl.warned_missing.clear();
+            ctl.ports.clear();
+            ctl.probed.clear();
+            ctl.ports_reported = false;
             for s in &mut ctl.specs {
                 s.port_id = None;
             }
@@ -563,28 +913,38 @@ impl Worker {
             }
             return;
         }
-        if matches!(&conn.stage, Stage::Chan(ch) if ch.probe) || matches!(conn.stage, Stage::CLink { probe: true, .. })
-        {
+        let was_probe = matches!(&conn.stage, Stage::Chan(ch) if ch.probe)
+            || matches!(conn.stage, Stage::CLink { probe: true, .. });
+        if was_probe {
             ctl.probes = ctl.probes.saturating_sub(1);
+            if ctl.probes == 0 && self.draining.is_none() {
+                // Every port is known now (or failed to link): link, report.
+                self.ctl_link_channels();
+            }
+            return;
         }
+        let Some(ctl) = self.ctl.as_mut() else { return };
         if let Some(ci) = conn.owns
             && ctl.specs.get(ci).is_some_and(|s| s.conn == Some((slot, generation)))
         {
             ctl.specs[ci].conn = None;
-            let linked = matches!(conn.stage, Stage::Chan(_));
+            let dropped = match &conn.stage {
+                Stage::Chan(ch) => ch.dropped,
+                _ => 0,
+            };
             info!(
                 self.who,
-                "close server={} channel={} c2e_bytes={} e2c_bytes={} duration_ms={} reason=\"{reason}\"",
+                "close server={} channel={} c2e_bytes={} e2c_bytes={} dropped_bytes={dropped} duration_ms={} \
+                 reason=\"{reason}\"",
                 conn.peer,
                 conn.label,
                 conn.st.c2e_bytes,
                 conn.st.e2c_bytes,
                 conn.since.elapsed().as_millis()
             );
-            let _ = linked;
             if self.draining.is_none() {
                 if self.ctl_lazy(ci) {
-                    // The local app went with the channel; wait for the next one.
+                    // Wait for the next local app.
                     self.ctl_arm_local_accepts();
                 } else if self.ctl.as_ref().is_some_and(|c| c.session.is_some()) {
                     // Relink soon (not at once: a server that keeps closing must not spin us).
@@ -649,3 +1009,23 @@ const PORT_KIND: ChannelKind = ChannelKind {
     lz4: true,
     port_messages: true,
 };
+
+/// Whether the peer of a local socket has closed it completely (a
+/// half-closed app that still waits for replies is not hung up).
+fn hung_up(fd: &OwnedFd) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(1))
+        && fds[0].revents().is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
+}
+
+/// Connects a unix socket without waiting (a unix connect completes or
+/// fails at once; a full backlog counts as a failure, retried later).
+fn connect_unix_now(path: &std::path::Path) -> std::io::Result<OwnedFd> {
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+    let addr = UnixAddr::new(path)?;
+    nix::sys::socket::connect(fd.as_raw_fd(), &addr).map_err(|e| {
+        std::io::Error::new(std::io::Error::from(e).kind(), format!("cannot connect to {}: {e}", path.display()))
+    })?;
+    Ok(fd)
+}
