@@ -367,3 +367,171 @@ fn connect_to_serve_user_channel_both_ways() {
     }
     eprintln!("256 MiB each way through connect+serve: {:?}", t.elapsed());
 }
+
+/// Waits until the log of `c` has `needle`, or panics with the log.
+fn wait_connect_log(c: &Connect, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !c.log_text().contains(needle) {
+        assert!(Instant::now() < deadline, "no {needle:?} in the connect log:\n{}", c.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_alive(q: &mut Qemu, what: &str) {
+    assert!(q.child.try_wait().expect("try_wait").is_none(), "QEMU died: {what}");
+}
+
+/// Issue 8.1: one-shot QMP clients that write and leave at once never
+/// crash QEMU (spice-server 0.15.1 does when a channel closes with input
+/// unread); clients that wait get their replies; five times each.
+#[test]
+fn one_shot_qmp_clients_never_crash_qemu() {
+    if !peers_available(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let port = free_port();
+    let mut q = qemu_qmp_port(port, &[]);
+    wait_port(port, Duration::from_secs(20));
+    let dir = TempDir::new("coneshot");
+    let sock = dir.path("qmp.sock");
+    let c = Connect::start(&[
+        format!("spice://127.0.0.1:{port}"),
+        "--channel".into(),
+        format!("port:org.qemu.monitor.qmp.0=unix-listen:{}", sock.display()),
+    ]);
+    let both = b"{\"execute\":\"qmp_capabilities\"}\r\n{\"execute\":\"query-status\"}\r\n";
+    for round in 0..5 {
+        // Like `printf ... | socat -t0 - UNIX-CONNECT:...`: write both commands, leave at once.
+        let mut s = connect_unix(&sock, Duration::from_secs(20));
+        s.write_all(both).expect("write");
+        drop(s);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_alive(&mut q, &format!("after write-and-leave client {round}\n{}", c.log_text()));
+        // A client that half-closes and waits gets the greeting and both replies.
+        let mut s = connect_unix(&sock, Duration::from_secs(20));
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        s.write_all(both).expect("write");
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut r = BufReader::new(s);
+        let mut got = Vec::new();
+        while got.iter().filter(|l: &&String| l.contains("\"return\"")).count() < 2 {
+            let mut l = String::new();
+            let n = r.read_line(&mut l).expect("reply line");
+            assert!(n > 0, "round {round}: replies ended early: {got:?}\n{}", c.log_text());
+            got.push(l);
+        }
+        assert!(got[0].contains("\"QMP\""), "round {round}: a fresh greeting first: {got:?}");
+        assert!(got.iter().any(|l| l.contains("\"status\"")), "round {round}: {got:?}");
+        drop(r);
+        assert_alive(&mut q, &format!("after waiting client {round}\n{}", c.log_text()));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_alive(&mut q, "after the last linger");
+    let log = c.log_text();
+    assert!(log.contains("closing once the server is quiet"), "{log}");
+    assert!(log.contains("server quiet for"), "channels close after the quiet time:\n{log}");
+}
+
+/// Issue 8.2: QEMU down, an app writes `stop` and leaves; after QEMU is
+/// back and connect relinked, the new QEMU still runs.
+#[test]
+fn bytes_of_a_departed_app_never_reach_the_next_qemu() {
+    if !peers_available(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let port = free_port();
+    let mut q1 = qemu_qmp_port(port, &[]);
+    wait_port(port, Duration::from_secs(20));
+    let dir = TempDir::new("cstale");
+    let sock = dir.path("qmp.sock");
+    let c = Connect::start(&[
+        format!("spice://127.0.0.1:{port}"),
+        "--max-backoff-secs".into(),
+        "1".into(),
+        "--channel".into(),
+        format!("port:org.qemu.monitor.qmp.0=unix-listen:{}", sock.display()),
+    ]);
+    wait_connect_log(&c, "server ports:", Duration::from_secs(20));
+    q1.kill();
+    wait_connect_log(&c, "session ended", Duration::from_secs(20));
+    let mut s = connect_unix(&sock, Duration::from_secs(20));
+    s.write_all(b"{\"execute\":\"qmp_capabilities\"}\r\n{\"execute\":\"stop\"}\r\n").expect("write");
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut q2 = qemu_qmp_port(port, &[]);
+    wait_port(port, Duration::from_secs(20));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.log_text().matches("server ports:").count() < 2 {
+        assert!(Instant::now() < deadline, "no second session:\n{}", c.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut q = Qmp::open(&sock);
+    assert_eq!(q.cmd("qmp_capabilities").trim(), "{\"return\": {}}");
+    let st = q.cmd("query-status");
+    assert!(st.contains("\"running\": true"), "the stale `stop` reached the new QEMU: {st}\n{}", c.log_text());
+    assert_alive(&mut q2, "after relink");
+    assert!(c.log_text().contains("its bytes are discarded"), "{}", c.log_text());
+}
+
+/// Issue 8.5: a missing local `unix:` end makes no SPICE links and one
+/// warning; once it exists the channel links and carries bytes.
+#[test]
+fn missing_local_endpoint_backs_off() {
+    if !peers_available(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let port = free_port();
+    let _q = qemu_qmp_port(port, &[]);
+    wait_port(port, Duration::from_secs(20));
+    let dir = TempDir::new("cmissing");
+    let sock = dir.path("app.sock");
+    let c = Connect::start(&[
+        format!("spice://127.0.0.1:{port}"),
+        "--max-backoff-secs".into(),
+        "2".into(),
+        "--channel".into(),
+        format!("port:org.qemu.monitor.qmp.0=unix:{}", sock.display()),
+    ]);
+    std::thread::sleep(Duration::from_secs(5));
+    let log = c.log_text();
+    let links = log.matches("link server=").count();
+    assert!(links <= 3, "{links} SPICE links in 5 s with the local end missing:\n{log}");
+    let warns = log.lines().filter(|l| l.contains(" WARN ") && l.contains("unavailable")).count();
+    assert_eq!(warns, 1, "one warning per change of state:\n{log}");
+    assert!(log.lines().count() < 20, "log lines in 5 s: {}\n{log}", log.lines().count());
+    // The app appears: the channel links within the backoff and QEMU greets it.
+    let l = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    let (s, _) = l.accept().expect("accept within the backoff");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let mut r = BufReader::new(s);
+    let mut greeting = String::new();
+    r.read_line(&mut greeting).expect("greeting");
+    assert!(greeting.contains("\"QMP\""), "{greeting}");
+    wait_connect_log(&c, "is back", Duration::from_secs(5));
+}
+
+/// Issue 8.6: a misspelt port name is reported with the names the server
+/// has, and a local app of that channel is closed instead of swallowed.
+#[test]
+fn misspelt_port_name_is_reported() {
+    if !peers_available(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let port = free_port();
+    let _q = qemu_qmp_port(port, &[]);
+    wait_port(port, Duration::from_secs(20));
+    let dir = TempDir::new("cmisspelt");
+    let sock = dir.path("qmp.sock");
+    let c = Connect::start(&[
+        format!("spice://127.0.0.1:{port}"),
+        "--channel".into(),
+        format!("port:org.qemu.monitor.qpm.0=unix-listen:{}", sock.display()),
+    ]);
+    wait_connect_log(&c, "has no port named org.qemu.monitor.qpm.0", Duration::from_secs(20));
+    assert!(c.log_text().contains("org.qemu.monitor.qmp.0 (port:0)"), "{}", c.log_text());
+    let mut s = connect_unix(&sock, Duration::from_secs(20));
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut b = [0u8; 16];
+    assert_eq!(s.read(&mut b).expect("closed, not stuck"), 0, "the app is told at once");
+}

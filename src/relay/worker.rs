@@ -350,6 +350,9 @@ struct Chan {
     /// crashes QEMU when a channel closes while the device still has input
     /// of ours to consume.
     app_left: Option<Instant>,
+    /// `connect`: the local app half-closed (sent EOF) and may still wait
+    /// for replies; the linger tick watches for its hang-up.
+    app_eof: bool,
 }
 
 impl Chan {
@@ -375,6 +378,7 @@ impl Chan {
             poll_in: false,
             dropped: 0,
             app_left: None,
+            app_eof: false,
         }
     }
 }
@@ -1383,6 +1387,7 @@ impl Worker {
         ch.ep = Some(fd);
         ch.ep_state = EpState::Open;
         ch.app_left = None;
+        ch.app_eof = false;
         let port = ch.kind.port_messages;
         debug!(self.who, "endpoint connected channel={}", conn.label);
         if port && conn.client_role {
@@ -1967,7 +1972,7 @@ impl Worker {
     /// each chunk.
     fn read_endpoint(&mut self, slot: u32, conn: &mut Conn) {
         let Stage::Chan(ch) = &mut conn.stage else { return };
-        if ch.ep_state != EpState::Open || conn.tx_busy || !ch.ack.may_send() {
+        if ch.ep_state != EpState::Open || conn.tx_busy || !ch.ack.may_send() || ch.app_eof {
             return;
         }
         let Some(fd) = ch.ep.as_ref().map(AsRawFd::as_raw_fd) else { return };
@@ -1999,6 +2004,9 @@ impl Worker {
             }
             if res == -libc::ECANCELED && self.draining.is_some() {
                 return self.maybe_drained(slot, conn);
+            }
+            if res == 0 && conn.client_role {
+                return self.ctl_app_eof(slot, conn);
             }
             let r = if res == 0 { "endpoint closed".to_string() } else { errno_reason("endpoint read", res) };
             return self.endpoint_gone(slot, conn, &r);

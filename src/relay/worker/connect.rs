@@ -409,6 +409,7 @@ impl Worker {
         ch.ep = Some(fd);
         ch.ep_state = EpState::Open;
         ch.app_left = None;
+        ch.app_eof = false;
         if ch.kind.port_messages {
             // The local app is the port's frontend (QEMU 7.2 ignores this; other servers may not).
             self.queue_client(slot, conn, &ClientMsg::PortEvent { event: PORT_EVENT_OPENED });
@@ -438,6 +439,7 @@ impl Worker {
         }
         ch.ep_state = EpState::Gone;
         ch.app_left = Some(Instant::now());
+        ch.app_eof = false;
         let port = ch.kind.port_messages;
         let listen = matches!(self.ctl_conf(ci).map(|c| &c.endpoint), Some(EndpointSpec::UnixListen(_)));
         info!(
@@ -462,6 +464,21 @@ impl Worker {
             self.ctl_arm_linger();
         }
         self.pump_in(slot, conn);
+    }
+
+    /// The local app sent EOF. Fully closed: it is gone. Half-closed: it may
+    /// still wait for replies, so keep writing to it until it hangs up.
+    pub(super) fn ctl_app_eof(&mut self, slot: u32, conn: &mut Conn) {
+        let Stage::Chan(ch) = &mut conn.stage else { return };
+        let Some(ep) = ch.ep.as_ref() else { return };
+        if hung_up(ep) {
+            return self.ctl_app_gone(slot, conn, "local app closed");
+        }
+        ch.app_eof = true;
+        debug!(self.who, "channel={} local app half-closed; replies still go to it", conn.label);
+        // An io_uring POLL would fire at once on the half-close (RDHUP):
+        // the linger tick checks for the full hang-up instead.
+        self.ctl_arm_linger();
     }
 
     /// SIGTERM in `connect`: local apps go, channels linger until the server
@@ -516,6 +533,13 @@ impl Worker {
                 continue;
             }
             chans += 1;
+            if ch.app_eof && ch.app_left.is_none() {
+                if ch.ep.as_ref().is_some_and(hung_up) {
+                    self.with_conn(slot, |w, conn| w.ctl_app_gone(slot, conn, "local app closed"));
+                }
+                waiting = true;
+                continue;
+            }
             let Some(left) = ch.app_left else { continue };
             if ch.ep_state != EpState::Gone {
                 continue;
