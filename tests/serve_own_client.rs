@@ -293,3 +293,73 @@ fn busy_channel_replace_and_refuse() {
         other => panic!("--busy refuse must refuse the second client with 9, got {other:?}"),
     }
 }
+
+/// Issue 8.4 (ports): the endpoint of a linked port channel goes away and
+/// comes back: the client gets PORT_EVENT closed, what it sends meanwhile
+/// is dropped, then PORT_EVENT opened and the bytes flow again on the same
+/// SPICE channel.
+#[test]
+fn port_endpoint_restart_keeps_the_channel_linked() {
+    let dir = TempDir::new("portrestart");
+    let path = dir.path("app.sock");
+    // First endpoint: echo one message, then go away.
+    let l1 = UnixListener::bind(&path).expect("bind");
+    let p1 = path.clone();
+    let first = std::thread::spawn(move || {
+        let (mut s, _) = l1.accept().expect("accept");
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).expect("read");
+        s.write_all(&b).expect("echo");
+        drop(s);
+        drop(l1);
+        let _ = std::fs::remove_file(&p1);
+    });
+    let relay = start(&["--channel".into(), format!("port:org.test.restart=unix:{}", path.display())]);
+    let s = Session::connect(&relay.addr(), b"", Duration::from_secs(10)).expect("session");
+    let ch = s.open(10, 0, false).expect("port");
+    let (mut w, mut r) = (ch.writer, ch.reader);
+    assert!(r.wait_port_state().expect("PORT_INIT"), "opened at link");
+    w.send(b"first").expect("send");
+    let mut b = [0u8; 5];
+    r.read_exact_bytes(&mut b);
+    assert_eq!(&b, b"first");
+    first.join().expect("first endpoint");
+    relay.wait_log("endpoint gone channel=port:org.test.restart", Duration::from_secs(10));
+    // Nobody is there: dropped, never delivered to the next endpoint.
+    w.send(b"lost!").expect("send while the endpoint is down");
+    r.set_read_timeout(Some(Duration::from_millis(1500))).expect("timeout");
+    assert!(r.read(&mut b).is_err(), "no data while the endpoint is down");
+    assert!(r.events.contains(&vmcrelay::proto::consts::PORT_EVENT_CLOSED), "PORT_EVENT closed: {:?}", r.events);
+    // The endpoint comes back; the relay reopens it within its 1 s retry.
+    let l2 = UnixListener::bind(&path).expect("bind again");
+    let second = std::thread::spawn(move || {
+        let (mut s, _) = l2.accept().expect("accept again");
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).expect("read");
+        s.write_all(&b).expect("echo");
+        b
+    });
+    relay.wait_log("endpoint back channel=port:org.test.restart", Duration::from_secs(10));
+    w.send(b"again").expect("send after reopen");
+    r.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    r.read_exact_bytes(&mut b);
+    assert_eq!(&b, b"again");
+    assert_eq!(&second.join().expect("second endpoint"), b"again", "the dropped bytes never reached it");
+    assert!(r.events.ends_with(&[vmcrelay::proto::consts::PORT_EVENT_OPENED]), "PORT_EVENT opened: {:?}", r.events);
+    s.close();
+}
+
+trait ReadExact {
+    fn read_exact_bytes(&mut self, out: &mut [u8]);
+}
+
+impl ReadExact for vmcrelay::relay::sync_client::ChannelReader {
+    fn read_exact_bytes(&mut self, out: &mut [u8]) {
+        let mut have = 0;
+        while have < out.len() {
+            let n = self.read(&mut out[have..]).expect("read");
+            assert!(n > 0, "EOF");
+            have += n;
+        }
+    }
+}

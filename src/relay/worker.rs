@@ -46,6 +46,7 @@ use crate::uring::{BufId, Completion, MAX_IOV, Ring, RingConfig, SubmitError};
 use crate::{debug, info, warn};
 
 mod connect;
+mod revive;
 
 pub use connect::{ConnectOptions, DEFAULT_LINGER, ServerAddr, run_connect_worker};
 
@@ -135,7 +136,17 @@ fn decode(t: u64) -> Option<(Op, u32, u32)> {
 /// A command for a worker from another thread.
 #[derive(Debug, Clone, Copy)]
 enum Cmd {
-    Close { slot: u32, generation: u32, reason: &'static str },
+    Close {
+        slot: u32,
+        generation: u32,
+        reason: &'static str,
+    },
+    /// Announce `channel` (type, id) on this main channel (one-entry CHANNELS_LIST).
+    Announce {
+        slot: u32,
+        generation: u32,
+        channel: [u8; 2],
+    },
 }
 
 /// A worker's inbox: commands plus an eventfd to wake its ring.
@@ -196,6 +207,8 @@ struct Owner {
 pub struct Registry {
     sessions: HashMap<u32, SessionEntry>,
     channels: HashMap<(usize, usize), Owner>,
+    /// Channels announced again under a fresh id: (session, type, id) → channel index.
+    aliases: HashMap<(u32, u8, u8), usize>,
 }
 
 /// Counters of one worker, readable from any thread.
@@ -491,6 +504,8 @@ pub struct Worker {
     last_stats: (Instant, u64, u64),
     /// `connect` mode state.
     ctl: Option<Box<connect::ConnectCtl>>,
+    /// Endpoints waited for behind live sessions.
+    revive: Vec<revive::Revive>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -563,6 +578,7 @@ impl Worker {
             started: Instant::now(),
             last_stats: (Instant::now(), 0, 0),
             ctl: None,
+            revive: Vec::new(),
         })
     }
 
@@ -723,9 +739,14 @@ impl Worker {
             Ok(mut q) => std::mem::take(&mut *q),
             Err(_) => Vec::new(),
         };
-        for Cmd::Close { slot, generation, reason } in cmds {
-            if self.slots.get(slot as usize).is_some_and(|s| s.generation == generation) {
-                self.with_conn(slot, |w, conn| w.close(slot, conn, reason));
+        for cmd in cmds {
+            match cmd {
+                Cmd::Close { slot, generation, reason } => {
+                    if self.slots.get(slot as usize).is_some_and(|s| s.generation == generation) {
+                        self.with_conn(slot, |w, conn| w.close(slot, conn, reason));
+                    }
+                }
+                Cmd::Announce { slot, generation, channel } => self.on_announce(slot, generation, channel),
             }
         }
         self.serve_key_waiters();
@@ -780,7 +801,19 @@ impl Worker {
                     && now.duration_since(c.since) > timeout
             });
             if late {
-                self.with_conn(slot, |w, conn| w.close(slot, conn, "link timeout"));
+                self.with_conn(slot, |w, conn| {
+                    if conn.client_role {
+                        let why = format!(
+                            "no answer from {} within {} s: not a SPICE server, or it is stuck",
+                            conn.peer,
+                            timeout.as_secs()
+                        );
+                        warn!(w.who, "link to {} channel={} failed: {why}", conn.peer, conn.label);
+                        w.close(slot, conn, &why);
+                    } else {
+                        w.close(slot, conn, "link timeout");
+                    }
+                });
             }
         }
         if let Some(t) = self.draining
@@ -791,6 +824,7 @@ impl Worker {
             }
         }
         self.log_stats(now);
+        self.revive_tick();
         if let Err(e) = self.ring.timeout(Duration::from_secs(1), token(Op::Tick, 0, 0)) {
             warn!(self.who, "cannot re-arm tick: {e}");
         }
@@ -921,6 +955,7 @@ impl Worker {
                     if reg.sessions.get(session).is_some_and(|s| s.main == place) {
                         reg.sessions.remove(session);
                         let session = *session;
+                        reg.aliases.retain(|k, _| k.0 != session);
                         to_close.extend(reg.channels.values().filter(|o| o.session == session).map(|o| o.place));
                     }
                 }
@@ -937,8 +972,10 @@ impl Worker {
             self.shared.tell(p, "session closed");
         }
         let mut linked = false;
+        let mut dropped = 0;
         if let Stage::Chan(ch) = &mut conn.stage {
             linked = true;
+            dropped = ch.dropped;
             let keep = self.shared.config.limits.keep_listen_endpoint
                 && ch.ep_state == EpState::Open
                 && reason == "client closed"
@@ -954,7 +991,7 @@ impl Worker {
             info!(
                 self.who,
                 "close peer={} service={svc} channel={} session={:#010x} c2e_bytes={} c2e_msgs={} e2c_bytes={} \
-                 e2c_msgs={} duration_ms={} reason=\"{reason}\"",
+                 e2c_msgs={} dropped_bytes={dropped} duration_ms={} reason=\"{reason}\"",
                 conn.peer,
                 conn.label,
                 conn.session,
@@ -1144,7 +1181,11 @@ impl Worker {
             let found = self.shared.config.services[service]
                 .channels
                 .iter()
-                .position(|c| c.kind.channel_type == req.channel_type && c.id == req.channel_id);
+                .position(|c| c.kind.channel_type == req.channel_type && c.id == req.channel_id)
+                .or_else(|| {
+                    let key = (req.connection_id, req.channel_type, req.channel_id);
+                    self.shared.registry().aliases.get(&key).copied()
+                });
             match found {
                 None => Decision::Unknown,
                 Some(ci) => {
@@ -1208,11 +1249,8 @@ impl Worker {
             return self.confirm(conn, Err(LinkErrorCode::Error));
         };
         conn.label = cc.label();
-        let parked = if matches!(cc.endpoint, EndpointSpec::UnixListen(_)) {
-            self.shared.parked.lock().ok().and_then(|mut p| p.remove(&(service, ci)))
-        } else {
-            None
-        };
+        // A kept unix-listen connection, or an endpoint reopened for a re-announced channel.
+        let parked = self.shared.parked.lock().ok().and_then(|mut p| p.remove(&(service, ci)));
         let opening = match parked {
             Some(fd) => Ok(Opening::Ready(fd)),
             None => endpoint::open(&cc.endpoint),
@@ -2081,13 +2119,36 @@ impl Worker {
             return self.ctl_app_gone(slot, conn, reason);
         }
         let Stage::Chan(ch) = &mut conn.stage else { return self.close(slot, conn, reason) };
-        let port = ch.kind.port_messages && !conn.client_role;
-        ch.ep_state = EpState::Connecting;
-        if port {
-            conn.close_after_flush = Some(reason.to_string());
+        let (service, ci, session) = (conn.service, ch.conf, conn.session);
+        let generation = self.slots[slot as usize].generation;
+        let label =
+            self.conf(service, ci).map_or_else(String::new, |c| format!("{} endpoint={}", c.label(), c.endpoint));
+        if ch.kind.port_messages {
+            // The port stays linked; its endpoint is reopened behind it.
+            let pending: usize = ch.ranges.iter().map(|r| r.1).sum();
+            ch.dropped += pending as u64;
+            ch.ranges.clear();
+            if let Some(fd) = ch.ep.take() {
+                let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            }
+            ch.ep_state = EpState::Gone;
+            ch.app_left = Some(Instant::now());
+            warn!(
+                self.who,
+                "endpoint gone channel={label} reason=\"{reason}\": port closed for the client, reopening it every \
+                 second while the session lives"
+            );
             self.queue(slot, conn, &ServerMsg::PortEvent { event: PORT_EVENT_CLOSED });
+            self.revive_add(service, ci, session, revive::Then::Reattach { slot, generation });
+            self.pump_in(slot, conn);
         } else {
+            warn!(
+                self.who,
+                "endpoint gone channel={label} reason=\"{reason}\": channel closed; it is announced to the client \
+                 again once the endpoint is back"
+            );
             self.close(slot, conn, reason);
+            self.revive_add(service, ci, session, revive::Then::Announce);
         }
     }
 }
