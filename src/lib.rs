@@ -18,5 +18,6 @@
 pub mod load;
 pub mod proto;
 pub mod relay;
+pub mod tls;
 #[allow(unsafe_code)]
 pub mod uring;
