@@ -535,3 +535,32 @@ fn misspelt_port_name_is_reported() {
     let mut b = [0u8; 16];
     assert_eq!(s.read(&mut b).expect("closed, not stuck"), 0, "the app is told at once");
 }
+
+/// Issue 8.10: the stats line comes also when nothing moves, and in
+/// `connect` it counts the links made.
+#[test]
+fn stats_line_counts_connect_links_even_when_idle() {
+    if !peers_available(&["qemu-system-x86_64"]) {
+        return;
+    }
+    let port = free_port();
+    let _q = qemu_qmp_port(port, &[]);
+    wait_port(port, Duration::from_secs(20));
+    let dir = TempDir::new("cstats");
+    let c = Connect::start(&[
+        format!("spice://127.0.0.1:{port}"),
+        "--stats-secs".into(),
+        "1".into(),
+        "--channel".into(),
+        format!("port:org.qemu.monitor.qmp.0=unix-listen:{}", dir.path("qmp.sock").display()),
+    ]);
+    wait_connect_log(&c, "server ports:", Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(2500));
+    let log = c.log_text();
+    let stats: Vec<&str> = log.lines().filter(|l| l.contains(" stats ")).collect();
+    assert!(stats.len() >= 2, "a stats line per second while idle:\n{log}");
+    let last = stats.last().expect("stats");
+    let links: u64 =
+        last.split_whitespace().find_map(|f| f.strip_prefix("links_ok=")).and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(links >= 2, "main and the port probe were linked: {last}");
+}

@@ -175,6 +175,9 @@ struct ConnectArgs {
     /// (closing earlier can crash QEMU's spice-server 0.15.1 while it still has input of ours).
     #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     linger_ms: u64,
+    /// Seconds between `stats` log lines (links, bytes each way, MiB/s; 0: none).
+    #[arg(long, value_name = "S", default_value_t = 60)]
+    stats_secs: u64,
 }
 
 const EXIT_AUTH: u8 = 4;
@@ -287,7 +290,7 @@ fn connect_config(a: &ConnectArgs) -> Result<(ServeConfig, ConnectOptions), Stri
         .map_err(|e| e.to_string())?;
     let mut cfg = ServeConfig {
         services: vec![Service { name: "connect".into(), listen: Vec::new(), password: None, channels }],
-        limits: Limits { workers: 1, max_conns_per_worker: 64, ..Limits::default() },
+        limits: Limits { workers: 1, max_conns_per_worker: 64, stats_secs: a.stats_secs, ..Limits::default() },
     };
     a.socket.apply(&mut cfg.limits.socket);
     cfg.validate()?;

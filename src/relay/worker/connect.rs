@@ -687,6 +687,7 @@ impl Worker {
             .filter(|(t, id)| *t == crate::proto::channel::CH_PORT && !ctl.probed.contains(id))
             .map(|&(_, id)| id)
             .collect();
+        let ports_pending = !unprobed.is_empty() || ctl.probes > 0;
         let mut todo: Vec<(usize, u8, u8)> = Vec::new();
         let mut need_probe = false;
         let mut missing = Vec::new();
@@ -708,12 +709,13 @@ impl Worker {
                         learned.push((ci, id));
                         id
                     }
-                    None if unprobed.is_empty() => {
-                        missing.push(ci);
+                    // Names still being learned: neither link nor report yet.
+                    None if ports_pending => {
+                        need_probe |= !unprobed.is_empty();
                         continue;
                     }
                     None => {
-                        need_probe = true;
+                        missing.push(ci);
                         continue;
                     }
                 }
@@ -740,7 +742,7 @@ impl Worker {
                 ctl.specs[ci].port_id = Some(id);
             }
         }
-        if !need_probe {
+        if !ports_pending {
             self.ctl_report_ports(&missing, &list);
         }
         for (ci, t, id) in todo {
