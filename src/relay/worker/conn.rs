@@ -1,0 +1,409 @@
+//! Connections: the per-slot state (`Conn`, its stage, a channel's
+//! `Chan`), the slot table, op accounting and the close path (cancel every
+//! op, free the slot once their completions are reaped).
+
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum EpState {
+    Connecting,
+    Accepting,
+    Open,
+    /// `connect`: the local app left; the SPICE channel lingers (see
+    /// `Chan::app_left`) and what the server sends is dropped.
+    Gone,
+}
+
+/// What the current client message's body is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cur {
+    None,
+    Data,
+    Control,
+    Compressed,
+}
+
+#[derive(Debug)]
+pub(super) struct Chan {
+    pub(super) conf: usize,
+    pub(super) kind: ChannelKind,
+    pub(super) ep: Option<OwnedFd>,
+    pub(super) ep_state: EpState,
+    /// Pending gathered write of `rx` payload ranges to the endpoint.
+    pub(super) ranges: Vec<(usize, usize)>,
+    /// Compressed body being collected (bounded by `max_lz4_bytes`).
+    pub(super) lz4_in: Vec<u8>,
+    /// Decompression output; `None` while the ring holds it for a write.
+    pub(super) lz4_out: Option<Vec<u8>>,
+    /// A write of `lz4_out` is pending (possibly partially done).
+    pub(super) lz4_pending: Option<usize>,
+    pub(super) eof_client: bool,
+    /// Payload sizes of the chunks in flight in `tx`.
+    pub(super) e2c_chunk: usize,
+    /// `connect` only: linked to learn the port's name from PORT_INIT.
+    pub(super) probe: bool,
+    /// Compress payloads over 1000 bytes toward the SPICE peer (it
+    /// announced LZ4 and we were asked to).
+    pub(super) lz4_send: Option<Box<Lz4Compressor>>,
+    /// Framed output when compressing; `None` while the ring holds it.
+    pub(super) lz4_tx: Option<Vec<u8>>,
+    /// Server-side ACK window toward a client (`ack_window` > 0).
+    pub(super) ack: ServerAck,
+    /// Splice data path: the pipe (read end, write end), made on first use.
+    pub(super) pipe: Option<(OwnedFd, OwnedFd)>,
+    /// Bytes spliced into the pipe and not yet out to the endpoint.
+    pub(super) piped: u32,
+    /// Which splice a POLL wakes up: true = into the pipe (socket readable).
+    pub(super) poll_in: bool,
+    /// Payload bytes dropped because no local app was there to take them.
+    pub(super) dropped: u64,
+    /// `connect`: when the local app left. From then on server bytes are
+    /// dropped (counted), and the SPICE channel is closed only once the
+    /// server has been quiet for the linger time: spice-server 0.15.1
+    /// crashes QEMU when a channel closes while the device still has input
+    /// of ours to consume.
+    pub(super) app_left: Option<Instant>,
+    /// `connect`: the local app half-closed (sent EOF) and may still wait
+    /// for replies; the linger tick watches for its hang-up.
+    pub(super) app_eof: bool,
+}
+
+impl Chan {
+    /// A channel's data-stage state, endpoint not open yet.
+    pub(super) fn new(conf: usize, kind: ChannelKind, probe: bool, lz4_send: bool) -> Self {
+        Self {
+            conf,
+            kind,
+            ep: None,
+            ep_state: EpState::Connecting,
+            ranges: Vec::with_capacity(MAX_IOV),
+            lz4_in: Vec::new(),
+            lz4_out: Some(Vec::new()),
+            lz4_pending: None,
+            eof_client: false,
+            e2c_chunk: 0,
+            probe,
+            lz4_send: lz4_send.then(|| Box::new(Lz4Compressor::new())),
+            lz4_tx: Some(Vec::new()),
+            ack: ServerAck::new(),
+            pipe: None,
+            piped: 0,
+            poll_in: false,
+            dropped: 0,
+            app_left: None,
+            app_eof: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) enum Stage {
+    WaitKey,
+    Link {
+        link: Box<ServerLink>,
+        req: Option<LinkRequest>,
+        conf: Option<usize>,
+        ep: Option<(OwnedFd, EpState)>,
+    },
+    Main {
+        session: u32,
+    },
+    Chan(Box<Chan>),
+    /// `connect`: our own link to a SPICE server (`ci` None for main).
+    CLink {
+        link: Box<ClientLink>,
+        ci: Option<usize>,
+        probe: bool,
+    },
+    /// `connect`: the session's main channel.
+    CMain,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct ConnStats {
+    pub(super) c2e_bytes: u64,
+    pub(super) c2e_msgs: u64,
+    pub(super) e2c_bytes: u64,
+    pub(super) e2c_msgs: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct Conn {
+    pub(super) fd: OwnedFd,
+    pub(super) peer: String,
+    pub(super) service: usize,
+    pub(super) since: Instant,
+    pub(super) rx: BufId,
+    pub(super) tx: BufId,
+    pub(super) inflight: u32,
+    pub(super) closing: Option<String>,
+    pub(super) close_after_flush: Option<String>,
+    /// A client read or an endpoint write of `rx` (or of lz4 output) is in flight.
+    pub(super) c2e_busy: bool,
+    /// An endpoint read into `tx` or a client write from `tx` is in flight.
+    pub(super) tx_busy: bool,
+    pub(super) tx_len: usize,
+    pub(super) tx_done: usize,
+    pub(super) rx_len: usize,
+    pub(super) rx_pos: usize,
+    pub(super) ctl_q: VecDeque<(u16, Vec<u8>)>,
+    pub(super) enc: Encoder,
+    pub(super) deframer: Deframer,
+    pub(super) ctl: ControlBuf<256>,
+    pub(super) cur: Cur,
+    pub(super) session: u32,
+    pub(super) label: String,
+    pub(super) owns: Option<usize>,
+    pub(super) stage: Stage,
+    pub(super) st: ConnStats,
+    /// We are the SPICE client on this socket (`connect`).
+    pub(super) client_role: bool,
+    /// `(type, id)` this connection links (`connect`).
+    pub(super) chan: (u8, u8),
+    /// Client-side ACK window accounting (`connect`).
+    pub(super) ack: ClientAck,
+    /// When the last bytes came from the peer socket.
+    pub(super) last_rx: Instant,
+}
+
+/// Smallest DATA body remainder worth splicing (below it, one read is cheaper).
+pub(super) const SPLICE_MIN_BYTES: u32 = 16 * 1024;
+/// Pipe capacity asked for the splice path.
+pub(super) const PIPE_BYTES: u32 = 1024 * 1024;
+
+/// Most control messages queued toward one client (they are tiny; a
+/// client that never reads is cut off rather than buffered without bound).
+pub(super) const MAX_CTL_QUEUE: usize = 64;
+
+pub(super) struct Slot {
+    pub(super) generation: u32,
+    pub(super) conn: Option<Box<Conn>>,
+}
+
+pub(super) struct Listener {
+    pub(super) fd: OwnedFd,
+    pub(super) service: usize,
+}
+
+impl Worker {
+    /// Puts a new connection in a free slot with two buffers.
+    pub(super) fn new_conn(
+        &mut self,
+        fd: OwnedFd,
+        peer: String,
+        service: usize,
+        stage: Stage,
+        client_role: bool,
+    ) -> Option<u32> {
+        let slot = self.free.pop()?;
+        let Some(rx) = self.ring.alloc_buf() else {
+            // The arena holds two buffers per slot; only a failed buffer
+            // registration (locked-memory limit) gets here.
+            self.free.push(slot);
+            return None;
+        };
+        let Some(tx) = self.ring.alloc_buf() else {
+            self.ring.arena_mut().free(rx);
+            self.free.push(slot);
+            return None;
+        };
+        let conn = Conn {
+            fd,
+            peer,
+            service,
+            since: Instant::now(),
+            rx,
+            tx,
+            inflight: 0,
+            closing: None,
+            close_after_flush: None,
+            c2e_busy: false,
+            tx_busy: false,
+            tx_len: 0,
+            tx_done: 0,
+            rx_len: 0,
+            rx_pos: 0,
+            ctl_q: VecDeque::new(),
+            enc: Encoder::new(HeaderKind::Mini),
+            deframer: Deframer::new(HeaderKind::Mini),
+            ctl: ControlBuf::new(),
+            cur: Cur::None,
+            session: 0,
+            label: "?".into(),
+            owns: None,
+            stage,
+            st: ConnStats::default(),
+            client_role,
+            chan: (0, 0),
+            ack: ClientAck::new(),
+            last_rx: Instant::now(),
+        };
+        self.stats().conns_open.fetch_add(1, Ordering::Relaxed);
+        self.slots[slot as usize].conn = Some(Box::new(conn));
+        Some(slot)
+    }
+
+    /// Runs `f` with the slot's connection taken out of the table, then
+    /// puts it back, or finishes its close once no op is in flight.
+    pub(super) fn with_conn(&mut self, slot: u32, f: impl FnOnce(&mut Self, &mut Conn)) {
+        let Some(mut conn) = self.slots.get_mut(slot as usize).and_then(|s| s.conn.take()) else { return };
+        f(self, &mut conn);
+        if conn.closing.is_some() && conn.inflight == 0 {
+            self.finish_close(slot, conn);
+        } else if let Some(s) = self.slots.get_mut(slot as usize) {
+            s.conn = Some(conn);
+        }
+    }
+
+    pub(super) fn on_conn_op(&mut self, op: Op, slot: u32, generation: u32, c: Completion) {
+        if self.slots.get(slot as usize).is_none_or(|s| s.generation != generation || s.conn.is_none()) {
+            return;
+        }
+        self.with_conn(slot, |w, conn| {
+            if !c.more {
+                conn.inflight = conn.inflight.saturating_sub(1);
+            }
+            if op == Op::Cancel {
+                return;
+            }
+            if conn.closing.is_some() {
+                // An accepted endpoint fd that raced with the close is
+                // dropped (closed) with the completion.
+                // Owned vectors come home; nothing else to do while closing.
+                drop(c.owned);
+                return;
+            }
+            match op {
+                Op::ClientRead => w.on_client_read(slot, conn, c.result),
+                Op::ClientWrite => w.on_client_write(slot, conn, c.result, c.owned),
+                Op::EpRead => w.on_ep_read(slot, conn, c.result),
+                Op::EpWrite => w.on_ep_write(slot, conn, c.result, c.owned),
+                Op::EpConnect => w.on_ep_connect(slot, conn, c.result),
+                Op::EpAccept => w.on_ep_accept(slot, conn, c.result, c.fd),
+                Op::SrvConnect => w.on_srv_connect(slot, conn, c.result),
+                Op::SpliceIn => w.on_splice_in(slot, conn, c.result),
+                Op::SpliceOut => w.on_splice_out(slot, conn, c.result),
+                Op::SplicePoll => w.on_splice_poll(slot, conn, c.result),
+                _ => {}
+            }
+        });
+    }
+
+    /// Counts a pushed op, or closes the connection if the push failed.
+    pub(super) fn pushed(&mut self, slot: u32, conn: &mut Conn, r: Result<(), SubmitError>) -> bool {
+        match r {
+            Ok(()) => {
+                conn.inflight += 1;
+                true
+            }
+            Err(e) => {
+                warn!(self.who, "peer={} cannot submit: {e}", conn.peer);
+                self.close(slot, conn, "ring submission failed");
+                false
+            }
+        }
+    }
+
+    pub(super) fn tok(&self, op: Op, slot: u32) -> u64 {
+        token(op, slot, self.slots[slot as usize].generation)
+    }
+
+    /// Starts closing: cancels every op of the connection. The slot is
+    /// freed by `finish_close` once their completions are reaped.
+    pub(super) fn close(&mut self, slot: u32, conn: &mut Conn, reason: &str) {
+        if conn.closing.is_some() {
+            return;
+        }
+        conn.closing = Some(reason.to_string());
+        let generation = self.slots[slot as usize].generation;
+        let pred = move |t: u64| decode(t).is_some_and(|(op, s, g)| s == slot && g == generation && op.is_conn_op());
+        match self.ring.cancel_where(pred, token(Op::Cancel, slot, generation)) {
+            Ok(n) => conn.inflight += u32::try_from(n).unwrap_or(0),
+            Err(e) => warn!(self.who, "cannot cancel ops of peer={}: {e}", conn.peer),
+        }
+        // Closing the client socket for writing tells the peer at once.
+        let _ = nix::sys::socket::shutdown(conn.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+    }
+
+    pub(super) fn finish_close(&mut self, slot: u32, mut conn: Box<Conn>) {
+        let reason = conn.closing.take().unwrap_or_default();
+        let place = Place { worker: self.id, slot, generation: self.slots[slot as usize].generation };
+        let service = conn.service;
+        let mut to_close: Vec<Place> = Vec::new();
+        {
+            let mut reg = self.shared.registry();
+            match &conn.stage {
+                Stage::Main { session } => {
+                    if reg.sessions.get(session).is_some_and(|s| s.main == place) {
+                        reg.sessions.remove(session);
+                        let session = *session;
+                        reg.aliases.retain(|k, _| k.0 != session);
+                        to_close.extend(reg.channels.values().filter(|o| o.session == session).map(|o| o.place));
+                    }
+                }
+                _ => {
+                    if let Some(ci) = conn.owns
+                        && reg.channels.get(&(service, ci)).is_some_and(|o| o.place == place)
+                    {
+                        reg.channels.remove(&(service, ci));
+                    }
+                }
+            }
+        }
+        for p in to_close {
+            self.shared.tell(p, "session closed");
+        }
+        let mut linked = false;
+        let mut dropped = 0;
+        if let Stage::Chan(ch) = &mut conn.stage {
+            linked = true;
+            dropped = ch.dropped;
+            let keep = self.shared.config.limits.keep_listen_endpoint
+                && ch.ep_state == EpState::Open
+                && reason == "client closed"
+                && matches!(self.conf(service, ch.conf).map(|c| &c.endpoint), Some(EndpointSpec::UnixListen(_)));
+            if keep && let (Some(fd), Ok(mut parked)) = (ch.ep.take(), self.shared.parked.lock()) {
+                parked.insert((service, ch.conf), fd);
+            }
+        } else if matches!(conn.stage, Stage::Main { .. } | Stage::CMain) {
+            linked = true;
+        }
+        if linked {
+            let svc = self.service_name(service);
+            info!(
+                self.who,
+                "close peer={} service={svc} channel={} session={:#010x} c2e_bytes={} c2e_msgs={} e2c_bytes={} \
+                 e2c_msgs={} dropped_bytes={dropped} duration_ms={} reason=\"{reason}\"",
+                conn.peer,
+                conn.label,
+                conn.session,
+                conn.st.c2e_bytes,
+                conn.st.c2e_msgs,
+                conn.st.e2c_bytes,
+                conn.st.e2c_msgs,
+                conn.since.elapsed().as_millis()
+            );
+        } else {
+            debug!(self.who, "close peer={} before link reason=\"{reason}\"", conn.peer);
+        }
+        if conn.client_role {
+            self.ctl_on_closed(slot, &mut conn, &reason);
+        }
+        let arena = self.ring.arena_mut();
+        arena.free(conn.rx);
+        arena.free(conn.tx);
+        drop(conn);
+        self.stats().conns_open.fetch_sub(1, Ordering::Relaxed);
+        let s = &mut self.slots[slot as usize];
+        s.generation = s.generation.wrapping_add(1);
+        self.free.push(slot);
+    }
+
+    pub(super) fn service_name(&self, service: usize) -> &str {
+        self.shared.config.services.get(service).map_or("?", |s| s.name.as_str())
+    }
+
+    pub(super) fn conf(&self, service: usize, ci: usize) -> Option<&ChannelConf> {
+        self.shared.config.services.get(service)?.channels.get(ci)
+    }
+}

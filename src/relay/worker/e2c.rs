@@ -1,0 +1,261 @@
+//! Endpoint → client, top to bottom: link output and control messages
+//! first, then one scattered endpoint read into `tx` with a header gap
+//! before each chunk, headers written into the gaps (or LZ4 framing), one
+//! client write. A read that fills the buffer is followed at once by
+//! another: a source is read until it would block.
+
+use super::*;
+
+impl Worker {
+    /// Queues a control message toward the client.
+    pub(super) fn queue(&mut self, slot: u32, conn: &mut Conn, msg: &ServerMsg<'_>) {
+        let mut body = vec![0u8; msg.encoded_len()];
+        let mut w = crate::proto::wire::Writer::new(&mut body);
+        if msg.emit(&mut w).is_ok() {
+            self.queue_body(slot, conn, msg.msg_type(), body);
+        }
+    }
+
+    /// Queues a control message toward the server (`connect`).
+    pub(super) fn queue_client(&mut self, slot: u32, conn: &mut Conn, msg: &ClientMsg<'_>) {
+        let mut body = vec![0u8; msg.encoded_len()];
+        let mut w = crate::proto::wire::Writer::new(&mut body);
+        if msg.emit(&mut w).is_ok() {
+            self.queue_body(slot, conn, msg.msg_type(), body);
+        }
+    }
+
+    pub(super) fn queue_body(&mut self, slot: u32, conn: &mut Conn, msg_type: u16, body: Vec<u8>) {
+        if conn.ctl_q.len() >= MAX_CTL_QUEUE {
+            return self.close(slot, conn, "peer does not read its control messages");
+        }
+        conn.ctl_q.push_back((msg_type, body));
+        self.pump_out(slot, conn);
+    }
+
+    /// Drives the client-bound side: link output, control messages, then
+    /// endpoint data.
+    pub(super) fn pump_out(&mut self, slot: u32, conn: &mut Conn) {
+        if conn.closing.is_some() || conn.tx_busy {
+            return;
+        }
+        let hl = conn.enc.header_len();
+        let Some(tx) = self.ring.arena_mut().get_mut(conn.tx) else { return };
+        let mut n = 0;
+        match &mut conn.stage {
+            Stage::Link { link, .. } => n = link.poll_output(tx),
+            Stage::CLink { link, .. } => n = link.poll_output(tx),
+            _ => {}
+        }
+        // Control messages, framed now so serials follow the send order.
+        while n == 0 || !conn.ctl_q.is_empty() {
+            let Some((t, body)) = conn.ctl_q.front() else { break };
+            let need = if *t == u16::MAX { body.len() } else { hl + body.len() };
+            if n + need > tx.len() {
+                break;
+            }
+            if *t == u16::MAX {
+                tx[n..n + body.len()].copy_from_slice(body);
+            } else {
+                let _ = conn.enc.header(*t, u32::try_from(body.len()).unwrap_or(0), &mut tx[n..n + hl]);
+                tx[n + hl..n + need].copy_from_slice(body);
+                conn.st.e2c_msgs += 1;
+            }
+            n += need;
+            conn.ctl_q.pop_front();
+        }
+        if n > 0 {
+            conn.tx_len = n;
+            conn.tx_done = 0;
+            return self.write_client(slot, conn);
+        }
+        if let Some(r) = conn.close_after_flush.take() {
+            return self.close(slot, conn, &r);
+        }
+        if self.draining.is_some() {
+            return self.maybe_drained(slot, conn);
+        }
+        self.read_endpoint(slot, conn);
+    }
+
+    pub(super) fn write_client(&mut self, slot: u32, conn: &mut Conn) {
+        let t = self.tok(Op::ClientWrite, slot);
+        let r = self.ring.write_fixed(conn.fd.as_raw_fd(), conn.tx, conn.tx_done, conn.tx_len - conn.tx_done, t);
+        if self.pushed(slot, conn, r) {
+            conn.tx_busy = true;
+        }
+    }
+
+    pub(super) fn on_client_write(&mut self, slot: u32, conn: &mut Conn, res: i32, owned: Option<Vec<u8>>) {
+        conn.tx_busy = false;
+        if res < 0 {
+            if let (Some(v), Stage::Chan(ch)) = (owned, &mut conn.stage) {
+                ch.lz4_tx = Some(v);
+            }
+            return self.close(slot, conn, &errno_reason("client write", res));
+        }
+        conn.tx_done += usize::try_from(res).unwrap_or(0);
+        if let Some(v) = owned {
+            if conn.tx_done < conn.tx_len {
+                return self.write_client_owned(slot, conn, v);
+            }
+            if let Stage::Chan(ch) = &mut conn.stage {
+                ch.lz4_tx = Some(v);
+            }
+        } else if conn.tx_done < conn.tx_len {
+            return self.write_client(slot, conn);
+        }
+        // The link stage may now continue (e.g. after the reply went out).
+        if matches!(conn.stage, Stage::Link { .. } | Stage::CLink { .. }) {
+            self.pump_out(slot, conn);
+            return self.pump_in(slot, conn);
+        }
+        self.pump_out(slot, conn);
+    }
+
+    /// Scattered read from the endpoint into `tx`, one header gap before
+    /// each chunk.
+    pub(super) fn read_endpoint(&mut self, slot: u32, conn: &mut Conn) {
+        let Stage::Chan(ch) = &mut conn.stage else { return };
+        if ch.ep_state != EpState::Open || conn.tx_busy || !ch.ack.may_send() || ch.app_eof {
+            return;
+        }
+        let Some(fd) = ch.ep.as_ref().map(AsRawFd::as_raw_fd) else { return };
+        let hl = conn.enc.header_len();
+        let size = self.ring.arena().buf_size();
+        let chunk = self.shared.config.limits.max_payload_bytes.min(size - hl);
+        ch.e2c_chunk = chunk;
+        let mut ranges = [(0usize, 0usize); MAX_IOV];
+        let mut k = 0;
+        let mut off = 0;
+        while k < MAX_IOV && off + hl < size {
+            let len = chunk.min(size - off - hl);
+            ranges[k] = (off + hl, len);
+            off += hl + len;
+            k += 1;
+        }
+        let t = self.tok(Op::EpRead, slot);
+        let r = self.ring.readv(fd, conn.tx, &ranges[..k], t);
+        if self.pushed(slot, conn, r) {
+            conn.tx_busy = true;
+        }
+    }
+
+    pub(super) fn on_ep_read(&mut self, slot: u32, conn: &mut Conn, res: i32) {
+        conn.tx_busy = false;
+        if res <= 0 {
+            if res == -libc::EAGAIN || res == -libc::EINTR {
+                return self.pump_out(slot, conn);
+            }
+            if res == -libc::ECANCELED && self.draining.is_some() {
+                return self.maybe_drained(slot, conn);
+            }
+            if res == 0 && conn.client_role {
+                return self.ctl_app_eof(slot, conn);
+            }
+            let r = if res == 0 { "endpoint closed".to_string() } else { errno_reason("endpoint read", res) };
+            return self.endpoint_gone(slot, conn, &r);
+        }
+        let Stage::Chan(ch) = &mut conn.stage else { return };
+        let chunk = ch.e2c_chunk.max(1);
+        let hl = conn.enc.header_len();
+        let mut n = usize::try_from(res).unwrap_or(0);
+        conn.st.e2c_bytes += n as u64;
+        self.stats().e2c_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        let Some(tx) = self.ring.arena_mut().get_mut(conn.tx) else { return };
+        if let (Some(comp), Some(mut out)) = (ch.lz4_send.as_mut(), ch.lz4_tx.take()) {
+            // Compressing: frame into a separate vector (LZ4 reads every
+            // byte anyway); chunks that do not shrink go as DATA.
+            out.clear();
+            let mut off = 0;
+            while n > 0 {
+                let len = n.min(chunk);
+                let data = &tx[off + hl..off + hl + len];
+                let start = out.len();
+                let pre = CompressedData::PREFIX_LEN;
+                out.resize(start + hl + pre + lz4_scratch_len(len), 0);
+                let packed = if len > LZ4_THRESHOLD { comp.compress(data, &mut out[start + hl + pre..]) } else { None };
+                match packed {
+                    Some(c) => {
+                        let size = u32::try_from(pre + c).unwrap_or(0);
+                        let _ = conn.enc.header(MSG_SPICEVMC_COMPRESSED_DATA, size, &mut out[start..start + hl]);
+                        let mut w = crate::proto::wire::Writer::new(&mut out[start + hl..start + hl + pre]);
+                        let _ = CompressedData::emit_prefix(COMPRESSION_LZ4, u32::try_from(len).unwrap_or(0), &mut w);
+                        out.truncate(start + hl + pre + c);
+                    }
+                    None => {
+                        out.truncate(start + hl);
+                        let _ = conn.enc.header(MSG_SPICEVMC_DATA, u32::try_from(len).unwrap_or(0), &mut out[start..]);
+                        out.extend_from_slice(data);
+                    }
+                }
+                ch.ack.on_sent();
+                conn.st.e2c_msgs += 1;
+                off += hl + len;
+                n -= len;
+            }
+            conn.tx_len = out.len();
+            conn.tx_done = 0;
+            return self.write_client_owned(slot, conn, out);
+        }
+        let mut off = 0;
+        while n > 0 {
+            let len = n.min(chunk);
+            let _ = conn.enc.header(MSG_SPICEVMC_DATA, u32::try_from(len).unwrap_or(0), &mut tx[off..off + hl]);
+            ch.ack.on_sent();
+            conn.st.e2c_msgs += 1;
+            off += hl + len;
+            n -= len;
+        }
+        conn.tx_len = off;
+        conn.tx_done = 0;
+        self.write_client(slot, conn);
+    }
+
+    pub(super) fn write_client_owned(&mut self, slot: u32, conn: &mut Conn, out: Vec<u8>) {
+        let t = self.tok(Op::ClientWrite, slot);
+        let r = self.ring.write_owned(conn.fd.as_raw_fd(), out, conn.tx_done, t);
+        if self.pushed(slot, conn, r) {
+            conn.tx_busy = true;
+        }
+    }
+
+    /// The endpoint went away: tell a port client, then close.
+    pub(super) fn endpoint_gone(&mut self, slot: u32, conn: &mut Conn, reason: &str) {
+        if conn.client_role {
+            return self.ctl_app_gone(slot, conn, reason);
+        }
+        let Stage::Chan(ch) = &mut conn.stage else { return self.close(slot, conn, reason) };
+        let (service, ci, session) = (conn.service, ch.conf, conn.session);
+        let generation = self.slots[slot as usize].generation;
+        let label =
+            self.conf(service, ci).map_or_else(String::new, |c| format!("{} endpoint={}", c.label(), c.endpoint));
+        if ch.kind.port_messages {
+            // The port stays linked; its endpoint is reopened behind it.
+            let pending: usize = ch.ranges.iter().map(|r| r.1).sum();
+            ch.dropped += pending as u64;
+            ch.ranges.clear();
+            if let Some(fd) = ch.ep.take() {
+                let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            }
+            ch.ep_state = EpState::Gone;
+            ch.app_left = Some(Instant::now());
+            warn!(
+                self.who,
+                "endpoint gone channel={label} reason=\"{reason}\": port closed for the client, reopening it every \
+                 second while the session lives"
+            );
+            self.queue(slot, conn, &ServerMsg::PortEvent { event: PORT_EVENT_CLOSED });
+            self.revive_add(service, ci, session, revive::Then::Reattach { slot, generation });
+            self.pump_in(slot, conn);
+        } else {
+            warn!(
+                self.who,
+                "endpoint gone channel={label} reason=\"{reason}\": channel closed; it is announced to the client \
+                 again once the endpoint is back"
+            );
+            self.close(slot, conn, reason);
+            self.revive_add(service, ci, session, revive::Then::Announce);
+        }
+    }
+}

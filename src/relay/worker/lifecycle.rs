@@ -1,0 +1,203 @@
+//! A worker's life around its connections: listeners and accepts, the
+//! key queue, the mailbox, drain on shutdown, the 1 s tick (link
+//! timeouts, stats, endpoints waited for).
+
+use super::*;
+
+impl Worker {
+    pub(super) fn on_accept(&mut self, li: usize, c: Completion) {
+        if !c.more
+            && self.draining.is_none()
+            && let Some(l) = self.listeners.get(li)
+        {
+            let fd = l.fd.as_raw_fd();
+            if let Err(e) = self.ring.accept_multi(fd, token(Op::Accept, u32::try_from(li).unwrap_or(0), 0)) {
+                warn!(self.who, "cannot re-arm accept: {e}");
+            }
+        }
+        if c.result < 0 {
+            if c.result != -libc::ECANCELED {
+                warn!(self.who, "accept failed: {}", std::io::Error::from_raw_os_error(-c.result));
+            }
+            return;
+        }
+        let Some(fd) = c.fd else { return };
+        let Some(service) = self.listeners.get(li).map(|l| l.service) else { return };
+        if self.draining.is_some() {
+            return;
+        }
+        let peer = endpoint::peer_of(&fd);
+        let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
+        let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::KeepAlive, &true);
+        let Some(slot) = self.new_conn(fd, peer.clone(), service, Stage::WaitKey, false) else {
+            self.stats().conns_rejected.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                self.who,
+                "reject peer={peer} reason=\"connection table full ({} per worker; raise --max-conns)\"",
+                self.slots.len()
+            );
+            return;
+        };
+        let generation = self.slots[slot as usize].generation;
+        self.waiting_key.push_back((slot, generation));
+        self.serve_key_waiters();
+    }
+
+    pub(super) fn serve_key_waiters(&mut self) {
+        while let Some(&(slot, generation)) = self.waiting_key.front() {
+            let live = self.slots.get(slot as usize).is_some_and(|s| s.generation == generation && s.conn.is_some());
+            if !live {
+                self.waiting_key.pop_front();
+                continue;
+            }
+            let Ok(key) = self.keys.try_recv() else { return };
+            self.waiting_key.pop_front();
+            self.with_conn(slot, |w, conn| {
+                let link = ServerLink::new(&w.link_cfg[conn.service], key);
+                conn.stage = Stage::Link { link: Box::new(link), req: None, conf: None, ep: None };
+                w.pump_in(slot, conn);
+            });
+        }
+    }
+
+    pub(super) fn on_mailbox(&mut self) {
+        let mfd = self.shared.mailboxes[self.id].fd.as_raw_fd();
+        let cmds: Vec<Cmd> = match self.shared.mailboxes[self.id].cmds.lock() {
+            Ok(mut q) => std::mem::take(&mut *q),
+            Err(_) => Vec::new(),
+        };
+        for cmd in cmds {
+            match cmd {
+                Cmd::Close { slot, generation, reason } => {
+                    if self.slots.get(slot as usize).is_some_and(|s| s.generation == generation) {
+                        self.with_conn(slot, |w, conn| w.close(slot, conn, reason));
+                    }
+                }
+                Cmd::Announce { slot, generation, channel } => self.on_announce(slot, generation, channel),
+            }
+        }
+        self.serve_key_waiters();
+        if self.shared.shutdown.load(Ordering::SeqCst) && self.draining.is_none() {
+            self.start_drain();
+        }
+        if let Err(e) = self.ring.read_counter(mfd, token(Op::Mailbox, 0, 0)) {
+            warn!(self.who, "cannot re-arm mailbox: {e}");
+        }
+    }
+
+    pub(super) fn start_drain(&mut self) {
+        self.draining = Some(Instant::now());
+        info!(self.who, "draining: no new connections; flushing accepted data");
+        let _ =
+            self.ring.cancel_where(|t| decode(t).is_some_and(|d| d.0 == Op::Accept), token(Op::Cancel, 0xff_ffff, 0));
+        for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
+            self.with_conn(slot, |w, conn| match conn.stage {
+                _ if conn.client_role => w.ctl_drain_conn(slot, conn),
+                Stage::Chan(_) => {
+                    // Stop reading; what was read is still written.
+                    let generation = w.slots[slot as usize].generation;
+                    let pred = move |t: u64| {
+                        decode(t).is_some_and(|(op, s, g)| {
+                            s == slot && g == generation && matches!(op, Op::ClientRead | Op::EpRead | Op::EpAccept)
+                        })
+                    };
+                    if let Ok(n) = w.ring.cancel_where(pred, token(Op::Cancel, slot, generation)) {
+                        conn.inflight += u32::try_from(n).unwrap_or(0);
+                    }
+                    w.maybe_drained(slot, conn);
+                }
+                _ => w.close(slot, conn, "shutdown"),
+            });
+        }
+    }
+
+    pub(super) fn maybe_drained(&mut self, slot: u32, conn: &mut Conn) {
+        // `connect` closes its channels itself, once the server is quiet.
+        if self.draining.is_some() && !conn.client_role && !conn.c2e_busy && !conn.tx_busy && conn.ctl_q.is_empty() {
+            self.close(slot, conn, "shutdown");
+        }
+    }
+
+    pub(super) fn on_tick(&mut self) {
+        let now = Instant::now();
+        let timeout = Duration::from_secs(self.shared.config.limits.link_timeout_secs);
+        for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
+            let late = self.slots[slot as usize].conn.as_ref().is_some_and(|c| {
+                matches!(c.stage, Stage::WaitKey | Stage::Link { .. } | Stage::CLink { .. })
+                    && c.closing.is_none()
+                    && now.duration_since(c.since) > timeout
+            });
+            if late {
+                self.with_conn(slot, |w, conn| {
+                    if conn.client_role {
+                        let why = format!(
+                            "no answer from {} within {} s: not a SPICE server, or it is stuck",
+                            conn.peer,
+                            timeout.as_secs()
+                        );
+                        warn!(w.who, "link to {} channel={} failed: {why}", conn.peer, conn.label);
+                        w.close(slot, conn, &why);
+                    } else {
+                        w.close(slot, conn, "link timeout");
+                    }
+                });
+            }
+        }
+        if let Some(t) = self.draining
+            && now.duration_since(t) > Duration::from_secs(5)
+        {
+            for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
+                self.with_conn(slot, |w, conn| w.close(slot, conn, "shutdown (drain timeout)"));
+            }
+        }
+        self.log_stats(now);
+        self.revive_tick();
+        if let Err(e) = self.ring.timeout(Duration::from_secs(1), token(Op::Tick, 0, 0)) {
+            warn!(self.who, "cannot re-arm tick: {e}");
+        }
+    }
+
+    /// Worker 0: one line of live totals across workers, when anything moved.
+    pub(super) fn log_stats(&mut self, now: Instant) {
+        let every = self.shared.config.limits.stats_secs;
+        let (then, c2e0, e2c0) = self.last_stats;
+        if self.id != 0 || every == 0 || now.duration_since(then) < Duration::from_secs(every) {
+            return;
+        }
+        let sum = |f: fn(&WorkerStats) -> &AtomicU64| -> u64 {
+            self.shared.stats.iter().map(|s| f(s).load(Ordering::Relaxed)).sum()
+        };
+        let (c2e, e2c) = (sum(|s| &s.c2e_bytes), sum(|s| &s.e2c_bytes));
+        self.last_stats = (now, c2e, e2c);
+        let secs = now.duration_since(then).as_secs_f64().max(0.001);
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        info!(
+            self.who,
+            "stats conns_open={} links_ok={} links_failed={} rejected={} protocol_errors={} c2e_bytes={c2e} \
+             e2c_bytes={e2c} c2e_mib_s={:.1} e2c_mib_s={:.1} uptime_s={}",
+            sum(|s| &s.conns_open),
+            sum(|s| &s.links_ok),
+            sum(|s| &s.links_failed),
+            sum(|s| &s.conns_rejected),
+            sum(|s| &s.protocol_errors),
+            mib(c2e - c2e0) / secs,
+            mib(e2c - e2c0) / secs,
+            self.started.elapsed().as_secs()
+        );
+    }
+}
+
+/// Binds a SO_REUSEPORT TCP listener (one per worker per address).
+pub(super) fn bind_tcp(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{
+        AddressFamily, SockFlag, SockType, SockaddrStorage, bind, listen, setsockopt, socket, sockopt,
+    };
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    setsockopt(&fd, sockopt::ReusePort, &true)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))
+        .map_err(|e| std::io::Error::new(std::io::Error::from(e).kind(), format!("cannot listen on {addr}: {e}")))?;
+    listen(&fd, nix::sys::socket::Backlog::new(1024).unwrap_or(nix::sys::socket::Backlog::MAXCONN))?;
+    Ok(fd)
+}

@@ -1,0 +1,344 @@
+//! The server link stage: link message, ticket, the relay's decision
+//! (session, channel, busy policy), opening the endpoint before the
+//! result goes out, then the hand-over to the data stage (main or channel).
+
+use super::*;
+
+impl Worker {
+    /// Link stage: feeds the state machine, acts on its actions. Returns
+    /// whether more client input is wanted now.
+    pub(super) fn pump_link(&mut self, slot: u32, conn: &mut Conn) -> bool {
+        loop {
+            let Stage::Link { link, .. } = &mut conn.stage else { return true };
+            let input =
+                self.ring.arena().get(conn.rx).and_then(|b| b.get(conn.rx_pos..conn.rx_len)).unwrap_or_default();
+            let used = link.handle_input(input);
+            conn.rx_pos += used;
+            let Some(action) = link.poll_action() else {
+                let done = link.is_done();
+                self.pump_out(slot, conn);
+                return !done;
+            };
+            match action {
+                Action::Request(req) => self.on_link_request(conn, req),
+                Action::Authenticated(req) => {
+                    self.on_authenticated(slot, conn, req);
+                    self.pump_out(slot, conn);
+                    // Input resumes after the endpoint answers.
+                    let Stage::Link { link, .. } = &conn.stage else { return true };
+                    if !link.is_done() && link_waiting(link) {
+                        return false;
+                    }
+                }
+                Action::Linked(l) => {
+                    self.on_linked(slot, conn, l);
+                    return conn.closing.is_none();
+                }
+                Action::Close(f) => {
+                    self.stats().links_failed.fetch_add(1, Ordering::Relaxed);
+                    let svc = self.service_name(conn.service).to_string();
+                    let what = match &conn.stage {
+                        Stage::Link { req: Some(r), .. } => format!("{}:{}", kind_name(r.channel_type), r.channel_id),
+                        _ => "?".into(),
+                    };
+                    info!(
+                        self.who,
+                        "link peer={} service={svc} channel={what} result=refused error=\"{f}\"{}",
+                        conn.peer,
+                        f.code().map_or(String::new(), |c| format!(" code={}", c.code()))
+                    );
+                    conn.close_after_flush = Some(format!("link refused: {f}"));
+                    self.pump_out(slot, conn);
+                    return false;
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_link_request(&mut self, conn: &mut Conn, req: LinkRequest) {
+        let service = conn.service;
+        let decision = if req.channel_type == CH_MAIN {
+            if req.connection_id != 0 {
+                // spice-server would treat this as a migration target; we do not migrate.
+                Decision::BadConnectionId
+            } else {
+                Decision::Accept { channel_caps: Caps::EMPTY }
+            }
+        } else {
+            let found = self.shared.config.services[service]
+                .channels
+                .iter()
+                .position(|c| c.kind.channel_type == req.channel_type && c.id == req.channel_id)
+                .or_else(|| {
+                    let key = (req.connection_id, req.channel_type, req.channel_id);
+                    self.shared.registry().aliases.get(&key).copied()
+                });
+            match found {
+                None => Decision::Unknown,
+                Some(ci) => {
+                    let reg = self.shared.registry();
+                    let session_ok = reg.sessions.get(&req.connection_id).is_some_and(|s| s.service == service);
+                    let busy = reg.channels.contains_key(&(service, ci));
+                    drop(reg);
+                    if let Stage::Link { conf, .. } = &mut conn.stage {
+                        *conf = Some(ci);
+                    }
+                    if !session_ok {
+                        Decision::BadConnectionId
+                    } else if busy && self.shared.config.limits.busy == BusyPolicy::Refuse {
+                        Decision::FailAfterAuth(LinkErrorCode::ChannelNotAvailable)
+                    } else {
+                        let kind = self.shared.config.services[service].channels[ci].kind;
+                        Decision::AcceptThenConfirm { channel_caps: kind.channel_caps(true) }
+                    }
+                }
+            }
+        };
+        if let Stage::Link { link, req: r, .. } = &mut conn.stage {
+            *r = Some(req);
+            link.decide(decision);
+        }
+    }
+
+    /// The client is authenticated for a pass-through channel: claim the
+    /// channel and open its endpoint.
+    pub(super) fn on_authenticated(&mut self, slot: u32, conn: &mut Conn, req: LinkRequest) {
+        let service = conn.service;
+        let Stage::Link { conf: Some(ci), .. } = conn.stage else {
+            return self.confirm(conn, Err(LinkErrorCode::Error));
+        };
+        let place = Place { worker: self.id, slot, generation: self.slots[slot as usize].generation };
+        // Claim the channel (newest wins, unless the policy refuses).
+        let old = {
+            let mut reg = self.shared.registry();
+            if reg.sessions.get(&req.connection_id).is_none_or(|s| s.service != service) {
+                drop(reg);
+                return self.confirm(conn, Err(LinkErrorCode::BadConnectionId));
+            }
+            let prev = reg.channels.get(&(service, ci)).copied();
+            if prev.is_some() && self.shared.config.limits.busy == BusyPolicy::Refuse {
+                drop(reg);
+                return self.confirm(conn, Err(LinkErrorCode::ChannelNotAvailable));
+            }
+            reg.channels.insert((service, ci), Owner { place, session: req.connection_id });
+            prev
+        };
+        conn.owns = Some(ci);
+        conn.session = req.connection_id;
+        if let Some(o) = old {
+            if o.place.worker == self.id {
+                self.with_conn(o.place.slot, |w, c| w.close(o.place.slot, c, "replaced by a newer client"));
+            } else {
+                self.shared.tell(o.place, "replaced by a newer client");
+            }
+        }
+        let Some(cc) = self.conf(service, ci).cloned() else {
+            return self.confirm(conn, Err(LinkErrorCode::Error));
+        };
+        conn.label = cc.label();
+        // A kept unix-listen connection, or an endpoint reopened for a re-announced channel.
+        let parked = self.shared.parked.lock().ok().and_then(|mut p| p.remove(&(service, ci)));
+        let opening = match parked {
+            Some(fd) => Ok(Opening::Ready(fd)),
+            None => endpoint::open(&cc.endpoint),
+        };
+        match opening {
+            Ok(Opening::Ready(fd)) => {
+                self.set_link_ep(conn, fd, EpState::Open);
+                self.confirm(conn, Ok(()));
+            }
+            Ok(Opening::Accept) => self.confirm(conn, Ok(())),
+            Ok(Opening::Connect(fd, addr)) => {
+                let t = self.tok(Op::EpConnect, slot);
+                let r = self.ring.connect(fd.as_raw_fd(), &addr, t);
+                self.set_link_ep(conn, fd, EpState::Connecting);
+                self.pushed(slot, conn, r);
+            }
+            Err(e) => {
+                warn!(
+                    self.who,
+                    "endpoint unavailable service={} channel={} endpoint={} error=\"{e}\"",
+                    self.service_name(service),
+                    conn.label,
+                    cc.endpoint
+                );
+                self.confirm(conn, Err(LinkErrorCode::ChannelNotAvailable));
+            }
+        }
+    }
+
+    pub(super) fn set_link_ep(&mut self, conn: &mut Conn, fd: OwnedFd, state: EpState) {
+        if let Stage::Link { ep, .. } = &mut conn.stage {
+            *ep = Some((fd, state));
+        }
+    }
+
+    pub(super) fn confirm(&mut self, conn: &mut Conn, r: Result<(), LinkErrorCode>) {
+        if let Stage::Link { link, .. } = &mut conn.stage {
+            link.confirm(r);
+        }
+    }
+
+    pub(super) fn on_ep_connect(&mut self, slot: u32, conn: &mut Conn, res: i32) {
+        if let Stage::Chan(ch) = &mut conn.stage {
+            if res < 0 {
+                let r = errno_reason("local endpoint connect", res);
+                if conn.client_role {
+                    return self.ctl_local_failed(slot, conn, &r);
+                }
+                warn!(self.who, "channel={} {r}", conn.label);
+                return self.close(slot, conn, &r);
+            }
+            ch.ep_state = EpState::Open;
+            if conn.client_role {
+                self.ctl_local_up(slot, conn);
+            }
+            self.pump_in(slot, conn);
+            return self.pump_out(slot, conn);
+        }
+        if res < 0 {
+            let Stage::Link { conf: Some(ci), .. } = conn.stage else { return };
+            let ep = self.conf(conn.service, ci).map_or_else(String::new, |c| c.endpoint.to_string());
+            warn!(
+                self.who,
+                "endpoint unavailable service={} channel={} endpoint={ep} error=\"{}\"",
+                self.service_name(conn.service),
+                conn.label,
+                std::io::Error::from_raw_os_error(-res)
+            );
+            if let Stage::Link { ep, .. } = &mut conn.stage {
+                *ep = None;
+            }
+            self.confirm(conn, Err(LinkErrorCode::ChannelNotAvailable));
+        } else {
+            if let Stage::Link { ep: Some((_, st)), .. } = &mut conn.stage {
+                *st = EpState::Open;
+            }
+            self.confirm(conn, Ok(()));
+        }
+        self.pump_in(slot, conn);
+    }
+
+    pub(super) fn on_linked(&mut self, slot: u32, conn: &mut Conn, l: Linked) {
+        self.stats().links_ok.fetch_add(1, Ordering::Relaxed);
+        conn.enc = Encoder::new(l.header_kind);
+        conn.deframer = Deframer::new(l.header_kind);
+        // Flush the link result before anything of the data stage.
+        let svc = self.service_name(conn.service).to_string();
+        let stage = std::mem::replace(&mut conn.stage, Stage::WaitKey);
+        let Stage::Link { mut link, conf, ep, .. } = stage else { return };
+        let mut tmp = [0u8; 8];
+        let n = link.poll_output(&mut tmp);
+        if n > 0 {
+            conn.ctl_q.push_front((u16::MAX, tmp[..n].to_vec()));
+        }
+        if l.channel_type == CH_MAIN {
+            let session = self.new_session(conn.service, slot);
+            conn.session = session;
+            conn.label = "main:0".into();
+            conn.stage = Stage::Main { session };
+            let init = MainInit {
+                session_id: session,
+                display_channels_hint: 0,
+                supported_mouse_modes: MOUSE_MODE_SERVER | MOUSE_MODE_CLIENT,
+                current_mouse_mode: MOUSE_MODE_CLIENT,
+                agent_connected: 0,
+                agent_tokens: 10,
+                multi_media_time: 0,
+                ram_hint: 0,
+            };
+            self.queue(slot, conn, &ServerMsg::MainInit(init));
+        } else {
+            let Some(ci) = conf else { return self.close(slot, conn, "internal: no channel") };
+            let Some(cc) = self.conf(conn.service, ci).cloned() else { return };
+            let (ep_fd, ep_state) = match ep {
+                Some((fd, st)) => (Some(fd), st),
+                None => (None, EpState::Accepting),
+            };
+            let opened = ep_state == EpState::Open;
+            let lz4_send = self.shared.config.limits.lz4_to_client
+                && cc.kind.lz4
+                && l.peer_channel_caps.has(SPICEVMC_CAP_DATA_COMPRESS_LZ4);
+            let mut ch = Chan::new(ci, cc.kind, false, lz4_send);
+            ch.ep = ep_fd;
+            ch.ep_state = ep_state;
+            conn.stage = Stage::Chan(Box::new(ch));
+            let window = self.shared.config.limits.ack_window;
+            if window > 0
+                && let Stage::Chan(ch) = &mut conn.stage
+            {
+                let m = ch.ack.set_ack(window);
+                self.queue(slot, conn, &m);
+            }
+            if cc.kind.port_messages {
+                let name = cc.port_name.clone().unwrap_or_default();
+                self.queue(slot, conn, &ServerMsg::PortInit(PortInit { name: name.as_bytes(), opened }));
+            }
+            if ep_state == EpState::Accepting {
+                self.accept_endpoint(slot, conn, ci);
+            }
+        }
+        info!(
+            self.who,
+            "link peer={} service={svc} channel={} session={:#010x} header={:?} result=ok",
+            conn.peer,
+            conn.label,
+            conn.session,
+            l.header_kind
+        );
+        // Bytes after the link result belong to the data stage.
+        self.pump_out(slot, conn);
+    }
+
+    pub(super) fn accept_endpoint(&mut self, slot: u32, conn: &mut Conn, ci: usize) {
+        let Some(lfd) = self.shared.listen_eps.get(&(conn.service, ci)).map(AsRawFd::as_raw_fd) else {
+            return self.close(slot, conn, "internal: no unix-listen socket");
+        };
+        let t = self.tok(Op::EpAccept, slot);
+        let r = self.ring.accept(lfd, t);
+        self.pushed(slot, conn, r);
+    }
+
+    pub(super) fn on_ep_accept(&mut self, slot: u32, conn: &mut Conn, res: i32, fd: Option<OwnedFd>) {
+        let Stage::Chan(ch) = &mut conn.stage else { return };
+        let Some(fd) = fd else {
+            let ci = ch.conf;
+            if self.draining.is_some() {
+                return self.maybe_drained(slot, conn);
+            }
+            warn!(self.who, "endpoint accept failed: {}", std::io::Error::from_raw_os_error(-res));
+            return self.accept_endpoint(slot, conn, ci);
+        };
+        ch.ep = Some(fd);
+        ch.ep_state = EpState::Open;
+        ch.app_left = None;
+        ch.app_eof = false;
+        let port = ch.kind.port_messages;
+        debug!(self.who, "endpoint connected channel={}", conn.label);
+        if port && conn.client_role {
+            // The local app is the port's frontend.
+            self.queue_client(slot, conn, &ClientMsg::PortEvent { event: PORT_EVENT_OPENED });
+        } else if port {
+            self.queue(slot, conn, &ServerMsg::PortEvent { event: PORT_EVENT_OPENED });
+        }
+        self.pump_in(slot, conn);
+        self.pump_out(slot, conn);
+    }
+
+    pub(super) fn new_session(&mut self, service: usize, slot: u32) -> u32 {
+        let place = Place { worker: self.id, slot, generation: self.slots[slot as usize].generation };
+        let mut reg = self.shared.registry();
+        loop {
+            let id: u32 = self.rng.random();
+            if id != 0 && !reg.sessions.contains_key(&id) {
+                reg.sessions.insert(id, SessionEntry { service, main: place });
+                return id;
+            }
+        }
+    }
+}
+
+/// Whether the link is parked waiting for `confirm` (endpoint pending).
+fn link_waiting(link: &ServerLink) -> bool {
+    !link.is_done() && link.pending_output().is_empty()
+}
