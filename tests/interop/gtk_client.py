@@ -19,6 +19,7 @@ Stdlib + gi only.
 """
 
 import argparse
+import collections
 import ctypes
 import faulthandler
 import hashlib
@@ -32,6 +33,7 @@ import struct
 import sys
 import threading
 import time
+import zlib
 from urllib.parse import parse_qs, urlsplit
 
 EXIT_OK = 0
@@ -1020,9 +1022,13 @@ class PortEcho(PortClient):
 
 
 class Qmp(PortClient):
-    def __init__(self, args):
-        super().__init__(args, "qmp")
-        self.commands = [c for c in args.commands.split(",") if c]
+    # Include each reply's "return" value in `replies` when the line is at most this long
+    # (0: never; the qmp mode keeps its replies small, a schema is 200 KB).
+    keep_return_bytes = 0
+
+    def __init__(self, args, mode="qmp", commands=None):
+        super().__init__(args, mode)
+        self.commands = commands if commands is not None else [c for c in args.commands.split(",") if c]
         self.buf = bytearray()
         self.greeting = None
         self.index = -1
@@ -1070,6 +1076,8 @@ class Qmp(PortClient):
                      "seconds": round(time.monotonic() - self.t_sent, 6)}
             if "error" in obj:
                 reply["error"] = obj["error"]
+            elif len(line) <= self.keep_return_bytes:
+                reply["return"] = obj["return"]
             self.replies.append(reply)
             self.note("qmp reply to %s (%d bytes)" % (cmd, len(line)))
             if "error" in obj:
@@ -1082,22 +1090,36 @@ class Qmp(PortClient):
     def _send_next(self):
         self.index += 1
         if self.index >= len(self.commands):
-            self.succeed("replied")
+            self.on_commands_done()
+            return
         cmd = self.commands[self.index]
         data = json.dumps({"execute": cmd}).encode() + b"\r\n"
         self.t_sent = time.monotonic()
         self.keep.append(self.write(data, lambda _n: None))
 
+    def on_commands_done(self):
+        self.succeed("replied")
+
+    def qmp_done(self):
+        return self.index >= len(self.commands)
+
+    def qmp_report(self):
+        out = {"greeting": self.greeting, "replies": self.replies, "events_skipped": self.events,
+               "bytes_received": self.rx_bytes}
+        if 0 <= self.index < len(self.commands) and len(self.replies) <= self.index:
+            out["pending_command"] = self.commands[self.index]
+            out["pending_reply_bytes"] = len(self.buf)
+        out.update(self.port_report(self.target))
+        return out
+
     def fill_result(self):
         super().fill_result()
-        self.result.update({"greeting": self.greeting, "replies": self.replies, "events_skipped": self.events,
-                            "bytes_received": self.rx_bytes})
-        if 0 <= self.index < len(self.commands) and len(self.replies) <= self.index:
-            self.result["pending_command"] = self.commands[self.index]
-            self.result["pending_reply_bytes"] = len(self.buf)
-        self.result.update(self.port_report(self.target))
+        self.result.update(self.qmp_report())
 
     def timeout_detail(self):
+        return self.qmp_detail()
+
+    def qmp_detail(self):
         if self.target is None:
             return "port %r not found or not linked (main opened: %s)" % (self.target_name, self.main_opened)
         if self.greeting is None:
@@ -1305,7 +1327,494 @@ class Usbredir(Client):
 
 
 # --------------------------------------------------------------------------
+# display: main, display, inputs, cursor and the rest, like a viewer without a window
+
+SURFACE_FORMATS = {1: "1_A", 8: "8_A", 16: "16_555", 32: "32_xRGB", 80: "16_565", 96: "32_ARGB"}
+SURFACE_BYTES_PER_PIXEL = {8: 1, 16: 2, 32: 4, 80: 2, 96: 4}
+# PC XT (set 1) scancodes as SpiceInputsChannel.key_press takes them; 0x100 | code is an
+# 0xe0-prefixed (extended) key in spice-gtk.
+KEY_SCANCODES = {"esc": 0x01, "enter": 0x1c, "space": 0x39, "tab": 0x0f, "backspace": 0x0e,
+                 "f1": 0x3b, "f2": 0x3c, "f10": 0x44, "f11": 0x57, "f12": 0x58,
+                 "1": 0x02, "2": 0x03, "3": 0x04, "up": 0x148, "down": 0x150, "left": 0x14b, "right": 0x14d}
+# A usbredir hello seen without the tap: 6-byte mini header + 80-byte hello after OPENED.
+USBREDIR_HELLO_WIRE_BYTES = 86
+
+
+class Frame:
+    """One copy of the primary surface, with the figures the display mode reports."""
+
+    def __init__(self, surface):
+        fmt, width, height, stride = surface["format"], surface["width"], surface["height"], surface["stride"]
+        bpp = SURFACE_BYTES_PER_PIXEL[fmt]
+        row = width * bpp
+        step = abs(stride)
+        raw = ctypes.string_at(surface["ptr"], step * height)
+        if step != row:
+            raw = b"".join(raw[y * step:y * step + row] for y in range(height))
+        pixels = bytearray(raw)
+        if fmt == 32:
+            pixels[3::4] = bytes(len(pixels) // 4)            # the x byte of xRGB is undefined
+        elif fmt == 16:
+            pixels[1::2] = pixels[1::2].translate(bytes(b & 0x7f for b in range(256)))
+        self.bpp = bpp
+        self.width, self.height = width, height
+        self.pixels = bytes(pixels)
+        self.sha256 = hashlib.sha256(self.pixels).hexdigest()
+        counts = collections.Counter(self.values())
+        total = width * height
+        self.background, background_count = counts.most_common(1)[0] if counts else (0, 0)
+        self.nonblank = total - background_count     # pixels not of the most common colour
+        self.nonzero = total - counts.get(0, 0)
+        self.colors = len(counts)
+
+    def values(self):
+        return memoryview(self.pixels).cast({4: "I", 2: "H", 1: "B"}[self.bpp])
+
+    def changed_pixels(self, other):
+        if other.sha256 == self.sha256:
+            return 0
+        if len(other.pixels) != len(self.pixels):
+            return self.width * self.height
+        return sum(1 for a, b in zip(self.values(), other.values()) if a != b)
+
+    def report(self, suffix=""):
+        return {"fb_sha256" + suffix: self.sha256, "nonblank_pixels" + suffix: self.nonblank,
+                "nonzero_pixels" + suffix: self.nonzero, "background" + suffix: "%0*x" % (2 * self.bpp, self.background),
+                "distinct_colors" + suffix: self.colors}
+
+    def write_png(self, path):
+        """RGB PNG with zlib only. 32-bit formats are B,G,R,X in memory."""
+        if self.bpp != 4:
+            raise ValueError("PNG only for 32-bit surfaces")
+        rgb = bytearray(self.width * self.height * 3)
+        rgb[0::3] = self.pixels[2::4]
+        rgb[1::3] = self.pixels[1::4]
+        rgb[2::3] = self.pixels[0::4]
+        row = self.width * 3
+        raw = b"".join(b"\0" + bytes(rgb[y * row:(y + 1) * row]) for y in range(self.height))
+
+        def chunk(kind, body):
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0))
+               + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+        with open(path, "wb") as f:
+            f.write(png)
+
+
+class Display(Qmp):
+    """Connect every channel but usbredir (unless asked), prove the display, optionally press a key.
+
+    Reuses Qmp for --qmp-command (the same session links the QMP port) and the tap or
+    total-read-bytes for --expect-usbredir-hello.
+    """
+
+    keep_return_bytes = 4096
+
+    def __init__(self, args):
+        self.qmp_wanted = args.qmp_command is not None or args.qmp_port_name is not None
+        commands = []
+        if self.qmp_wanted:
+            commands = [c for c in (args.qmp_command or "query-status").split(",") if c]
+            if "qmp_capabilities" not in commands:
+                commands.insert(0, "qmp_capabilities")
+        super().__init__(args, "display", commands=commands)
+        self.target_name = (args.qmp_port_name or "org.qemu.monitor.qmp.0") if self.qmp_wanted else None
+        self.want_usbredir = args.usbredir or args.expect_usbredir_hello
+        self.usb_manager = None
+        self.usb_opened = {}          # usbredir id -> total-read-bytes at OPENED
+        self.surface = None           # latest primary surface
+        self.surfaces_created = 0
+        self.invalidates = 0
+        self.invalidated_pixels = 0
+        self.large_invalidates = 0
+        self.settle_timer = None
+        self.first = None             # first settled frame
+        self.baseline = None          # settled, right size, not blank: "drawn"
+        self.settled_at = None
+        self.key_scancode = args.key_scancode
+        self.key_state = None         # None, "waiting-inputs", "sent", "done"
+        self.key_sent_at = None
+        self.key_invalidates_at_send = 0
+        self.key_frame = None
+        self.key_changed_pixels = None
+        self.key_change_s = None
+        self.changed_after_key = None
+        self.final_frame = None
+        self.display_done = False
+        self.result.update({"expect_size": args.expect_size, "key_scancode": self.key_scancode,
+                            "qmp_requested": self.qmp_wanted, "usbredir_requested": self.want_usbredir,
+                            "expect_usbredir_hello": args.expect_usbredir_hello})
+
+    # which channels
+    def before_connect(self):
+        if self.want_usbredir:
+            # gotcha 5: a usbredir channel that links without a device manager logs criticals;
+            # with one, the manager connects every usbredir channel itself.
+            try:
+                self.usb_manager = self.Spice.UsbDeviceManager.get(self.session)
+            except Exception as exc:
+                self.fail(EXIT_USAGE, "UsbDeviceManager.get failed: %s" % exc)
+            self.GLib.timeout_add(100, self._poll_usb)
+
+    def wants_channel(self, ctype):
+        return ctype != 9
+
+    def after_channel_new(self, ch, info):
+        if info["type"] == 9 and self.want_usbredir:
+            self.GLib.timeout_add(1000, lambda: self._kick(ch, info))
+
+    def _kick(self, ch, info):
+        if info["state"] == "announced" and not self.finishing:
+            self.note("usbredir %d not started by the USB manager, connecting it" % info["id"])
+            info["state"] = "connecting"
+            ch.connect()
+        return False
+
+    def on_channel_created(self, ch, info):
+        ctype = info["type"]
+        if ctype in (10, 11):
+            super().on_channel_created(ch, info)
+        elif ctype == 2:
+            self.on(ch, "display-primary-create", self._primary_create)
+            self.on(ch, "display-primary-destroy", self._primary_destroy)
+            self.on(ch, "display-invalidate", self._invalidate)
+
+    def essential(self, ch, info):
+        ctype = info.get("type")
+        if ctype in (1, 2):
+            return True
+        if ctype == 3:
+            return self.key_scancode is not None
+        if ctype == 9:
+            return self.args.expect_usbredir_hello
+        state = self.ports.get(self.key(ch))
+        return state is not None and state is self.target
+
+    def on_channel_lost(self, ch, info, nick):
+        if self.essential(ch, info):
+            Client.on_channel_lost(self, ch, info, nick)
+
+    def on_channel_event(self, ch, info, event):
+        super().on_channel_event(ch, info, event)
+        Event = self.Spice.ChannelEvent
+        if event != Event.OPENED:
+            return
+        if info.get("type") == 9:
+            self.usb_opened[info["id"]] = ch.get_property("total-read-bytes")
+        elif info.get("type") == 3 and self.key_state == "waiting-inputs":
+            self._send_key()
+        elif info.get("type") == 1:
+            self.GLib.timeout_add(int(max(self.args.settle, 1.0) * 1000), self._announced_check)
+
+    def _announced_check(self):
+        types = {i["type"] for i in self.channels.values()}
+        if 2 not in types:
+            self.fail(EXIT_CHECK_FAILED, "server announced no display channel (%s)" % self._type_list(),
+                      result="no-display")
+        if self.key_scancode is not None and 3 not in types:
+            self.fail(EXIT_CHECK_FAILED, "server announced no inputs channel (%s)" % self._type_list(),
+                      result="no-inputs")
+        if self.args.expect_usbredir_hello and 9 not in types:
+            self.fail(EXIT_CHECK_FAILED, "server announced no usbredir channel (%s)" % self._type_list(),
+                      result="no-usbredir")
+        return False
+
+    def _type_list(self):
+        return ", ".join("%s/%d" % (i["type_name"], i["id"]) for i in sorted(self.channels.values(),
+                                                                             key=lambda i: (i["type"], i["id"])))
+
+    # display signals
+    def _primary_create(self, ch, fmt, width, height, stride, shmid, ptr):
+        self.surfaces_created += 1
+        self.surface = {"format": fmt, "width": width, "height": height, "stride": stride, "shmid": shmid,
+                        "ptr": ptr, "created_at_s": _now(), "channel_id": ch.get_property("channel-id")}
+        self.note("display-primary-create %dx%d format %s stride %d" % (width, height,
+                                                                        SURFACE_FORMATS.get(fmt, fmt), stride))
+        if fmt not in SURFACE_BYTES_PER_PIXEL:
+            self.fail(EXIT_CHECK_FAILED, "primary surface format %s is not supported by the harness" % fmt,
+                      result="unsupported-format")
+        self._arm_settle()
+
+    def _primary_destroy(self, ch):
+        self.note("display-primary-destroy")
+        if self.surface is not None:
+            self.surface["ptr"] = None      # the pixels are gone: never read them again
+
+    def _invalidate(self, ch, x, y, w, h):
+        self.invalidates += 1
+        area = w * h
+        self.invalidated_pixels += area
+        if self.invalidates == 1:
+            self.note("first display-invalidate %d,%d %dx%d" % (x, y, w, h))
+        if area > self.args.tiny_invalidate:
+            # a blinking text cursor is a stream of 9x2 invalidates: they do not delay settling
+            self.large_invalidates += 1
+            if self.key_state != "sent":
+                self._arm_settle()
+
+    def _frame(self):
+        s = self.surface
+        if s is None or not s["ptr"]:
+            return None
+        return Frame(s)
+
+    def _arm_settle(self):
+        if self.settle_timer is not None:
+            self.GLib.source_remove(self.settle_timer)
+        self.settle_timer = self.GLib.timeout_add(int(self.args.settle * 1000), self._settled)
+
+    def _size_ok(self):
+        want = self.args.expect_size
+        return want is None or (self.surface["width"], self.surface["height"]) == want
+
+    def _settled(self):
+        self.settle_timer = None
+        if self.finishing or self.display_done:
+            return False
+        frame = self._frame()
+        if frame is None or self.invalidates == 0:
+            return False
+        if self.first is None:
+            self.first = frame
+        if self.baseline is not None and self.key_state is None:
+            return False
+        if not self._size_ok():
+            self.note("settled at %dx%d, expected %dx%d: waiting for another surface"
+                      % ((self.surface["width"], self.surface["height"]) + self.args.expect_size))
+            return False
+        if frame.nonblank < self.args.min_nonblank:
+            self.note("settled but blank (%d non-background pixels)" % frame.nonblank)
+            return False
+        if self.baseline is None:
+            self.baseline = frame
+            self.settled_at = _now()
+            self.note("display settled: %d non-background pixels, sha256 %s" % (frame.nonblank, frame.sha256[:16]))
+            if self.key_scancode is None:
+                self.final_frame = frame
+                self.display_done = True
+                self._check_done()
+            else:
+                self._send_key()
+        elif self.key_state == "changed":
+            self.final_frame = frame       # the screen after the key, settled
+            self.key_state = "done"
+            self.display_done = True
+            self._check_done()
+        return False
+
+    # the key
+    def _inputs(self):
+        for (ctype, _cid), ch in sorted(self.channel_objs.items(), key=lambda kv: kv[0]):
+            if ctype == 3 and self.channels[(ctype, _cid)]["state"] == "opened":
+                return ch
+        return None
+
+    def _send_key(self):
+        inputs = self._inputs()
+        if inputs is None:
+            self.key_state = "waiting-inputs"
+            self.note("display settled, waiting for the inputs channel")
+            return
+        self.key_state = "sent"
+        self.key_sent_at = time.monotonic()
+        self.key_invalidates_at_send = self.invalidates
+        inputs.key_press(self.key_scancode)
+        inputs.key_release(self.key_scancode)
+        self.note("key 0x%x pressed and released" % self.key_scancode)
+        self.GLib.timeout_add(50, self._poll_key)
+
+    def _poll_key(self):
+        if self.finishing or self.key_state != "sent":
+            return False
+        elapsed = time.monotonic() - self.key_sent_at
+        frame = self._frame()
+        if frame is not None and frame.sha256 != self.baseline.sha256:
+            changed = frame.changed_pixels(self.baseline)
+            self.key_changed_pixels = changed
+            if changed >= self.args.min_changed_pixels:
+                self.key_frame = frame
+                self.key_change_s = round(elapsed, 4)
+                self.changed_after_key = True
+                self.key_state = "changed"
+                self.note("screen changed %.3f s after the key: %d pixels" % (elapsed, changed))
+                self._arm_settle()
+                return False
+        if elapsed >= self.args.key_timeout:
+            self.changed_after_key = False
+            self.key_state = "done"
+            self.final_frame = frame
+            self.fail(EXIT_CHECK_FAILED, "screen unchanged %.1f s after key 0x%x (%s pixels changed, %d needed)"
+                      % (self.args.key_timeout, self.key_scancode, self.key_changed_pixels or 0,
+                         self.args.min_changed_pixels), result="unchanged-after-key")
+        return True
+
+    # usbredir
+    def _usb_ids(self):
+        return sorted(i["id"] for i in self.channels.values() if i["type"] == 9)
+
+    def _usb_status(self, cid):
+        """(hello seen, detail) for one usbredir channel."""
+        if cid not in self.usb_opened:
+            return False, "not opened"
+        if self.tap is None:
+            after = self.channel_objs[(9, cid)].get_property("total-read-bytes") - self.usb_opened[cid]
+            return after >= USBREDIR_HELLO_WIRE_BYTES, "%d bytes received after OPENED" % after
+        conn = self.tap.find(9, cid)
+        if conn is None:
+            return False, "no tapped connection"
+        with self.tap.lock:
+            head = bytes(conn.s2c.capture)
+            payload = conn.s2c.payload_bytes
+        hello = parse_usbredir_hello(head)
+        if hello is None or not hello.get("is_hello") or len(head) < hello["packet_bytes"]:
+            return False, "no complete usbredir hello (%d payload bytes)" % payload
+        return True, "hello %d bytes" % hello["packet_bytes"]
+
+    def _usb_done(self):
+        if not self.args.expect_usbredir_hello:
+            return True
+        ids = self._usb_ids()
+        return bool(ids) and all(self._usb_status(cid)[0] for cid in ids)
+
+    def _poll_usb(self):
+        if self.finishing:
+            return False
+        self._check_done()
+        return True
+
+    # verdict
+    def on_commands_done(self):
+        self.note("qmp commands done")
+        self._check_done()
+
+    def _check_done(self):
+        if self.finishing or not self.display_done:
+            return
+        if self.qmp_wanted and not self.qmp_done():
+            return
+        if not self._usb_done():
+            return
+        self.succeed("displayed")
+
+    def on_timeout(self):
+        detail = self.timeout_detail()
+        s = self.surface
+        if s is not None and self.baseline is None and self.invalidates and not self._size_ok():
+            self.fail(EXIT_CHECK_FAILED, "primary surface is %dx%d, expected %dx%d"
+                      % ((s["width"], s["height"]) + self.args.expect_size), result="wrong-size")
+        if self.first is not None and self.baseline is None and self._size_ok():
+            self.fail(EXIT_CHECK_FAILED, "display stayed blank: %d non-background pixels, %d needed"
+                      % (self.first.nonblank, self.args.min_nonblank), result="blank")
+        self.fail(EXIT_TIMEOUT, "timeout after %.1f s: %s" % (self.args.timeout, detail), result="timeout")
+        return False
+
+    def timeout_detail(self):
+        missing = []
+        if not self.main_opened:
+            return "main channel never opened"
+        if self.surface is None:
+            states = ", ".join(i["state"] for i in self.channels.values() if i["type"] == 2)
+            missing.append("no primary surface (display channel: %s)" % (states or "not announced"))
+        elif self.invalidates == 0:
+            missing.append("primary surface never drawn (no display-invalidate)")
+        elif self.baseline is None:
+            missing.append("display did not settle (%d invalidates, %d large)" % (self.invalidates,
+                                                                                   self.large_invalidates))
+        elif self.key_state == "waiting-inputs":
+            missing.append("inputs channel never opened")
+        elif self.key_state in ("sent", "changed"):
+            missing.append("screen after the key did not settle")
+        if self.qmp_wanted and not self.qmp_done():
+            missing.append("qmp: " + self.qmp_detail())
+        if self.args.expect_usbredir_hello and not self._usb_done():
+            ids = self._usb_ids()
+            missing.append("usbredir: " + (str({cid: self._usb_status(cid)[1] for cid in ids}) if ids
+                                           else "no usbredir channel announced"))
+        return "; ".join(missing) or "mode did not complete"
+
+    def fill_result(self):
+        Client.fill_result(self)
+        self.result.pop("port_name", None)      # PortClient's; the QMP port is under "qmp"
+        s = self.surface or {}
+        self.result.update({
+            "width": s.get("width"), "height": s.get("height"), "format": s.get("format"),
+            "format_name": SURFACE_FORMATS.get(s.get("format")), "stride": s.get("stride"),
+            "shmid": s.get("shmid"), "display_channel_id": s.get("channel_id"),
+            "surface_created_at_s": s.get("created_at_s"), "primary_surfaces": self.surfaces_created,
+            "size_ok": (self._size_ok() if s else False),
+            "invalidates": self.invalidates, "invalidated_pixels": self.invalidated_pixels,
+            "large_invalidates": self.large_invalidates,
+            "drawn": self.baseline is not None, "settled_at_s": self.settled_at,
+        })
+        shown = self.baseline or self.first
+        if shown is not None:
+            self.result.update(shown.report())
+        else:
+            self.result.update({"fb_sha256": None, "nonblank_pixels": 0, "nonzero_pixels": 0})
+        if self.key_scancode is not None:
+            self.result.update({
+                "key_sent_at_s": (round(self.key_sent_at - _started_at, 4) if self.key_sent_at else None),
+                "changed_after_key": self.changed_after_key, "changed_pixels_after_key": self.key_changed_pixels,
+                "key_change_s": self.key_change_s,
+                "invalidates_after_key": (self.invalidates - self.key_invalidates_at_send
+                                          if self.key_sent_at else None)})
+            after = self.final_frame if self.key_state == "done" else self.key_frame
+            if after is not None and after is not self.baseline:
+                self.result.update(after.report("_after_key"))
+        if self.qmp_wanted:
+            self.result["qmp"] = dict(self.qmp_report(), port_name=self.target_name,
+                                      done=self.qmp_done() if self.index >= 0 else False)
+        if self.want_usbredir:
+            per = []
+            for cid in self._usb_ids():
+                ch = self.channel_objs[(9, cid)]
+                seen, detail = self._usb_status(cid)
+                entry = {"id": cid, "opened": cid in self.usb_opened, "hello": seen, "detail": detail,
+                         "method": "tap" if self.tap is not None else "total-read-bytes",
+                         "total_read_bytes": ch.get_property("total-read-bytes")}
+                if cid in self.usb_opened:
+                    entry["bytes_after_opened"] = entry["total_read_bytes"] - self.usb_opened[cid]
+                if self.tap is not None:
+                    conn = self.tap.find(9, cid)
+                    if conn is not None:
+                        with self.tap.lock:
+                            head = bytes(conn.s2c.capture)
+                            entry["server_payload_bytes"] = conn.s2c.payload_bytes
+                            entry["client_payload_bytes"] = conn.c2s.payload_bytes
+                        entry["hello_decoded"] = parse_usbredir_hello(head)
+                per.append(entry)
+            self.result["usbredir"] = per
+        if self.args.save_png:
+            frame = None
+            try:
+                frame = self._frame() or self.final_frame or self.baseline or self.first
+            except Exception as exc:
+                self.result["png_error"] = "cannot read the surface: %s" % exc
+            self._write_png(frame, self.args.save_png, "png")
+        if self.args.save_png_before:
+            self._write_png(self.baseline or self.first, self.args.save_png_before, "png_before")
+
+    def _write_png(self, frame, path, field):
+        if frame is None:
+            self.result.setdefault(field + "_error", "no framebuffer to save")
+            return
+        try:
+            frame.write_png(path)
+            self.result[field] = path
+        except (OSError, ValueError) as exc:
+            self.result[field + "_error"] = str(exc)
+
+
+# --------------------------------------------------------------------------
 # CLI
+
+
+def parse_size(text):
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected WIDTHxHEIGHT, got %r" % text)
+    return width, height
 
 
 def build_parser():
@@ -1344,6 +1853,39 @@ def build_parser():
     p.add_argument("--channel-id", type=int, default=None, help="inject on this usbredir channel id only")
     p.add_argument("--no-tap", action="store_true", help="count with total-read-bytes only (no payload counts)")
 
+    p = sub.add_parser("display", parents=[common],
+                       help="connect every channel (usbredir only if asked), prove the primary surface is drawn")
+    p.add_argument("--expect-size", type=parse_size, default=None, metavar="WxH",
+                   help="required primary surface size, e.g. 720x400 (default: any)")
+    p.add_argument("--min-nonblank", type=int, default=1,
+                   help="pixels that must differ from the most common colour for the screen to count as drawn")
+    p.add_argument("--tiny-invalidate", type=int, default=64,
+                   help="invalidates of at most this many pixels (a blinking cursor) do not delay settling")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--press-key", choices=sorted(KEY_SCANCODES), default=None,
+                     help="after the screen settles, press and release this key on the inputs channel")
+    key.add_argument("--key-scancode", type=lambda v: int(v, 0), default=None,
+                     help="the same with a PC XT scancode (ESC = 1; 0x100|code for 0xe0 keys)")
+    p.add_argument("--key-timeout", type=float, default=3.0,
+                   help="seconds for the screen to change after the key (default 3)")
+    p.add_argument("--min-changed-pixels", type=int, default=100,
+                   help="pixels that must change after the key (a text cursor blink is 18) (default 100)")
+    p.add_argument("--qmp-port-name", default=None,
+                   help="also link this QMP port (default org.qemu.monitor.qmp.0 with --qmp-command)")
+    p.add_argument("--qmp-command", default=None,
+                   help="QMP command(s), comma-separated, run on that port (qmp_capabilities is sent first)")
+    p.add_argument("--usbredir", action="store_true",
+                   help="connect the usbredir channels too (creates spice-gtk's USB device manager)")
+    p.add_argument("--expect-usbredir-hello", action="store_true",
+                   help="connect the usbredir channels and require the server's usbredir hello on each "
+                        "(through the tap unless --no-tap)")
+    p.add_argument("--no-tap", action="store_true",
+                   help="with --expect-usbredir-hello: count total-read-bytes instead of using the tap")
+    p.add_argument("--save-png", default=None, metavar="PATH",
+                   help="write the last framebuffer seen as a PNG (also on failure)")
+    p.add_argument("--save-png-before", default=None, metavar="PATH",
+                   help="write the settled framebuffer from before the key as a PNG")
+
     sub.add_parser("auth", parents=[common], help="link the main channel only: linked (0) or auth-error (3)")
 
     p = sub.add_parser("list", parents=[common], help="print the channels the server announced")
@@ -1381,6 +1923,13 @@ def main(argv=None):
             if not payload:
                 emit_and_exit(base, EXIT_USAGE, "--send-hex is empty")
             args.inject = {(9, args.channel_id): [payload]}
+    if args.mode == "display":
+        if args.press_key is not None:
+            args.key_scancode = KEY_SCANCODES[args.press_key]
+        if args.expect_usbredir_hello:
+            args.tap = args.tap or not args.no_tap
+        if args.settle <= 0 or args.key_timeout <= 0:
+            emit_and_exit(base, EXIT_USAGE, "--settle and --key-timeout must be positive")
     if args.mode == "port-echo":
         if args.bytes < 0 or args.chunk <= 0 or args.inflight <= 0:
             emit_and_exit(base, EXIT_USAGE, "--bytes must be >= 0, --chunk and --inflight > 0")
@@ -1390,7 +1939,8 @@ def main(argv=None):
         except ValueError as exc:
             emit_and_exit(base, EXIT_USAGE, str(exc))
 
-    modes = {"port-echo": PortEcho, "qmp": Qmp, "usbredir": Usbredir, "auth": Auth, "list": ListChannels}
+    modes = {"port-echo": PortEcho, "qmp": Qmp, "usbredir": Usbredir, "auth": Auth, "list": ListChannels,
+             "display": Display}
     client = modes[args.mode](args)
     client.start()
 

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Validate tests/interop/gtk_client.py against QEMU's own spice-server (no vmcrelay involved).
 #
-# Starts two QEMUs on free loopback ports:
+# Starts four QEMUs on free loopback ports:
 #   A: -machine none, ticket "secret", QMP monitor on spiceport org.qemu.monitor.qmp.0
 #   B: -machine pc running a 64-byte echo "BIOS" that copies COM1 RX to TX, COM1 wired to
 #      spiceport com.example.echo; qemu-xhci with two usb-redir spicevmc channels; no ticket
+#   C: -machine pc -vga qxl with SeaBIOS's boot prompt (ESC opens the menu), ticket "secret",
+#      QMP on a spiceport, one usb-redir spicevmc channel
+#   D: -machine pc -vga qxl without a boot menu (ESC changes nothing), spice audio; no ticket
 # then runs every harness mode against them and prints PASS/FAIL per check.
 #
 # Usage: tests/interop/selftest_qemu.sh        (KEEP=1 keeps the work directory and logs)
@@ -201,6 +204,9 @@ if start_qemu qemuA PA -machine none -display none -nodefaults \
     run qmp-schema qmp --uri "$URI" --password secret --commands qmp_capabilities,query-qmp-schema --timeout 4
     check qmp-schema '4|0' '(rc == 0 and d["replies"][-1]["bytes"] > 100000) or (rc == 4 and "stall" in d["reason"])' \
         '"reply %d bytes" % d["replies"][-1]["bytes"] if rc == 0 else "stall reported: %s (pending_reply_bytes=%s)" % (d["reason"], d.get("pending_reply_bytes"))'
+
+    run display-none display --uri "$URI" --password secret --timeout 5
+    check display-none 1 'd["result"] == "no-display"' 'd["reason"]'
 fi
 
 NOPORT=$(free_port)
@@ -253,7 +259,43 @@ if start_qemu qemuB PB -machine pc -accel tcg -m 16 -display none -nodefaults \
     fi
 fi
 
-for var in qemuA_PID qemuB_PID; do
+echo "== QEMU C: -machine pc -vga qxl, SeaBIOS boot prompt, ticket, QMP over spiceport, usb-redir"
+# SeaBIOS draws a 720x400 text screen; splash-time keeps "Press ESC for boot menu." up for 65 s
+# and ESC opens the menu; reboot-timeout retries the boot (and the prompt) forever.
+if start_qemu qemuC PC -machine pc -accel tcg -m 64 -vga qxl -display none -nodefaults \
+        -boot menu=on,splash-time=65000,reboot-timeout=1000 \
+        -object secret,id=sec0,data=secret \
+        -spice port=@PORT@,addr=127.0.0.1,password-secret=sec0 \
+        -chardev spiceport,id=qmp0,name=org.qemu.monitor.qmp.0 -mon chardev=qmp0,mode=control \
+        -device qemu-xhci,id=xhci \
+        -chardev spicevmc,name=usbredir,id=ur0 -device usb-redir,chardev=ur0,id=redir0; then
+    URI=spice://127.0.0.1:$PC
+
+    # first, while SeaBIOS still shows its prompt
+    run display display --uri "$URI" --password secret --expect-size 720x400 --press-key esc \
+        --qmp-command query-status --expect-usbredir-hello --save-png "$WORK/display.png" --timeout 10
+    check display 0 'd["drawn"] and d["changed_after_key"] and d["qmp"]["replies"][-1]["return"]["status"] == "running" and all(u["hello"] for u in d["usbredir"])' \
+        '"%dx%d %s, %d invalidates, %d non-background px; ESC: %d px changed after %.3f s; query-status %s; usbredir hello %s" % (d["width"], d["height"], d["format_name"], d["invalidates"], d["nonblank_pixels"], d["changed_pixels_after_key"], d["key_change_s"], d["qmp"]["replies"][-1]["return"]["status"], [u["server_payload_bytes"] for u in d["usbredir"]])'
+
+    run display-auth display --uri "$URI" --password wrong --expect-size 720x400 --timeout 5
+    check display-auth 3 'd["result"] == "auth-error"' '"wrong password: result=%s" % d["result"]'
+
+    run display-size display --uri "$URI" --password secret --expect-size 640x480 --timeout 3
+    check display-size 1 'd["result"] == "wrong-size" and not d["size_ok"]' 'd["reason"]'
+fi
+
+echo "== QEMU D: -machine pc -vga qxl, no boot menu (ESC does nothing), audio, no ticket"
+if start_qemu qemuD PD -machine pc -accel tcg -m 64 -vga qxl -display none -nodefaults \
+        -spice port=@PORT@,addr=127.0.0.1,disable-ticketing=on \
+        -audiodev spice,id=snd0 -device intel-hda -device hda-duplex,audiodev=snd0; then
+    URI=spice://127.0.0.1:$PD
+
+    run display-unchanged display --uri "$URI" --expect-size 720x400 --press-key esc --key-timeout 2 --timeout 8
+    check display-unchanged 1 'd["result"] == "unchanged-after-key" and d["drawn"] and d["changed_after_key"] is False and all(c["state"] == "opened" for c in d["channels"])' \
+        '"%s; channels %s" % (d["reason"], ", ".join("%s/%d" % (c["type_name"], c["id"]) for c in d["channels"]))'
+fi
+
+for var in qemuA_PID qemuB_PID qemuC_PID qemuD_PID; do
     pid=${!var:-}
     if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
         FAILED=$((FAILED + 1))
