@@ -126,6 +126,7 @@ fn link_once(key: TicketKey, seed: u8) -> bool {
         channel_caps: Caps::from_bits(&[0]),
         password: PASSWORD.to_vec(),
         mini_header: true,
+        defer_ticket: false,
     };
     let Ok(mut c) = ClientLink::new(client_cfg, [seed; 32]) else { return false };
     let mut buf = vec![0u8; 4096];

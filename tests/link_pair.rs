@@ -80,6 +80,7 @@ fn client(password: &[u8], channel_type: u8, mini: bool) -> ClientLinkConfig {
         channel_caps: Caps::from_bits(&[0]),
         password: password.to_vec(),
         mini_header: mini,
+        defer_ticket: false,
     }
 }
 

@@ -43,6 +43,7 @@ fn link(
         channel_caps: client_caps,
         password: Vec::new(),
         mini_header: mini,
+        defer_ticket: false,
     };
     let mut c = ClientLink::new(cfg, [9; 32]).expect("client");
     let (mut s_done, mut c_done) = (None, None);

@@ -183,20 +183,7 @@ struct ConnectArgs {
 const EXIT_AUTH: u8 = 4;
 
 fn parse_uri(uri: &str) -> Result<ServerAddr, String> {
-    if let Some(p) = uri.strip_prefix("spice+unix://") {
-        if p.is_empty() {
-            return Err(format!("`{uri}`: write spice+unix:///PATH"));
-        }
-        return Ok(ServerAddr::Unix(PathBuf::from(p)));
-    }
-    let rest = uri
-        .strip_prefix("spice://")
-        .ok_or_else(|| format!("`{uri}`: write spice://HOST:PORT, spice://HOST?port=PORT or spice+unix:///PATH"))?;
-    let hostport = match rest.split_once("?port=") {
-        Some((h, p)) => format!("{h}:{}", p.split('&').next().unwrap_or(p)),
-        None => rest.trim_end_matches('/').to_string(),
-    };
-    config::parse_server_addr(&hostport).map(ServerAddr::Tcp)
+    config::parse_spice_uri(uri)
 }
 
 /// Why `--list` failed, with its exit code.
@@ -289,7 +276,13 @@ fn connect_config(a: &ConnectArgs) -> Result<(ServeConfig, ConnectOptions), Stri
     let channels = config::parse_channels(a.channel.iter().map(|c| (c.as_str(), "--channel".to_string())))
         .map_err(|e| e.to_string())?;
     let mut cfg = ServeConfig {
-        services: vec![Service { name: "connect".into(), listen: Vec::new(), password: None, channels }],
+        services: vec![Service {
+            name: "connect".into(),
+            listen: Vec::new(),
+            password: None,
+            channels,
+            upstream: None,
+        }],
         limits: Limits { workers: 1, max_conns_per_worker: 64, stats_secs: a.stats_secs, ..Limits::default() },
     };
     a.socket.apply(&mut cfg.limits.socket);
@@ -412,7 +405,7 @@ fn demo_config(a: &DemoArgs) -> Result<ServeConfig, String> {
     let channels = config::parse_channels(specs.iter().map(|s| (*s, "demo".to_string()))).map_err(|e| e.to_string())?;
     let listen = vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))];
     let cfg = ServeConfig {
-        services: vec![Service { name: "demo".into(), listen, password: None, channels }],
+        services: vec![Service { name: "demo".into(), listen, password: None, channels, upstream: None }],
         limits: Limits { workers: 1, max_conns_per_worker: 64, ..Limits::default() },
     };
     cfg.validate()?;
@@ -473,6 +466,11 @@ struct ServeArgs {
     /// Address to listen on (repeatable), e.g. 127.0.0.1:5930.
     #[arg(long, value_name = "HOST:PORT")]
     listen: Vec<String>,
+    /// Whole-VM mode: proxy every channel not given with --channel (display, inputs, cursor, audio,
+    /// QEMU's own ports) to QEMU's spice-server at URI (spice://HOST:PORT or spice+unix:///PATH);
+    /// QEMU's password applies, no --password-* needed.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["password_file", "password_env"])]
+    upstream: Option<String>,
     /// A channel and its endpoint (repeatable): KIND[:ID]=ENDPOINT.
     #[arg(long, value_name = "SPEC")]
     channel: Vec<String>,
@@ -534,13 +532,17 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
                 return Err("give --listen HOST:PORT and --channel SPEC..., or --config FILE (see --help)".into());
             }
             let listen = a.listen.iter().map(|l| config::parse_listen(l)).collect::<Result<Vec<_>, _>>()?;
-            let password =
+            let upstream = a.upstream.as_deref().map(config::parse_spice_uri).transpose()?;
+            let password = if upstream.is_some() {
+                None
+            } else {
                 config::resolve_password(a.password_file.as_deref(), a.password_env.as_deref(), a.disable_ticketing)
-                    .map_err(|m| format!("{m} (flags: --password-file, --password-env, --disable-ticketing)"))?;
+                    .map_err(|m| format!("{m} (flags: --password-file, --password-env, --disable-ticketing)"))?
+            };
             let channels = config::parse_channels(a.channel.iter().map(|c| (c.as_str(), "--channel".to_string())))
                 .map_err(|e| e.to_string())?;
             ServeConfig {
-                services: vec![Service { name: a.name.clone(), listen, password, channels }],
+                services: vec![Service { name: a.name.clone(), listen, password, channels, upstream }],
                 limits: Limits::default(),
             }
         }

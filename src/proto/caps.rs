@@ -56,6 +56,13 @@ impl Caps {
         }
     }
 
+    /// Clears bit `n`.
+    pub fn clear(&mut self, n: u32) {
+        if let Some(word) = self.words.get_mut((n / 32) as usize) {
+            *word &= !(1 << (n % 32));
+        }
+    }
+
     /// Whether bit `n` is set.
     pub fn has(&self, n: u32) -> bool {
         self.words.get((n / 32) as usize).is_some_and(|w| w & (1 << (n % 32)) != 0)

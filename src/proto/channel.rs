@@ -12,6 +12,8 @@ use super::consts::*;
 pub const CH_MAIN: u8 = 1;
 /// `SPICE_CHANNEL_INPUTS` (always present under QEMU; vmcrelay ignores it).
 pub const CH_INPUTS: u8 = 3;
+/// Display channel type.
+pub const CH_DISPLAY: u8 = 2;
 /// `SPICE_CHANNEL_SMARTCARD`.
 pub const CH_SMARTCARD: u8 = 8;
 /// `SPICE_CHANNEL_USBREDIR`.

@@ -31,6 +31,9 @@ pub struct ClientLinkConfig {
     pub password: Vec<u8>,
     /// Whether to offer the mini header.
     pub mini_header: bool,
+    /// Proxy: stop after the server's reply with [`Action::Reply`] and send
+    /// the ticket only once [`ClientLink::send_password`] is called.
+    pub defer_ticket: bool,
 }
 
 /// Why a client link failed.
@@ -79,6 +82,14 @@ fn describe_header(e: HeaderError) -> String {
 /// What the caller must do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
+    /// The server replied (only with `defer_ticket`): its caps are known,
+    /// the ticket waits for [`ClientLink::send_password`].
+    Reply {
+        /// The server's common caps.
+        common_caps: Caps,
+        /// The server's channel caps.
+        channel_caps: Caps,
+    },
     /// Linked: switch to the data stage.
     Linked(Linked),
     /// Close the connection.
@@ -89,6 +100,7 @@ pub enum Action {
 enum State {
     ReplyHeader,
     ReplyBody { size: usize },
+    AwaitPassword,
     Result,
     Done,
 }
@@ -155,7 +167,7 @@ impl ClientLink {
                 State::ReplyHeader => LINK_HEADER_LEN,
                 State::ReplyBody { size } => size,
                 State::Result => 4,
-                State::Done => break,
+                State::AwaitPassword | State::Done => break,
             };
             let n = (want - self.have).min(input.len() - used);
             self.inbuf[self.have..self.have + n].copy_from_slice(&input[used..used + n]);
@@ -199,8 +211,18 @@ impl ClientLink {
                 let Some(reply) = LinkReply::parse(body) else {
                     return self.fail(ClientLinkFailure::BadReply);
                 };
-                self.send_ticket(&reply);
+                // spice-server with SASL on refuses the ticket mechanism (INVALID_DATA).
+                if reply.common_caps.has(CAP_AUTH_SASL) {
+                    return self.fail(ClientLinkFailure::NoCommonAuth);
+                }
                 self.reply = Some(reply);
+                if self.config.defer_ticket {
+                    self.state = State::AwaitPassword;
+                    self.action =
+                        Some(Action::Reply { common_caps: reply.common_caps, channel_caps: reply.channel_caps });
+                } else {
+                    self.send_ticket(&reply);
+                }
             }
             State::Result => {
                 let code = u32::from_le_bytes([self.inbuf[0], self.inbuf[1], self.inbuf[2], self.inbuf[3]]);
@@ -222,8 +244,22 @@ impl ClientLink {
                     ),
                 }));
             }
-            State::Done => {}
+            State::AwaitPassword | State::Done => {}
         }
+    }
+
+    /// Sends the ticket after [`Action::Reply`] (`defer_ticket`).
+    pub fn send_password(&mut self, password: &[u8]) {
+        if self.state != State::AwaitPassword {
+            return;
+        }
+        let Some(reply) = self.reply else { return self.fail(ClientLinkFailure::BadReply) };
+        if password.len() > MAX_PASSWORD_LEN {
+            return self.fail(ClientLinkFailure::Auth(AuthError::PasswordTooLong));
+        }
+        self.config.password = password.to_vec();
+        self.send_ticket(&reply);
+        self.config.password.clear();
     }
 
     fn send_ticket(&mut self, reply: &LinkReply) {

@@ -16,6 +16,7 @@ pub mod client_link;
 pub mod consts;
 pub mod framing;
 pub mod link;
+pub mod main_filter;
 pub mod msg;
 pub mod server_link;
 pub mod wire;

@@ -71,6 +71,18 @@ pub enum Decision {
     /// Close without a reply: the channel does not exist (spice-server's
     /// behaviour for unregistered channels).
     Unknown,
+    /// Answer with an error reply carrying this code, then close (e.g. the
+    /// upstream server of a proxy is down): spice-gtk shows a link error,
+    /// not a password prompt.
+    Refuse(LinkErrorCode),
+    /// Proxy: reply, decrypt the ticket without judging it, emit
+    /// [`Action::Authenticated`] (the plaintext is in
+    /// [`ServerLink::take_ticket`]) and wait for [`ServerLink::confirm`]:
+    /// the upstream server decides.
+    Forward {
+        /// Channel caps the server announces.
+        channel_caps: Caps,
+    },
 }
 
 /// A completed link.
@@ -179,6 +191,8 @@ pub struct ServerLink {
     request: Option<LinkRequest>,
     decision: Option<Decision>,
     action: Option<Action>,
+    /// The decrypted ticket under [`Decision::Forward`], until taken.
+    ticket: Option<Vec<u8>>,
 }
 
 impl ServerLink {
@@ -195,6 +209,7 @@ impl ServerLink {
             request: None,
             decision: None,
             action: None,
+            ticket: None,
         }
     }
 
@@ -283,6 +298,15 @@ impl ServerLink {
     }
 
     fn check_ticket(&mut self, ticket: &[u8; TICKET_LEN]) {
+        if let (Some(Decision::Forward { .. }), Some(req)) = (self.decision, self.request) {
+            let Some(plain) = self.key.decrypt_ticket(ticket) else {
+                return self.fail_with_result(LinkFailure::TicketUndecryptable);
+            };
+            self.ticket = Some(plain);
+            self.state = State::AwaitConfirm;
+            self.action = Some(Action::Authenticated(req));
+            return;
+        }
         let failure = match (self.key.decrypt_ticket(ticket), &self.password) {
             (None, _) => Some(LinkFailure::TicketUndecryptable),
             (Some(_), None) => None,
@@ -329,7 +353,11 @@ impl ServerLink {
             return;
         }
         match (result, self.decision, self.request) {
-            (Ok(()), Some(Decision::AcceptThenConfirm { channel_caps }), Some(req)) => self.link(req, channel_caps),
+            (
+                Ok(()),
+                Some(Decision::AcceptThenConfirm { channel_caps } | Decision::Forward { channel_caps }),
+                Some(req),
+            ) => self.link(req, channel_caps),
             (Err(code), ..) => self.fail_with_result(LinkFailure::Refused(code)),
             _ => self.fail_with_result(LinkFailure::Refused(LinkErrorCode::Error)),
         }
@@ -348,7 +376,10 @@ impl ServerLink {
                 self.action = Some(Action::Close(LinkFailure::UnknownChannel));
                 return;
             }
-            Decision::Accept { channel_caps } | Decision::AcceptThenConfirm { channel_caps } => channel_caps,
+            Decision::Refuse(code) => return self.fail_with_reply(LinkFailure::Refused(code)),
+            Decision::Accept { channel_caps }
+            | Decision::AcceptThenConfirm { channel_caps }
+            | Decision::Forward { channel_caps } => channel_caps,
             Decision::BadConnectionId | Decision::FailAfterAuth(_) => Caps::EMPTY,
         };
         let reply =
@@ -396,5 +427,16 @@ impl ServerLink {
     /// The next action, once.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.action.take()
+    }
+
+    /// The ticket's plaintext after [`Decision::Forward`] authenticated
+    /// (once; the caller passes it upstream and drops it).
+    pub fn take_ticket(&mut self) -> Option<Vec<u8>> {
+        self.ticket.take()
+    }
+
+    /// The link request, once it has been parsed.
+    pub fn request(&self) -> Option<LinkRequest> {
+        self.request
     }
 }

@@ -74,6 +74,45 @@ pub struct Service {
     pub password: Option<Vec<u8>>,
     /// Offered channels.
     pub channels: Vec<ChannelConf>,
+    /// Whole-VM mode: every channel not in `channels` is proxied to this
+    /// SPICE server (QEMU's spice-server), whose password applies.
+    pub upstream: Option<ServerAddr>,
+}
+
+/// Where a SPICE server is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerAddr {
+    /// `spice://HOST:PORT`.
+    Tcp(SocketAddr),
+    /// `spice+unix:///path`.
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "spice://{a}"),
+            Self::Unix(p) => write!(f, "spice+unix://{}", p.display()),
+        }
+    }
+}
+
+/// Parses `spice://HOST:PORT`, `spice://HOST?port=PORT` or `spice+unix:///PATH`.
+pub fn parse_spice_uri(uri: &str) -> Result<ServerAddr, String> {
+    if let Some(p) = uri.strip_prefix("spice+unix://") {
+        if p.is_empty() {
+            return Err(format!("`{uri}`: write spice+unix:///PATH"));
+        }
+        return Ok(ServerAddr::Unix(PathBuf::from(p)));
+    }
+    let rest = uri
+        .strip_prefix("spice://")
+        .ok_or_else(|| format!("`{uri}`: write spice://HOST:PORT, spice://HOST?port=PORT or spice+unix:///PATH"))?;
+    let hostport = match rest.split_once("?port=") {
+        Some((h, p)) => format!("{h}:{}", p.split('&').next().unwrap_or(p)),
+        None => rest.trim_end_matches('/').to_string(),
+    };
+    parse_server_addr(&hostport).map(ServerAddr::Tcp)
 }
 
 /// What to do when a client links a channel that already has a client.
@@ -350,7 +389,9 @@ struct FileService {
     password_env: Option<String>,
     #[serde(default)]
     disable_ticketing: bool,
+    #[serde(default)]
     channels: Vec<toml::Spanned<String>>,
+    upstream: Option<toml::Spanned<String>>,
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -511,11 +552,25 @@ impl ServeConfig {
             if listen.is_empty() {
                 return Err(err(here, "a service needs listen = [\"127.0.0.1:5930\"]"));
             }
-            let password = resolve_password(s.password_file.as_deref(), s.password_env.as_deref(), s.disable_ticketing)
-                .map_err(|m| err(&here, m))?;
+            let upstream = match &s.upstream {
+                Some(u) => Some(parse_spice_uri(u.get_ref()).map_err(|m| err(at(u.span().start), m))?),
+                None => None,
+            };
+            let password = if upstream.is_some() {
+                if s.password_file.is_some() || s.password_env.is_some() {
+                    return Err(err(
+                        here,
+                        "with upstream = \"...\" the password is QEMU's: drop password-file/password-env",
+                    ));
+                }
+                None
+            } else {
+                resolve_password(s.password_file.as_deref(), s.password_env.as_deref(), s.disable_ticketing)
+                    .map_err(|m| err(&here, m))?
+            };
             let channels = parse_channels(s.channels.iter().map(|c| (c.get_ref().as_str(), at(c.span().start))))
                 .map_err(|e| if e.origin == "channels" { err(&here, e.message) } else { e })?;
-            services.push(Service { name, listen, password, channels });
+            services.push(Service { name, listen, password, channels, upstream });
         }
         let cfg = Self { services, limits };
         cfg.validate().map_err(|m| err(origin, m))?;

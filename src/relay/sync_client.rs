@@ -88,6 +88,7 @@ fn link(
         channel_caps,
         password: password.to_vec(),
         mini_header: true,
+        defer_ticket: false,
     };
     let mut seed = [0u8; 32];
     getrandom_seed(&mut seed);
@@ -111,7 +112,8 @@ fn link(
                 return Ok((s, linked, buf[used..n].to_vec()));
             }
             Some(Action::Close(f)) => return Err(ClientError::Link(f)),
-            None => {}
+            // Only with `defer_ticket`, which this client never sets.
+            Some(Action::Reply { .. }) | None => {}
         }
     }
 }

@@ -59,6 +59,7 @@ mod connect;
 mod e2c;
 mod lifecycle;
 mod link;
+mod proxy;
 mod revive;
 mod shared;
 mod splice;
@@ -94,9 +95,10 @@ enum Op {
     SplicePoll,
     LocalAccept,
     Linger,
+    PipeWrite,
 }
 
-const OPS: [Op; 17] = [
+const OPS: [Op; 18] = [
     Op::Accept,
     Op::Mailbox,
     Op::Tick,
@@ -114,6 +116,7 @@ const OPS: [Op; 17] = [
     Op::SplicePoll,
     Op::LocalAccept,
     Op::Linger,
+    Op::PipeWrite,
 ];
 
 impl Op {
@@ -133,6 +136,7 @@ impl Op {
                 | Op::SpliceIn
                 | Op::SpliceOut
                 | Op::SplicePoll
+                | Op::PipeWrite
         )
     }
 }

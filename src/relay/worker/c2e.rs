@@ -82,6 +82,20 @@ impl Worker {
                         break;
                     }
                 }
+                Stage::ULink { .. } => {
+                    if !self.proxy_pump_ulink(slot, conn) {
+                        return;
+                    }
+                    if matches!(conn.stage, Stage::ULink { .. }) {
+                        break;
+                    }
+                }
+                Stage::Pipe(_) => {
+                    if !self.proxy_forward(slot, conn) {
+                        return;
+                    }
+                    break;
+                }
                 Stage::Main { .. } | Stage::CMain | Stage::Chan(_) => {
                     if !self.pump_data(slot, conn) {
                         return;

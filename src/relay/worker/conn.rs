@@ -117,6 +117,32 @@ pub(super) enum Stage {
     },
     /// `connect`: the session's main channel.
     CMain,
+    /// Whole-VM proxy: our link to the upstream server for the client
+    /// connection `client` (slot, generation).
+    ULink {
+        link: Box<ClientLink>,
+        client: (u32, u32),
+        /// The client's ticket, once it came (main: kept for the session).
+        ticket: Option<Vec<u8>>,
+    },
+    /// Whole-VM proxy data stage: bytes copied to the paired connection
+    /// (`Conn::pair`) unparsed, except upstream → client on main.
+    Pipe(Box<Pipe>),
+}
+
+/// A proxied connection's data stage.
+#[derive(Debug)]
+pub(super) struct Pipe {
+    /// Upstream main only: rewrites CHANNELS_LIST, reads MAIN_INIT.
+    pub(super) filter: Option<Box<crate::proto::main_filter::MainFilter>>,
+    /// Filtered output; `None` while the ring holds it.
+    pub(super) out: Option<Vec<u8>>,
+    /// Upstream main only: the ticket QEMU accepted, for the session entry.
+    pub(super) ticket: Option<Vec<u8>>,
+    /// Upstream main only: the session registered from its MAIN_INIT.
+    pub(super) session: Option<u32>,
+    /// This side faces the client (its bytes go upstream).
+    pub(super) client_side: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -130,6 +156,11 @@ pub(super) struct ConnStats {
 #[derive(Debug)]
 pub(super) struct Conn {
     pub(super) fd: OwnedFd,
+    /// Whole-VM proxy: the paired connection (slot, generation) and our own
+    /// duplicate of its socket, so that our writes can never reach a reused
+    /// descriptor number.
+    pub(super) pair: Option<(u32, u32)>,
+    pub(super) pair_fd: Option<OwnedFd>,
     pub(super) peer: String,
     pub(super) service: usize,
     pub(super) since: Instant,
@@ -209,6 +240,8 @@ impl Worker {
         };
         let conn = Conn {
             fd,
+            pair: None,
+            pair_fd: None,
             peer,
             service,
             since: Instant::now(),
@@ -284,6 +317,7 @@ impl Worker {
                 Op::SpliceIn => w.on_splice_in(slot, conn, c.result),
                 Op::SpliceOut => w.on_splice_out(slot, conn, c.result),
                 Op::SplicePoll => w.on_splice_poll(slot, conn, c.result),
+                Op::PipeWrite => w.proxy_on_write(slot, conn, c.result, c.owned),
                 _ => {}
             }
         });
@@ -323,6 +357,13 @@ impl Worker {
         }
         // Closing the client socket for writing tells the peer at once.
         let _ = nix::sys::socket::shutdown(conn.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        // A proxied connection lives and dies with its pair.
+        if let Some((ps, pg)) = conn.pair
+            && self.slots.get(ps as usize).is_some_and(|x| x.generation == pg)
+        {
+            let why = format!("proxy peer closed: {reason}");
+            self.with_conn(ps, |w, c| w.close(ps, c, &why));
+        }
     }
 
     pub(super) fn finish_close(&mut self, slot: u32, mut conn: Box<Conn>) {
@@ -367,6 +408,9 @@ impl Worker {
             }
         } else if matches!(conn.stage, Stage::Main { .. } | Stage::CMain) {
             linked = true;
+        } else if let Stage::Pipe(p) = &conn.stage {
+            linked = p.client_side;
+            self.proxy_on_closed(&mut conn);
         }
         if linked {
             let svc = self.service_name(service);

@@ -24,9 +24,7 @@
 //! Bytes of a local app that hung up before its channel was linked are
 //! never sent anywhere (e.g. to the next QEMU after a restart).
 
-use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::path::PathBuf;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr, socket};
 
@@ -35,23 +33,7 @@ use crate::proto::auth::seed_from;
 use crate::proto::client_link::{self, ClientLinkConfig, ClientLinkFailure};
 use crate::{error, info, warn};
 
-/// Where the SPICE server is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ServerAddr {
-    /// `spice://HOST:PORT`.
-    Tcp(SocketAddr),
-    /// `spice+unix:///path`.
-    Unix(PathBuf),
-}
-
-impl std::fmt::Display for ServerAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Tcp(a) => write!(f, "spice://{a}"),
-            Self::Unix(p) => write!(f, "spice+unix://{}", p.display()),
-        }
-    }
-}
+pub use crate::relay::config::ServerAddr;
 
 /// `connect` settings besides the channel list (which lives in the
 /// shared config's single service).
@@ -254,6 +236,7 @@ impl Worker {
             channel_caps: kind.channel_caps(lz4),
             password,
             mini_header: true,
+            defer_ticket: false,
         };
         let link = match ClientLink::new(cfg, seed_from(&mut self.rng)) {
             Ok(l) => l,
@@ -294,6 +277,9 @@ impl Worker {
     }
 
     pub(super) fn on_srv_connect(&mut self, slot: u32, conn: &mut Conn, res: i32) {
+        if res < 0 && matches!(conn.stage, Stage::ULink { .. }) {
+            return self.proxy_connect_failed(slot, conn, res);
+        }
         if res < 0 {
             let r = errno_reason("connect to SPICE server", res);
             return self.close(slot, conn, &r);
@@ -308,7 +294,8 @@ impl Worker {
         let input = self.ring.arena().get(conn.rx).and_then(|b| b.get(conn.rx_pos..conn.rx_len)).unwrap_or_default();
         conn.rx_pos += link.handle_input(input);
         match link.poll_action() {
-            None => {
+            // `Reply` comes only with `defer_ticket`, which `connect` never sets.
+            None | Some(client_link::Action::Reply { .. }) => {
                 self.pump_out(slot, conn);
                 true
             }

@@ -45,6 +45,7 @@ impl Worker {
         match &mut conn.stage {
             Stage::Link { link, .. } => n = link.poll_output(tx),
             Stage::CLink { link, .. } => n = link.poll_output(tx),
+            Stage::ULink { link, .. } => n = link.poll_output(tx),
             _ => {}
         }
         // Control messages, framed now so serials follow the send order.
@@ -106,7 +107,7 @@ impl Worker {
             return self.write_client(slot, conn);
         }
         // The link stage may now continue (e.g. after the reply went out).
-        if matches!(conn.stage, Stage::Link { .. } | Stage::CLink { .. }) {
+        if matches!(conn.stage, Stage::Link { .. } | Stage::CLink { .. } | Stage::ULink { .. }) {
             self.pump_out(slot, conn);
             return self.pump_in(slot, conn);
         }

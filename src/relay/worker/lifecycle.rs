@@ -123,7 +123,7 @@ impl Worker {
         let timeout = Duration::from_secs(self.shared.config.limits.link_timeout_secs);
         for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
             let late = self.slots[slot as usize].conn.as_ref().is_some_and(|c| {
-                matches!(c.stage, Stage::WaitKey | Stage::Link { .. } | Stage::CLink { .. })
+                matches!(c.stage, Stage::WaitKey | Stage::Link { .. } | Stage::CLink { .. } | Stage::ULink { .. })
                     && c.closing.is_none()
                     && now.duration_since(c.since) > timeout
             });

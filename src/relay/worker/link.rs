@@ -20,6 +20,9 @@ impl Worker {
                 return !done;
             };
             match action {
+                Action::Request(req) if self.shared.config.services[conn.service].upstream.is_some() => {
+                    self.proxy_on_request(slot, conn, req)
+                }
                 Action::Request(req) => self.on_link_request(conn, req),
                 Action::Authenticated(req) => {
                     self.on_authenticated(slot, conn, req);
@@ -89,7 +92,13 @@ impl Worker {
                         Decision::FailAfterAuth(LinkErrorCode::ChannelNotAvailable)
                     } else {
                         let kind = self.shared.config.services[service].channels[ci].kind;
-                        Decision::AcceptThenConfirm { channel_caps: kind.channel_caps(true) }
+                        let channel_caps = kind.channel_caps(true);
+                        if self.shared.config.services[service].upstream.is_some() {
+                            // The ticket is judged against the session's (QEMU's) one.
+                            Decision::Forward { channel_caps }
+                        } else {
+                            Decision::AcceptThenConfirm { channel_caps }
+                        }
                     }
                 }
             }
@@ -104,6 +113,28 @@ impl Worker {
     /// channel and open its endpoint.
     pub(super) fn on_authenticated(&mut self, slot: u32, conn: &mut Conn, req: LinkRequest) {
         let service = conn.service;
+        if conn.pair.is_some() {
+            return self.proxy_on_authenticated(conn);
+        }
+        if self.shared.config.services[service].upstream.is_some() {
+            // One of our channels in a whole-VM session: the ticket must be
+            // the one QEMU accepted on this session's main link.
+            let ticket = match &mut conn.stage {
+                Stage::Link { link, .. } => link.take_ticket(),
+                _ => None,
+            };
+            let ok = {
+                let reg = self.shared.registry();
+                match (reg.sessions.get(&req.connection_id).and_then(|s| s.ticket.as_ref()), &ticket) {
+                    (Some(want), Some(got)) => crate::proto::auth::constant_time_eq(want, got),
+                    (None, Some(_)) => reg.sessions.contains_key(&req.connection_id),
+                    _ => false,
+                }
+            };
+            if !ok {
+                return self.confirm(conn, Err(LinkErrorCode::PermissionDenied));
+            }
+        }
         let Stage::Link { conf: Some(ci), .. } = conn.stage else {
             return self.confirm(conn, Err(LinkErrorCode::Error));
         };
@@ -220,6 +251,11 @@ impl Worker {
     }
 
     pub(super) fn on_linked(&mut self, slot: u32, conn: &mut Conn, l: Linked) {
+        if conn.pair.is_some() {
+            let stage = std::mem::replace(&mut conn.stage, Stage::WaitKey);
+            let Stage::Link { mut link, .. } = stage else { return };
+            return self.proxy_on_client_linked(slot, conn, l, &mut link);
+        }
         self.stats().links_ok.fetch_add(1, Ordering::Relaxed);
         conn.enc = Encoder::new(l.header_kind);
         conn.deframer = Deframer::new(l.header_kind);
@@ -331,7 +367,7 @@ impl Worker {
         loop {
             let id: u32 = self.rng.random();
             if id != 0 && !reg.sessions.contains_key(&id) {
-                reg.sessions.insert(id, SessionEntry { service, main: place });
+                reg.sessions.insert(id, SessionEntry { service, main: place, ticket: None });
                 return id;
             }
         }

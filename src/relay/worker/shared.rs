@@ -64,6 +64,9 @@ pub(super) struct Place {
 pub(super) struct SessionEntry {
     pub(super) service: usize,
     pub(super) main: Place,
+    /// Whole-VM proxy: the ticket QEMU accepted on this session's main
+    /// link; the relay's own channels of the session require the same.
+    pub(super) ticket: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -50,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
         channel_caps: Caps::from_bits(&[0]),
         password: password.clone(),
         mini_header: flags & 1 != 0,
+        defer_ticket: false,
     };
     let link = ClientLink::new(cfg, [2; 32]);
     if password_len > MAX_PASSWORD_LEN {
