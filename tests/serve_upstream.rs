@@ -1,0 +1,209 @@
+//! `vmcrelay serve --upstream`: one address for a whole VM. spice-gtk talks
+//! only to vmcrelay; QEMU's spice-server keeps the display, inputs and its
+//! own ports, vmcrelay serves its usbredir channel itself.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// QEMU with a SeaBIOS display (qxl), QMP on a spiceport, and a usb-redir
+/// device on a socket chardev that vmcrelay serves; `spice` is the -spice value.
+fn qemu_vm(spice: &str, password: Option<&str>, ur_sock: &Path) -> Qemu {
+    let mut a: Vec<String> =
+        ["-machine", "pc", "-accel", "tcg", "-m", "128", "-vga", "qxl", "-display", "none", "-nic", "none"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let mut spice = spice.to_string();
+    match password {
+        Some(pw) => {
+            a.push("-object".into());
+            a.push(format!("secret,id=sec0,data={pw}"));
+            spice.push_str(",password-secret=sec0");
+        }
+        None => spice.push_str(",disable-ticketing=on"),
+    }
+    a.push("-spice".into());
+    a.push(spice);
+    for s in [
+        "-chardev",
+        "spiceport,id=qmp0,name=org.qemu.monitor.qmp.0",
+        "-mon",
+        "chardev=qmp0,mode=control",
+        "-device",
+        "qemu-xhci",
+    ] {
+        a.push(s.into());
+    }
+    a.push("-chardev".into());
+    a.push(format!("socket,id=ur0,path={},server=on,wait=off", ur_sock.display()));
+    a.push("-device".into());
+    a.push("usb-redir,chardev=ur0".into());
+    Qemu::start(&a)
+}
+
+fn wait_tcp(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn relay_for(upstream: &str, ur_sock: &Path) -> Relay {
+    Relay::start(&[
+        "--listen".into(),
+        format!("127.0.0.1:{}", free_port()),
+        "--upstream".into(),
+        upstream.into(),
+        "--channel".into(),
+        format!("usbredir:0=unix:{}", ur_sock.display()),
+    ])
+}
+
+/// QMP over QEMU's own port channel and the usbredir hello on vmcrelay's
+/// channel, in one session through one address, with QEMU's password; a
+/// wrong password gets auth-error and does not kick the connected client.
+#[test]
+fn whole_vm_session_with_qemus_password() {
+    if !peers_available(&["gtk", "qemu-system-x86_64"]) {
+        return;
+    }
+    let dir = TempDir::new("upstream");
+    let ur = dir.path("ur0.sock");
+    let qport = free_port();
+    let _q = qemu_vm(&format!("port={qport},addr=127.0.0.1"), Some("s3cret"), &ur);
+    wait_tcp(qport);
+    wait_path(&ur, Duration::from_secs(20));
+    let relay = relay_for(&format!("spice://127.0.0.1:{qport}"), &ur);
+    let uri = relay.uri();
+
+    let r = gtk(
+        &[
+            "qmp",
+            "--uri",
+            &uri,
+            "--password",
+            "s3cret",
+            "--commands",
+            "qmp_capabilities,query-status",
+            "--timeout",
+            "20",
+        ],
+        Duration::from_secs(40),
+    );
+    assert_eq!(r.code, 0, "QMP over QEMU's port through vmcrelay: {}\n{}", r.json, r.stderr);
+    assert!(r.json.contains("\\\"status\\\"") || r.json.contains("status"), "{}", r.json);
+    // The merged list: QEMU's display, inputs, cursor and port, vmcrelay's usbredir 0.
+    for want in ["\"display\"", "\"inputs\"", "\"cursor\"", "\"usbredir\"", "org.qemu.monitor.qmp.0"] {
+        assert!(r.json.contains(want), "channel list lacks {want}: {}", r.json);
+    }
+
+    // vmcrelay's own channel in the same kind of session; keep it while a wrong password tries.
+    let uri2 = uri.clone();
+    let held = std::thread::spawn(move || {
+        gtk(
+            &["usbredir", "--uri", &uri2, "--password", "s3cret", "--expect-hello", "--timeout", "30", "--linger", "4"],
+            Duration::from_secs(60),
+        )
+    });
+    relay.wait_log("channel=usbredir:0 session=", Duration::from_secs(30));
+    let bad = gtk(&["auth", "--uri", &uri, "--password", "wrong", "--timeout", "10"], Duration::from_secs(30));
+    assert_eq!(bad.code, 3, "wrong password: auth-error: {}", bad.json);
+    let r = held.join().expect("gtk thread");
+    assert_eq!(r.code, 0, "usbredir through vmcrelay's own channel: {}\n{}", r.json, r.stderr);
+    assert!(r.json.contains("qemu usb-redir guest"), "QEMU's usbredir hello via vmcrelay: {}", r.json);
+    // The held session ended only when its client left (after the wrong
+    // password), never by a kick: its usbredir channel closed with its client.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let close = loop {
+        let c: Vec<String> =
+            relay.lines("close peer=").into_iter().filter(|l| l.contains("channel=usbredir:0")).collect();
+        if let Some(l) = c.first() {
+            break l.clone();
+        }
+        assert!(Instant::now() < deadline, "no close line of the usbredir channel");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(close.contains("reason=\"client closed\""), "closed by its own client, not by a kick: {close}");
+    assert!(relay.lines("result=refused").iter().any(|l| l.contains("code=7")), "the refusal is logged");
+}
+
+/// A unix upstream; QEMU killed: a link error in the reply (not a silent
+/// close) and a log line naming the upstream; QEMU restarted: the next
+/// session works without restarting vmcrelay.
+#[test]
+fn unix_upstream_down_and_back() {
+    if !peers_available(&["gtk", "qemu-system-x86_64"]) {
+        return;
+    }
+    let dir = TempDir::new("upunix");
+    let ur = dir.path("ur0.sock");
+    let spice_sock = dir.path("spice.sock");
+    let spice = format!("unix=on,addr={}", spice_sock.display());
+    let mut q = qemu_vm(&spice, None, &ur);
+    wait_path(&spice_sock, Duration::from_secs(20));
+    wait_path(&ur, Duration::from_secs(20));
+    let relay = relay_for(&format!("spice+unix://{}", spice_sock.display()), &ur);
+    let uri = relay.uri();
+    let qmp = ["qmp", "--uri", &uri, "--commands", "qmp_capabilities,query-status", "--timeout", "20"];
+    let r = gtk(&qmp, Duration::from_secs(40));
+    assert_eq!(r.code, 0, "QMP through a unix upstream: {}\n{}", r.json, r.stderr);
+
+    q.kill();
+    let _ = std::fs::remove_file(&spice_sock);
+    let down = gtk(&["auth", "--uri", &uri, "--timeout", "10"], Duration::from_secs(30));
+    assert_eq!(down.code, 5, "QEMU down: a link error, not a password prompt: {}", down.json);
+    let line = relay.wait_log("unavailable for channel=main:0", Duration::from_secs(5));
+    assert!(line.contains(&spice_sock.display().to_string()), "names the upstream: {line}");
+
+    let _q2 = qemu_vm(&spice, None, &ur);
+    wait_path(&spice_sock, Duration::from_secs(20));
+    let r = gtk(&qmp, Duration::from_secs(40));
+    assert_eq!(r.code, 0, "after QEMU's restart, without restarting vmcrelay: {}\n{}", r.json, r.stderr);
+}
+
+/// A second client replaces the first as spice-server does: QEMU kicks the
+/// first session, and vmcrelay closes that session's own channels too.
+#[test]
+fn second_client_replaces_the_first_whole_session() {
+    if !peers_available(&["gtk", "qemu-system-x86_64"]) {
+        return;
+    }
+    let dir = TempDir::new("upkick");
+    let ur = dir.path("ur0.sock");
+    let qport = free_port();
+    let _q = qemu_vm(&format!("port={qport},addr=127.0.0.1"), None, &ur);
+    wait_tcp(qport);
+    wait_path(&ur, Duration::from_secs(20));
+    let relay = relay_for(&format!("spice://127.0.0.1:{qport}"), &ur);
+    let uri = relay.uri();
+    let uri1 = uri.clone();
+    let first = std::thread::spawn(move || {
+        gtk(
+            &["usbredir", "--uri", &uri1, "--expect-hello", "--timeout", "30", "--linger", "8"],
+            Duration::from_secs(60),
+        )
+    });
+    relay.wait_log("channel=usbredir:0 session=", Duration::from_secs(30));
+    let s1 = relay.wait_log("from upstream", Duration::from_secs(5));
+    let second = gtk(&["auth", "--uri", &uri, "--timeout", "10", "--linger", "1"], Duration::from_secs(30));
+    assert_eq!(second.code, 0, "the second client links: {}", second.json);
+    // The first session's own (served) usbredir channel closed with it.
+    let id = s1.split_whitespace().find(|w| w.starts_with("0x")).unwrap_or_default().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let closed = relay.lines("close peer=").iter().any(|l| {
+            l.contains("channel=usbredir:0") && l.contains(&format!("session={id}")) && l.contains("session closed")
+        });
+        if closed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "session {id}'s usbredir channel did not close: {:?}", relay.lines("close"));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = first.join();
+}
