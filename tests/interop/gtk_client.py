@@ -1461,6 +1461,8 @@ class Display(Qmp):
         self.changed_after_key = None
         self.final_frame = None
         self.display_done = False
+        self.hold_started = None
+        self.held_s = None
         self.result.update({"expect_size": args.expect_size, "key_scancode": self.key_scancode,
                             "qmp_requested": self.qmp_wanted, "usbredir_requested": self.want_usbredir,
                             "expect_usbredir_hello": args.expect_usbredir_hello})
@@ -1517,6 +1519,10 @@ class Display(Qmp):
     def on_channel_event(self, ch, info, event):
         super().on_channel_event(ch, info, event)
         Event = self.Spice.ChannelEvent
+        if self.hold_started is not None and event != Event.OPENED:
+            self.fail(EXIT_CHECK_FAILED, "%s channel %d: %s %.2f s into --hold (kicked by another client?)"
+                      % (info.get("type_name"), info.get("id"), event.value_nick,
+                         time.monotonic() - self.hold_started), result="lost-during-hold")
         if event != Event.OPENED:
             return
         if info.get("type") == 9:
@@ -1714,9 +1720,22 @@ class Display(Qmp):
             return
         if not self._usb_done():
             return
+        if self.args.hold > 0:
+            if self.hold_started is None:
+                self.hold_started = time.monotonic()
+                self.note("all checks passed; holding the session %.1f s" % self.args.hold)
+                self.GLib.timeout_add(int(self.args.hold * 1000), self._held)
+            return
         self.succeed("displayed")
 
+    def _held(self):
+        self.held_s = round(time.monotonic() - self.hold_started, 3)
+        self.succeed("displayed")
+        return False
+
     def on_timeout(self):
+        if self.hold_started is not None:
+            return False        # the checks passed in time; the hold has its own timer
         detail = self.timeout_detail()
         s = self.surface
         if s is not None and self.baseline is None and self.invalidates and not self._size_ok():
@@ -1766,6 +1785,9 @@ class Display(Qmp):
             "large_invalidates": self.large_invalidates,
             "drawn": self.baseline is not None, "settled_at_s": self.settled_at,
         })
+        if self.args.hold > 0:
+            self.result["held_s"] = (self.held_s if self.held_s is not None else
+                                     round(time.monotonic() - self.hold_started, 3) if self.hold_started else None)
         shown = self.baseline or self.first
         if shown is not None:
             self.result.update(shown.report())
@@ -1901,6 +1923,9 @@ def build_parser():
                         "(through the tap for spice://, unless --no-tap)")
     p.add_argument("--no-tap", action="store_true",
                    help="with --expect-usbredir-hello: count total-read-bytes instead of using the tap")
+    p.add_argument("--hold", type=float, default=0.0,
+                   help="after every check passed, keep the session S more seconds; any channel that "
+                        "closes or fails meanwhile fails the run (lost-during-hold); not counted in --timeout")
     p.add_argument("--save-png", default=None, metavar="PATH",
                    help="write the last framebuffer seen as a PNG (also on failure)")
     p.add_argument("--save-png-before", default=None, metavar="PATH",
@@ -1927,8 +1952,9 @@ def main(argv=None):
         emit_and_exit(dict(base, result="hard-timeout"), EXIT_TIMEOUT,
                       "hard time limit: main loop did not end %d s after --timeout" % ALARM_GRACE_S)
     signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(int(args.timeout) + ALARM_GRACE_S)
-    faulthandler.dump_traceback_later(args.timeout + WATCHDOG_GRACE_S, exit=True)
+    hold = max(getattr(args, "hold", 0.0), 0.0)
+    signal.alarm(int(args.timeout + hold) + ALARM_GRACE_S)
+    faulthandler.dump_traceback_later(args.timeout + hold + WATCHDOG_GRACE_S, exit=True)
 
     if args.mode == "usbredir":
         args.tap = args.tap or not args.no_tap

@@ -110,6 +110,18 @@ run() {
     RC=$?
 }
 
+# bg NAME ARGS...: like run, in the background; wait_bg then sets RC
+bg() {
+    local name=$1
+    shift
+    timeout -k 2 60 "$PY" "$CLIENT" "$@" >"$WORK/$name.json" 2>"$WORK/$name.err" &
+    BG_PID=$!
+}
+wait_bg() {
+    wait "$BG_PID"
+    RC=$?
+}
+
 # check NAME EXPECTED_RC PY_EXPR SUMMARY_EXPR: evaluate against the JSON (as d) and rc
 check() {
     local name=$1 want_rc=$2 expr=$3 summary=$4 verdict
@@ -277,8 +289,21 @@ if start_qemu qemuC PC -machine pc -accel tcg -m 64 -vga qxl -display none -node
     check display 0 'd["drawn"] and d["changed_after_key"] and d["qmp"]["replies"][-1]["return"]["status"] == "running" and all(u["hello"] for u in d["usbredir"])' \
         '"%dx%d %s, %d invalidates, %d non-background px; ESC: %d px changed after %.3f s; query-status %s; usbredir hello %s" % (d["width"], d["height"], d["format_name"], d["invalidates"], d["nonblank_pixels"], d["changed_pixels_after_key"], d["key_change_s"], d["qmp"]["replies"][-1]["return"]["status"], [u["server_payload_bytes"] for u in d["usbredir"]])'
 
+    # A wrong password must not kick the current client; a right one does (spice-server serves
+    # one client at a time). --hold keeps the first session and fails it if any channel closes.
+    bg display-hold display --uri "$URI" --password secret --expect-size 720x400 --hold 3 --timeout 5
+    sleep 1.5
     run display-auth display --uri "$URI" --password wrong --expect-size 720x400 --timeout 5
     check display-auth 3 'd["result"] == "auth-error"' '"wrong password: result=%s" % d["result"]'
+    wait_bg
+    check display-hold 0 'd["result"] == "displayed" and d["held_s"] >= 3' \
+        '"first client held %.1f s while a wrong password was refused" % d["held_s"]'
+
+    bg display-kicked display --uri "$URI" --password secret --expect-size 720x400 --hold 3 --timeout 5
+    sleep 1.5
+    run display-kicker auth --uri "$URI" --password secret --timeout 5
+    wait_bg
+    check display-kicked 1 'd["result"] == "lost-during-hold"' '"a second client with the right password: " + d["reason"]'
 
     run display-size display --uri "$URI" --password secret --expect-size 640x480 --timeout 3
     check display-size 1 'd["result"] == "wrong-size" and not d["size_ok"]' 'd["reason"]'
