@@ -102,6 +102,19 @@ fn whole_vm_session_with_qemus_password() {
         assert!(r.json.contains(want), "channel list lacks {want}: {}", r.json);
     }
 
+    // `vmcrelay connect --list` sees the merged session too.
+    let pw = dir.path("pw");
+    std::fs::write(&pw, "s3cret\n").expect("password file");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmcrelay"))
+        .args(["connect", &uri, "--list", "--password-file", &pw.display().to_string()])
+        .output()
+        .expect("connect --list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "--list through the proxy: {text} {}", String::from_utf8_lossy(&out.stderr));
+    for want in ["display", "inputs", "usbredir", "org.qemu.monitor.qmp.0"] {
+        assert!(text.contains(want), "--list lacks {want}:\n{text}");
+    }
+
     // vmcrelay's own channel in the same kind of session; keep it while a wrong password tries.
     let uri2 = uri.clone();
     let held = std::thread::spawn(move || {
