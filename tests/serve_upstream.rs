@@ -13,7 +13,11 @@ use common::*;
 /// device on a socket chardev that vmcrelay serves; `spice` is the -spice value.
 fn qemu_vm(spice: &str, password: Option<&str>, ur_sock: &Path) -> Qemu {
     let mut a: Vec<String> =
-        ["-machine", "pc", "-accel", "tcg", "-m", "128", "-vga", "qxl", "-display", "none", "-nic", "none"]
+        // The boot menu prompt waits 15 s, so ESC has a visible effect (SeaBIOS's boot menu).
+        [
+            "-machine", "pc", "-accel", "tcg", "-m", "128", "-vga", "qxl", "-display", "none", "-nic", "none",
+            "-boot", "menu=on,splash-time=15000",
+        ]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -219,4 +223,58 @@ fn second_client_replaces_the_first_whole_session() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = first.join();
+}
+
+/// The VM's screen through vmcrelay: spice-gtk, connected only to vmcrelay,
+/// gets QEMU's primary surface (SeaBIOS, 720×400) drawn, ESC on the inputs
+/// channel opens SeaBIOS's boot menu, QMP runs on QEMU's port and the
+/// usbredir hello arrives on vmcrelay's own channel, all in one session.
+#[test]
+fn display_inputs_qmp_and_usbredir_in_one_session() {
+    if !peers_available(&["gtk", "qemu-system-x86_64"]) {
+        return;
+    }
+    let dir = TempDir::new("updisplay");
+    let ur = dir.path("ur0.sock");
+    let qport = free_port();
+    let _q = qemu_vm(&format!("port={qport},addr=127.0.0.1"), Some("pw"), &ur);
+    wait_tcp(qport);
+    wait_path(&ur, Duration::from_secs(20));
+    let relay = relay_for(&format!("spice://127.0.0.1:{qport}"), &ur);
+    let uri = relay.uri();
+    let png = dir.path("screen.png");
+    let png_s = png.display().to_string();
+    let r = gtk(
+        &[
+            "display",
+            "--uri",
+            &uri,
+            "--password",
+            "pw",
+            "--expect-size",
+            "720x400",
+            "--press-key",
+            "esc",
+            "--qmp-command",
+            "query-status",
+            "--expect-usbredir-hello",
+            "--save-png",
+            &png_s,
+            "--timeout",
+            "60",
+        ],
+        Duration::from_secs(90),
+    );
+    assert_eq!(r.code, 0, "display through vmcrelay: {}\n{}", r.json, r.stderr);
+    assert_eq!(r.field("width").as_deref(), Some("720"), "{}", r.json);
+    assert_eq!(r.field("height").as_deref(), Some("400"), "{}", r.json);
+    assert_eq!(r.field("drawn").as_deref(), Some("true"), "{}", r.json);
+    assert_eq!(r.field("changed_after_key").as_deref(), Some("true"), "ESC reached the guest: {}", r.json);
+    assert!(r.json.contains("\"running\""), "QMP query-status over QEMU's port: {}", r.json);
+    assert!(r.json.contains("qemu usb-redir guest"), "usbredir hello on vmcrelay's channel: {}", r.json);
+    assert!(std::fs::metadata(&png).map(|m| m.len() > 1000).unwrap_or(false), "screenshot written");
+    // The display went through the proxy, the usbredir channel through vmcrelay's own path.
+    let ok = relay.lines("result=ok");
+    assert!(ok.iter().any(|l| l.contains("channel=display:0") && l.contains("upstream=")), "{ok:?}");
+    assert!(ok.iter().any(|l| l.contains("channel=usbredir:0") && !l.contains("upstream=")), "{ok:?}");
 }
