@@ -147,6 +147,45 @@ fn whole_vm_session_with_qemus_password() {
     };
     assert!(close.contains("reason=\"client closed\""), "closed by its own client, not by a kick: {close}");
     assert!(relay.lines("result=refused").iter().any(|l| l.contains("code=7")), "the refusal is logged");
+
+    // Cached-caps order: once QEMU's caps are known, a client gets its link
+    // reply before QEMU sees any link message (a client that never sends a
+    // ticket costs QEMU nothing). Shown with QEMU stopped: the reply still comes.
+    let pid = _q.child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
+    let reply = raw_main_link_reply(&relay.addr());
+    assert!(std::process::Command::new("kill").args(["-CONT", &pid]).status().expect("kill").success());
+    let (error, key_der_tag) = reply.expect("a link reply while QEMU is stopped");
+    assert_eq!(error, 0, "the reply is a success reply from the cached caps");
+    assert_eq!(key_der_tag, 0x30, "it carries vmcrelay's own RSA key (DER SEQUENCE)");
+}
+
+/// Sends a main-channel link message and returns (error, first byte of the
+/// public key) of the reply, or None if none came within 3 s.
+fn raw_main_link_reply(addr: &str) -> Option<(u32, u8)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    let caps: [u32; 1] = [(1 << 0) | (1 << 1) | (1 << 3)]; // AUTH_SELECTION, AUTH_SPICE, MINI_HEADER
+    let mut mess = Vec::new();
+    mess.extend_from_slice(&0u32.to_le_bytes()); // connection id
+    mess.extend_from_slice(&[1, 0]); // main, id 0
+    mess.extend_from_slice(&1u32.to_le_bytes()); // common caps words
+    mess.extend_from_slice(&0u32.to_le_bytes()); // channel caps words
+    mess.extend_from_slice(&18u32.to_le_bytes()); // caps offset
+    mess.extend_from_slice(&caps[0].to_le_bytes());
+    let mut msg = b"REDQ".to_vec();
+    msg.extend_from_slice(&2u32.to_le_bytes());
+    msg.extend_from_slice(&2u32.to_le_bytes());
+    msg.extend_from_slice(&u32::try_from(mess.len()).ok()?.to_le_bytes());
+    msg.extend_from_slice(&mess);
+    s.write_all(&msg).ok()?;
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).ok()?;
+    let size = u32::from_le_bytes([h[12], h[13], h[14], h[15]]) as usize;
+    let mut body = vec![0u8; size.min(4096)];
+    s.read_exact(&mut body).ok()?;
+    Some((u32::from_le_bytes([body[0], body[1], body[2], body[3]]), body[4]))
 }
 
 /// A unix upstream; QEMU killed: a link error in the reply (not a silent
@@ -277,4 +316,38 @@ fn display_inputs_qmp_and_usbredir_in_one_session() {
     let ok = relay.lines("result=ok");
     assert!(ok.iter().any(|l| l.contains("channel=display:0") && l.contains("upstream=")), "{ok:?}");
     assert!(ok.iter().any(|l| l.contains("channel=usbredir:0") && !l.contains("upstream=")), "{ok:?}");
+}
+
+/// Real remote-viewer under Xvfb, connected only to vmcrelay, shows the VM:
+/// the display area of its window is not blank (SeaBIOS's text).
+#[test]
+fn remote_viewer_shows_the_vm_through_vmcrelay() {
+    if !peers_available(&["gtk", "qemu-system-x86_64", "remote-viewer", "Xvfb", "import"]) {
+        return;
+    }
+    let dir = TempDir::new("uprv");
+    let ur = dir.path("ur0.sock");
+    let qport = free_port();
+    let _q = qemu_vm(&format!("port={qport},addr=127.0.0.1"), Some("pw"), &ur);
+    wait_tcp(qport);
+    wait_path(&ur, Duration::from_secs(20));
+    let relay = relay_for(&format!("spice://127.0.0.1:{qport}"), &ur);
+    let pw = dir.path("pw.txt");
+    std::fs::write(&pw, "pw\n").expect("password file");
+    let png = dir.path("rv.png");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/remote-viewer-shot");
+    let out = std::process::Command::new("timeout")
+        .args(["-k", "5", "90"])
+        .arg(script)
+        .args(["--password-file", &pw.display().to_string(), "-v", &relay.uri(), &png.display().to_string()])
+        .output()
+        .expect("remote-viewer-shot");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "remote-viewer through vmcrelay: {text}");
+    assert!(text.contains("display=720x400"), "the guest display area: {text}");
+    assert!(std::fs::metadata(&png).map(|m| m.len() > 1000).unwrap_or(false), "screenshot written");
+    assert!(
+        relay.lines("result=ok").iter().any(|l| l.contains("channel=display:0")),
+        "display linked through vmcrelay"
+    );
 }

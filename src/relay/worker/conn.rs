@@ -124,6 +124,13 @@ pub(super) enum Stage {
         client: (u32, u32),
         /// The client's ticket, once it came (main: kept for the session).
         ticket: Option<Vec<u8>>,
+        /// Cached-caps order: the client got its reply from these cached
+        /// caps; our link message waits (`hold`) until its ticket came, so
+        /// an unauthenticated client costs QEMU a bare connect, no RSA key.
+        cached: Option<Caps>,
+        hold: bool,
+        /// The ticket to send once QEMU's reply comes.
+        password: Option<Vec<u8>>,
     },
     /// Whole-VM proxy data stage: bytes copied to the paired connection
     /// (`Conn::pair`) unparsed, except upstream → client on main.

@@ -277,8 +277,11 @@ impl Worker {
     }
 
     pub(super) fn on_srv_connect(&mut self, slot: u32, conn: &mut Conn, res: i32) {
-        if res < 0 && matches!(conn.stage, Stage::ULink { .. }) {
-            return self.proxy_connect_failed(slot, conn, res);
+        if matches!(conn.stage, Stage::ULink { .. }) {
+            if res < 0 {
+                return self.proxy_connect_failed(slot, conn, res);
+            }
+            return self.proxy_connected(slot, conn);
         }
         if res < 0 {
             let r = errno_reason("connect to SPICE server", res);

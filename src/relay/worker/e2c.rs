@@ -45,7 +45,7 @@ impl Worker {
         match &mut conn.stage {
             Stage::Link { link, .. } => n = link.poll_output(tx),
             Stage::CLink { link, .. } => n = link.poll_output(tx),
-            Stage::ULink { link, .. } => n = link.poll_output(tx),
+            Stage::ULink { link, hold: false, .. } => n = link.poll_output(tx),
             _ => {}
         }
         // Control messages, framed now so serials follow the send order.

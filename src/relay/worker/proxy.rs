@@ -113,7 +113,20 @@ impl Worker {
             Err(e) => return refuse(self, conn, e.to_string()),
         };
         let me = (slot, self.slots[slot as usize].generation);
-        let stage = Stage::ULink { link: Box::new(link), client: me, ticket: None };
+        let cached = self
+            .shared
+            .caps_cache
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&(service, req.channel_type, req.channel_id)).copied());
+        let stage = Stage::ULink {
+            link: Box::new(link),
+            client: me,
+            ticket: None,
+            cached,
+            hold: cached.is_some(),
+            password: None,
+        };
         let Some(up) = self.new_conn(fd, upstream.to_string(), service, stage, false) else {
             return refuse(self, conn, "connection table full (raise --max-conns)".into());
         };
@@ -152,7 +165,21 @@ impl Worker {
                 true
             }
             Some(client_link::Action::Reply { channel_caps, .. }) => {
+                if let Ok(mut cache) = self.shared.caps_cache.lock() {
+                    cache.insert((conn.service, conn.chan.0, conn.chan.1), channel_caps);
+                }
                 let caps = if conn.chan_type() == CH_MAIN { without(channel_caps, &MAIN_CLEAR) } else { channel_caps };
+                if let Stage::ULink { cached: Some(c), password, link, .. } = &mut conn.stage {
+                    // The client already has its reply (from the cache) and sent its ticket.
+                    if *c != channel_caps {
+                        debug!(self.who, "upstream caps of {} changed since cached", conn.label);
+                    }
+                    if let Some(pw) = password.take() {
+                        link.send_password(&pw);
+                    }
+                    self.pump_out(slot, conn);
+                    return true;
+                }
                 self.with_pair(client, |w, c, cs| {
                     if let Stage::Link { link, .. } = &mut c.stage {
                         link.decide(Decision::Forward { channel_caps: caps });
@@ -252,6 +279,24 @@ impl Worker {
         self.close(slot, conn, "upstream link failed");
     }
 
+    /// The upstream connect completed. With cached caps, the client gets
+    /// its reply now (QEMU is reachable) and our link waits for its ticket.
+    pub(super) fn proxy_connected(&mut self, slot: u32, conn: &mut Conn) {
+        if let Stage::ULink { cached: Some(caps), hold: true, client, .. } = &conn.stage {
+            let (caps, client) = (*caps, *client);
+            let caps = if conn.chan_type() == CH_MAIN { without(caps, &MAIN_CLEAR) } else { caps };
+            self.with_pair(client, |w, c, cs| {
+                if let Stage::Link { link, .. } = &mut c.stage {
+                    link.decide(Decision::Forward { channel_caps: caps });
+                }
+                w.pump_in(cs, c);
+                w.pump_out(cs, c);
+            });
+        }
+        self.pump_out(slot, conn);
+        self.pump_in(slot, conn);
+    }
+
     /// The upstream connect (Op::SrvConnect) failed.
     pub(super) fn proxy_connect_failed(&mut self, slot: u32, conn: &mut Conn, res: i32) {
         warn!(
@@ -270,9 +315,16 @@ impl Worker {
         let Some(ticket) = link.take_ticket() else { return };
         let Some(up) = conn.pair else { return };
         self.with_pair(up, |w, u, us| {
-            if let Stage::ULink { link, ticket: keep, .. } = &mut u.stage {
-                link.send_password(&ticket);
-                if u.chan.0 == CH_MAIN {
+            let main = u.chan.0 == CH_MAIN;
+            if let Stage::ULink { link, ticket: keep, hold, password, .. } = &mut u.stage {
+                if *hold {
+                    // Cached-caps order: only now does QEMU see our link message.
+                    *hold = false;
+                    *password = Some(ticket.clone());
+                } else {
+                    link.send_password(&ticket);
+                }
+                if main {
                     *keep = Some(ticket);
                 }
             }

@@ -114,6 +114,9 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// `unix-listen` sockets by (service, channel index).
     pub(super) listen_eps: HashMap<(usize, usize), OwnedFd>,
+    /// Whole-VM proxy: QEMU's channel caps by (service, type, id), from its
+    /// link replies (they do not change while QEMU runs).
+    pub(super) caps_cache: Mutex<HashMap<(usize, u8, u8), Caps>>,
     /// `unix-listen` endpoint connections kept while no client is linked.
     pub(super) parked: Mutex<HashMap<(usize, usize), OwnedFd>>,
     /// Per-worker counters.
@@ -142,6 +145,7 @@ impl Shared {
             mailboxes,
             shutdown: AtomicBool::new(false),
             listen_eps,
+            caps_cache: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashMap::new()),
             stats: (0..n).map(|_| WorkerStats::default()).collect(),
             fatal: Mutex::new(None),
