@@ -676,6 +676,28 @@ mod tests {
     }
 
     #[test]
+    fn toml_upstream() {
+        let svc = "[[service]]\nlisten = [\"127.0.0.1:1\"]\nchannels = [\"usbredir:0=unix:/run/vm1/ur0.sock\"]\n";
+        let c = ServeConfig::from_toml(&format!("{svc}upstream = \"spice+unix:///run/vm1/spice.sock\"\n"), "f")
+            .expect("a whole-VM service needs no password settings");
+        assert_eq!(c.services[0].upstream, Some(ServerAddr::Unix(PathBuf::from("/run/vm1/spice.sock"))));
+        assert_eq!(c.services[0].password, None);
+        let c = ServeConfig::from_toml(&format!("{svc}upstream = \"spice://127.0.0.1:5900\"\n"), "f").expect("tcp");
+        assert_eq!(c.services[0].upstream, Some(ServerAddr::Tcp("127.0.0.1:5900".parse().expect("addr"))));
+        let e = ServeConfig::from_toml(&format!("{svc}upstream = \"http://x\"\n"), "f").unwrap_err();
+        assert_eq!(e.origin, "f:4", "{e}");
+        let e =
+            ServeConfig::from_toml(&format!("{svc}upstream = \"spice://127.0.0.1:5900\"\npassword-env = \"X\"\n"), "f")
+                .unwrap_err();
+        assert!(e.message.contains("the password is QEMU's"), "{e}");
+        assert_eq!(
+            parse_spice_uri("spice://127.0.0.1?port=5930"),
+            Ok(ServerAddr::Tcp("127.0.0.1:5930".parse().expect("a")))
+        );
+        assert!(parse_spice_uri("spice+unix://").is_err());
+    }
+
+    #[test]
     fn toml_full() {
         let text = "[relay]\nworkers = 1\nbusy = \"refuse\"\n[[service]]\nname = \"vm1\"\nlisten = [\"127.0.0.1:5930\"]\ndisable-ticketing = true\nchannels = [\"usbredir=echo:\", \"usbredir=sink:\", \"port:a.b=echo:\", \"200=sink:\"]\n";
         let c = ServeConfig::from_toml(text, "f").expect("ok");
