@@ -127,7 +127,7 @@ impl Worker {
                 let reg = self.shared.registry();
                 match (reg.sessions.get(&req.connection_id).and_then(|s| s.ticket.as_ref()), &ticket) {
                     (Some(want), Some(got)) => crate::proto::auth::constant_time_eq(want, got),
-                    (None, Some(_)) => reg.sessions.contains_key(&req.connection_id),
+                    // No ticket known for the session (or none sent): never.
                     _ => false,
                 }
             };
