@@ -55,6 +55,13 @@ impl Worker {
         if matches!(self.conf(service, ci).map(|c| &c.endpoint), Some(EndpointSpec::Echo | EndpointSpec::Sink)) {
             return;
         }
+        // In a whole-VM session the main channel is QEMU's stream: nothing
+        // can be announced on it (the next session links the channel again).
+        if matches!(then, Then::Announce)
+            && self.shared.config.services.get(service).is_some_and(|s| s.upstream.is_some())
+        {
+            return;
+        }
         self.revive.retain(|r| !(r.service == service && r.ci == ci));
         self.revive.push(Revive { service, ci, session, then, connecting: None, since: Instant::now() });
     }
