@@ -69,6 +69,22 @@ pub(super) struct Chan {
 }
 
 impl Chan {
+    /// The endpoint (or `connect`'s local app) is gone while the SPICE
+    /// channel stays: payload not yet written to it is dropped (counted),
+    /// the socket is shut down so any op still on it completes, and what
+    /// the peer sends from now on is dropped until an endpoint is back.
+    pub(super) fn drop_endpoint(&mut self) {
+        let pending: usize = self.ranges.iter().map(|r| r.1).sum();
+        self.dropped += pending as u64;
+        self.ranges.clear();
+        if let Some(fd) = self.ep.take() {
+            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+        self.ep_state = EpState::Gone;
+        self.app_left = Some(Instant::now());
+        self.app_eof = false;
+    }
+
     /// A channel's data-stage state, endpoint not open yet.
     pub(super) fn new(conf: usize, kind: ChannelKind, probe: bool, lz4_send: bool) -> Self {
         Self {

@@ -132,7 +132,9 @@ pub fn run_connect_worker(shared: Arc<Shared>, opts: ConnectOptions) -> anyhow::
     w.run()
 }
 
-fn server_socket(addr: &ServerAddr) -> std::io::Result<(OwnedFd, SockaddrStorage)> {
+/// A non-blocking socket and address for a SPICE server (TCP with
+/// NODELAY and keepalive, or unix); `connect` and the whole-VM proxy.
+pub(super) fn server_socket(addr: &ServerAddr) -> std::io::Result<(OwnedFd, SockaddrStorage)> {
     let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
     Ok(match addr {
         ServerAddr::Tcp(a) => {
@@ -420,16 +422,7 @@ impl Worker {
             return;
         }
         let ci = ch.conf;
-        let pending: usize = ch.ranges.iter().map(|r| r.1).sum();
-        ch.dropped += pending as u64;
-        ch.ranges.clear();
-        if let Some(fd) = ch.ep.take() {
-            // Any op still on it completes now; the app sees the end.
-            let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-        }
-        ch.ep_state = EpState::Gone;
-        ch.app_left = Some(Instant::now());
-        ch.app_eof = false;
+        ch.drop_endpoint();
         let port = ch.kind.port_messages;
         let listen = matches!(self.ctl_conf(ci).map(|c| &c.endpoint), Some(EndpointSpec::UnixListen(_)));
         info!(

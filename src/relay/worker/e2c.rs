@@ -233,14 +233,7 @@ impl Worker {
             self.conf(service, ci).map_or_else(String::new, |c| format!("{} endpoint={}", c.label(), c.endpoint));
         if ch.kind.port_messages {
             // The port stays linked; its endpoint is reopened behind it.
-            let pending: usize = ch.ranges.iter().map(|r| r.1).sum();
-            ch.dropped += pending as u64;
-            ch.ranges.clear();
-            if let Some(fd) = ch.ep.take() {
-                let _ = nix::sys::socket::shutdown(fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-            }
-            ch.ep_state = EpState::Gone;
-            ch.app_left = Some(Instant::now());
+            ch.drop_endpoint();
             warn!(
                 self.who,
                 "endpoint gone channel={label} reason=\"{reason}\": port closed for the client, reopening it every \

@@ -20,35 +20,16 @@
 //! nothing queued beyond one buffer). One side closing closes the other;
 //! a main channel closing ends the session, the relay's channels included.
 
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, socket};
-
 use super::*;
 use crate::error;
 use crate::proto::channel::CH_DISPLAY;
 use crate::proto::client_link::{self, ClientLinkConfig, ClientLinkFailure};
 use crate::proto::main_filter::MainFilter;
-use crate::relay::config::ServerAddr;
 
 /// Main channel caps QEMU must not see (migration: not through a relay).
 const MAIN_CLEAR: [u32; 2] = [0, 3];
 /// Display cap GL_SCANOUT: fds cannot cross the relay.
 const DISPLAY_CLEAR: [u32; 1] = [7];
-
-fn upstream_socket(addr: &ServerAddr) -> std::io::Result<(OwnedFd, nix::sys::socket::SockaddrStorage)> {
-    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-    Ok(match addr {
-        ServerAddr::Tcp(a) => {
-            let fam = if a.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-            let fd = socket(fam, SockType::Stream, flags, None)?;
-            let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
-            (fd, nix::sys::socket::SockaddrStorage::from(*a))
-        }
-        ServerAddr::Unix(p) => {
-            let fd = socket(AddressFamily::Unix, SockType::Stream, flags, None)?;
-            (fd, crate::uring::sockaddr_storage_of(&UnixAddr::new(p.as_path())?))
-        }
-    })
-}
 
 fn without(mut caps: Caps, bits: &[u32]) -> Caps {
     for &b in bits {
@@ -90,7 +71,7 @@ impl Worker {
                 link.decide(Decision::Refuse(LinkErrorCode::Error));
             }
         };
-        let (fd, addr) = match upstream_socket(&upstream) {
+        let (fd, addr) = match super::connect::server_socket(&upstream) {
             Ok(x) => x,
             Err(e) => return refuse(self, conn, e.to_string()),
         };
