@@ -62,6 +62,12 @@ impl Connect {
 
 impl Drop for Connect {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test shows what connect logged (CI keeps no other trace).
+            for l in self.log.lock().map(|l| l.clone()).unwrap_or_default() {
+                eprintln!("connect: {l}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
