@@ -63,6 +63,8 @@ pub struct ConnectOptions {
 pub const DEFAULT_LINGER: Duration = Duration::from_millis(1000);
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// Failed port probes per session before unnamed ports count as missing.
+const MAX_PROBE_FAILURES: u32 = 5;
 /// Granularity of the linger check.
 const LINGER_TICK: Duration = Duration::from_millis(100);
 
@@ -101,6 +103,8 @@ pub(crate) struct ConnectCtl {
     ports: Vec<(u8, String)>,
     /// Port ids linked to learn their name this session.
     probed: Vec<u8>,
+    /// Probes this session that closed before the port's name came.
+    probe_failures: u32,
     /// The session's port names were logged (and missing ones named).
     ports_reported: bool,
     linger_armed: bool,
@@ -125,6 +129,7 @@ pub fn run_connect_worker(shared: Arc<Shared>, opts: ConnectOptions) -> anyhow::
         warned_missing: Vec::new(),
         ports: Vec::new(),
         probed: Vec::new(),
+        probe_failures: 0,
         ports_reported: false,
         linger_armed: false,
     }));
@@ -894,6 +899,7 @@ impl Worker {
             ctl.warned_missing.clear();
             ctl.ports.clear();
             ctl.probed.clear();
+            ctl.probe_failures = 0;
             ctl.ports_reported = false;
             for s in &mut ctl.specs {
                 s.port_id = None;
@@ -926,6 +932,19 @@ impl Worker {
             || matches!(conn.stage, Stage::CLink { probe: true, .. });
         if was_probe {
             ctl.probes = ctl.probes.saturating_sub(1);
+            let id = conn.chan.1;
+            if !ctl.ports.iter().any(|(p, _)| *p == id) && ctl.probe_failures < MAX_PROBE_FAILURES {
+                // The probe closed before PORT_INIT (a refused or cut link):
+                // the port's name is unknown, not missing. Probe it again
+                // instead of closing the apps that wait for a port name.
+                ctl.probe_failures += 1;
+                ctl.probed.retain(|p| *p != id);
+                info!(self.who, "port probe of port:{id} failed ({reason}); probing it again");
+                if self.draining.is_none() {
+                    self.ctl_schedule_retry_after(Duration::from_millis(100));
+                }
+                return;
+            }
             if ctl.probes == 0 && self.draining.is_none() {
                 // Every port is known now (or failed to link): link, report.
                 self.ctl_link_channels();
