@@ -279,6 +279,9 @@ fn connect_config(a: &ConnectArgs) -> Result<(ServeConfig, ConnectOptions), Stri
         services: vec![Service {
             name: "connect".into(),
             listen: Vec::new(),
+            tls_listen: Vec::new(),
+            tls: None,
+            security: Default::default(),
             password: None,
             channels,
             upstream: None,
@@ -405,7 +408,16 @@ fn demo_config(a: &DemoArgs) -> Result<ServeConfig, String> {
     let channels = config::parse_channels(specs.iter().map(|s| (*s, "demo".to_string()))).map_err(|e| e.to_string())?;
     let listen = vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))];
     let cfg = ServeConfig {
-        services: vec![Service { name: "demo".into(), listen, password: None, channels, upstream: None }],
+        services: vec![Service {
+            name: "demo".into(),
+            listen,
+            tls_listen: Vec::new(),
+            tls: None,
+            security: Default::default(),
+            password: None,
+            channels,
+            upstream: None,
+        }],
         limits: Limits { workers: 1, max_conns_per_worker: 64, ..Limits::default() },
     };
     cfg.validate()?;
@@ -461,11 +473,35 @@ endpoint socket).";
 #[derive(Args, Debug)]
 struct ServeArgs {
     /// TOML file with [relay] knobs and one [[service]] per VM (see README).
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "channel"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "channel", "tls_listen", "x509_dir", "tls_cert", "tls_key", "tls_ca", "tls_channel", "plaintext_channel"])]
     config: Option<PathBuf>,
     /// Address to listen on (repeatable), e.g. 127.0.0.1:5930.
     #[arg(long, value_name = "HOST:PORT")]
     listen: Vec<String>,
+    /// Address to listen on with TLS (repeatable; QEMU's tls-port), e.g. 0.0.0.0:5931. Plain and TLS
+    /// listeners share sessions. Needs --x509-dir or --tls-cert/--tls-key.
+    #[arg(long, value_name = "HOST:PORT")]
+    tls_listen: Vec<String>,
+    /// Directory in QEMU's x509-dir layout: ca-cert.pem, server-cert.pem, server-key.pem (the chain
+    /// sent is completed from ca-cert.pem).
+    #[arg(long, value_name = "DIR")]
+    x509_dir: Option<PathBuf>,
+    /// PEM server certificate (leaf first), instead of or over x509-dir's.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1, unencrypted).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s), used to complete the chain sent to clients.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// Channel type that must use TLS (repeatable; QEMU's tls-channel): main, usbredir, port, ...,
+    /// 128..255, or default. A plain link of it gets NEED_SECURED and spice-gtk relinks it over TLS.
+    #[arg(long, value_name = "NAME")]
+    tls_channel: Vec<String>,
+    /// Channel type that must not use TLS (repeatable; QEMU's plaintext-channel).
+    #[arg(long, value_name = "NAME")]
+    plaintext_channel: Vec<String>,
     /// Whole-VM mode: proxy every channel not given with --channel (display, inputs, cursor, audio,
     /// QEMU's own ports) to QEMU's spice-server at URI (spice://HOST:PORT or spice+unix:///PATH);
     /// QEMU's password applies, no --password-* needed.
@@ -528,10 +564,22 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     let mut cfg = match &a.config {
         Some(path) => ServeConfig::from_file(path).map_err(|e| e.to_string())?,
         None => {
-            if a.listen.is_empty() {
+            if a.listen.is_empty() && a.tls_listen.is_empty() {
                 return Err("give --listen HOST:PORT and --channel SPEC..., or --config FILE (see --help)".into());
             }
             let listen = a.listen.iter().map(|l| config::parse_listen(l)).collect::<Result<Vec<_>, _>>()?;
+            let tls_listen = a.tls_listen.iter().map(|l| config::parse_listen(l)).collect::<Result<Vec<_>, _>>()?;
+            let tls = config::tls_files(
+                a.x509_dir.as_deref(),
+                a.tls_cert.as_deref(),
+                a.tls_key.as_deref(),
+                a.tls_ca.as_deref(),
+            )
+            .map_err(|m| format!("{m} (flags: --x509-dir, --tls-cert, --tls-key)"))?;
+            let security = config::channel_security(
+                a.tls_channel.iter().map(String::as_str),
+                a.plaintext_channel.iter().map(String::as_str),
+            )?;
             let upstream = a.upstream.as_deref().map(config::parse_spice_uri).transpose()?;
             let password = if upstream.is_some() {
                 None
@@ -542,7 +590,16 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
             let channels = config::parse_channels(a.channel.iter().map(|c| (c.as_str(), "--channel".to_string())))
                 .map_err(|e| e.to_string())?;
             ServeConfig {
-                services: vec![Service { name: a.name.clone(), listen, password, channels, upstream }],
+                services: vec![Service {
+                    name: a.name.clone(),
+                    listen,
+                    tls_listen,
+                    tls,
+                    security,
+                    password,
+                    channels,
+                    upstream,
+                }],
                 limits: Limits::default(),
             }
         }

@@ -127,6 +127,71 @@ impl std::fmt::Display for ChannelKind {
     }
 }
 
+/// Which transports a channel type may link over, as QEMU's
+/// `tls-channel=` / `plaintext-channel=` options: every type may use
+/// either unless named (or covered by `default`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Plain TCP or TLS.
+    #[default]
+    Any,
+    /// Only over TLS: a plain link gets `NEED_SECURED`.
+    Tls,
+    /// Only in plaintext: a TLS link gets `NEED_UNSECURED`.
+    Plain,
+}
+
+/// The per-type transport policy of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChannelSecurity {
+    /// For types without their own entry (`default`).
+    pub default: Transport,
+    /// Types with their own entry (the last one given wins).
+    pub types: Vec<(u8, Transport)>,
+}
+
+impl ChannelSecurity {
+    /// The transport rule of a channel type.
+    pub fn of(&self, channel_type: u8) -> Transport {
+        self.types.iter().rev().find(|(t, _)| *t == channel_type).map_or(self.default, |(_, r)| *r)
+    }
+
+    /// The link error for a link of `channel_type` over TLS (`secure`) or
+    /// not, or `None` when it may link.
+    pub fn check(&self, channel_type: u8, secure: bool) -> Option<super::link::LinkErrorCode> {
+        match (self.of(channel_type), secure) {
+            (Transport::Tls, false) => Some(super::link::LinkErrorCode::NeedSecured),
+            (Transport::Plain, true) => Some(super::link::LinkErrorCode::NeedUnsecured),
+            _ => None,
+        }
+    }
+
+    /// Whether any type must use TLS.
+    pub fn wants_tls(&self) -> bool {
+        self.default == Transport::Tls || self.types.iter().any(|(_, r)| *r == Transport::Tls)
+    }
+
+    /// Adds `NAME` (`main`, `usbredir`, `128`, ..., or `default`) with `rule`.
+    pub fn add(&mut self, name: &str, rule: Transport) -> Result<(), String> {
+        if name == "default" {
+            self.default = rule;
+            return Ok(());
+        }
+        let t = match name.parse::<u8>() {
+            Ok(n) if n >= CH_USER_DEFINED_START => n,
+            _ => KINDS.iter().find(|k| k.name == name).map(|k| k.channel_type).ok_or_else(|| {
+                let names: Vec<&str> = KINDS.iter().map(|k| k.name).collect();
+                format!(
+                    "unknown channel `{name}` for a TLS policy; write one of {} default, or 128..=255",
+                    names.join(" ")
+                )
+            })?,
+        };
+        self.types.push((t, rule));
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +205,28 @@ mod tests {
         assert!(u.is_user_defined() && u.port_messages && u.lz4);
         assert_eq!(u.to_string(), "200");
         assert_eq!(ChannelKind::by_name("webdav").map(|k| k.channel_type), Some(11));
+    }
+
+    #[test]
+    fn security_policy_like_qemu() {
+        use super::super::link::LinkErrorCode;
+        let mut p = ChannelSecurity::default();
+        assert_eq!(p.check(CH_PORT, false), None);
+        p.add("port", Transport::Tls).expect("port");
+        assert_eq!(p.check(CH_PORT, false), Some(LinkErrorCode::NeedSecured));
+        assert_eq!(p.check(CH_PORT, true), None);
+        assert_eq!(p.check(CH_MAIN, false), None);
+        // tls-channel=default,plaintext-channel=main
+        let mut q = ChannelSecurity::default();
+        q.add("default", Transport::Tls).expect("default");
+        q.add("main", Transport::Plain).expect("main");
+        assert_eq!(q.check(CH_MAIN, true), Some(LinkErrorCode::NeedUnsecured));
+        assert_eq!(q.check(CH_USBREDIR, false), Some(LinkErrorCode::NeedSecured));
+        assert_eq!(q.check(200, false), Some(LinkErrorCode::NeedSecured));
+        q.add("200", Transport::Any).expect("200");
+        assert_eq!(q.check(200, false), None);
+        assert!(q.add("bogus", Transport::Tls).unwrap_err().contains("usbredir"));
+        assert!(q.add("12", Transport::Tls).is_err());
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::proto::channel::{CH_PORT, ChannelClass, ChannelKind};
+use crate::proto::channel::{CH_PORT, ChannelClass, ChannelKind, ChannelSecurity, Transport};
+use crate::tls::ServerTlsFiles;
 
 /// Where a channel's bytes go on the host side.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,8 +69,14 @@ impl ChannelConf {
 pub struct Service {
     /// Name used in logs.
     pub name: String,
-    /// TCP addresses to listen on.
+    /// TCP addresses to listen on (plain SPICE).
     pub listen: Vec<SocketAddr>,
+    /// TCP addresses to listen on with TLS (QEMU's `tls-port`).
+    pub tls_listen: Vec<SocketAddr>,
+    /// Certificate, key and CA of the TLS listeners.
+    pub tls: Option<ServerTlsFiles>,
+    /// Which channel types must (or must not) use TLS.
+    pub security: ChannelSecurity,
     /// Ticket password; `None` when ticketing is disabled.
     pub password: Option<Vec<u8>>,
     /// Offered channels.
@@ -86,6 +93,21 @@ pub enum ServerAddr {
     Tcp(SocketAddr),
     /// `spice+unix:///path`.
     Unix(PathBuf),
+    /// `spice+tls://HOST:PORT` or `spice://HOST?tls-port=PORT`: TLS on
+    /// every channel, the certificate checked against `host` as written.
+    Tls {
+        /// Where to connect.
+        addr: SocketAddr,
+        /// The host as the user wrote it (IP address or DNS name).
+        host: String,
+    },
+}
+
+impl ServerAddr {
+    /// Whether channels to this server run over TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls { .. })
+    }
 }
 
 impl std::fmt::Display for ServerAddr {
@@ -93,11 +115,17 @@ impl std::fmt::Display for ServerAddr {
         match self {
             Self::Tcp(a) => write!(f, "spice://{a}"),
             Self::Unix(p) => write!(f, "spice+unix://{}", p.display()),
+            Self::Tls { addr, .. } => write!(f, "spice+tls://{addr}"),
         }
     }
 }
 
-/// Parses `spice://HOST:PORT`, `spice://HOST?port=PORT` or `spice+unix:///PATH`.
+const URI_HELP: &str = "write spice://HOST:PORT, spice://HOST?port=PORT, spice://HOST?tls-port=PORT, \
+     spice+tls://HOST:PORT or spice+unix:///PATH";
+
+/// Parses `spice://HOST:PORT`, `spice://HOST?port=P&tls-port=T`,
+/// `spice+tls://HOST:PORT` or `spice+unix:///PATH`. A TLS port, when
+/// given, is used for every channel (spice-gtk with only a `tls-port`).
 pub fn parse_spice_uri(uri: &str) -> Result<ServerAddr, String> {
     if let Some(p) = uri.strip_prefix("spice+unix://") {
         if p.is_empty() {
@@ -105,14 +133,43 @@ pub fn parse_spice_uri(uri: &str) -> Result<ServerAddr, String> {
         }
         return Ok(ServerAddr::Unix(PathBuf::from(p)));
     }
-    let rest = uri
-        .strip_prefix("spice://")
-        .ok_or_else(|| format!("`{uri}`: write spice://HOST:PORT, spice://HOST?port=PORT or spice+unix:///PATH"))?;
-    let hostport = match rest.split_once("?port=") {
-        Some((h, p)) => format!("{h}:{}", p.split('&').next().unwrap_or(p)),
-        None => rest.trim_end_matches('/').to_string(),
+    if let Some(rest) = uri.strip_prefix("spice+tls://") {
+        let hostport = rest.trim_end_matches('/');
+        let addr = parse_server_addr(hostport)?;
+        let host = host_of(hostport).ok_or_else(|| format!("`{uri}`: {URI_HELP}"))?;
+        return Ok(ServerAddr::Tls { addr, host });
+    }
+    let rest = uri.strip_prefix("spice://").ok_or_else(|| format!("`{uri}`: {URI_HELP}"))?;
+    let (authority, query) = match rest.split_once('?') {
+        Some((a, q)) => (a.trim_end_matches('/'), Some(q)),
+        None => (rest.trim_end_matches('/'), None),
     };
-    parse_server_addr(&hostport).map(ServerAddr::Tcp)
+    let (mut port, mut tls_port) = (None, None);
+    for kv in query.into_iter().flat_map(|q| q.split('&')).filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            Some(("port", p)) => port = Some(p),
+            Some(("tls-port", p)) => tls_port = Some(p),
+            _ => return Err(format!("`{uri}`: unknown query `{kv}`; {URI_HELP}")),
+        }
+    }
+    let host = match (port, tls_port) {
+        (None, None) => return parse_server_addr(authority).map(ServerAddr::Tcp),
+        _ => authority,
+    };
+    let bracketed = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host.to_string() };
+    if let Some(t) = tls_port {
+        let addr = parse_server_addr(&format!("{bracketed}:{t}"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        return Ok(ServerAddr::Tls { addr, host });
+    }
+    parse_server_addr(&format!("{bracketed}:{}", port.unwrap_or_default())).map(ServerAddr::Tcp)
+}
+
+/// `HOST` of `HOST:PORT` / `[V6]:PORT`, without brackets.
+fn host_of(hostport: &str) -> Option<String> {
+    let (h, _) = hostport.rsplit_once(':')?;
+    let h = h.trim_start_matches('[').trim_end_matches(']');
+    (!h.is_empty()).then(|| h.to_string())
 }
 
 /// What to do when a client links a channel that already has a client.
@@ -392,6 +449,61 @@ struct FileService {
     #[serde(default)]
     channels: Vec<toml::Spanned<String>>,
     upstream: Option<toml::Spanned<String>>,
+    #[serde(default)]
+    tls_listen: Vec<toml::Spanned<String>>,
+    x509_dir: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_ca: Option<PathBuf>,
+    #[serde(default)]
+    tls_channel: Vec<String>,
+    #[serde(default)]
+    plaintext_channel: Vec<String>,
+}
+
+/// The TLS files from `x509-dir` (QEMU's layout) and/or explicit files
+/// (each overrides the directory's file, as QEMU's `x509-*-file`).
+pub fn tls_files(
+    x509_dir: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    ca: Option<&Path>,
+) -> Result<Option<ServerTlsFiles>, String> {
+    let mut f = match (x509_dir, cert, key) {
+        (Some(d), _, _) => ServerTlsFiles::from_x509_dir(d),
+        (None, Some(c), Some(k)) => ServerTlsFiles { cert: c.to_path_buf(), key: k.to_path_buf(), ca: None },
+        (None, None, None) if ca.is_none() => return Ok(None),
+        _ => {
+            return Err("TLS needs x509-dir (ca-cert.pem, server-cert.pem, server-key.pem) or both tls-cert and \
+                 tls-key"
+                .into());
+        }
+    };
+    if let Some(c) = cert {
+        f.cert = c.to_path_buf();
+    }
+    if let Some(k) = key {
+        f.key = k.to_path_buf();
+    }
+    if let Some(c) = ca {
+        f.ca = Some(c.to_path_buf());
+    }
+    Ok(Some(f))
+}
+
+/// Builds the per-type TLS policy from `tls-channel` / `plaintext-channel` names.
+pub fn channel_security<'a>(
+    tls: impl IntoIterator<Item = &'a str>,
+    plain: impl IntoIterator<Item = &'a str>,
+) -> Result<ChannelSecurity, String> {
+    let mut p = ChannelSecurity::default();
+    for n in tls {
+        p.add(n, Transport::Tls)?;
+    }
+    for n in plain {
+        p.add(n, Transport::Plain)?;
+    }
+    Ok(p)
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -549,9 +661,21 @@ impl ServeConfig {
             for l in &s.listen {
                 listen.push(parse_listen(l.get_ref()).map_err(|m| err(at(l.span().start), m))?);
             }
-            if listen.is_empty() {
-                return Err(err(here, "a service needs listen = [\"127.0.0.1:5930\"]"));
+            let mut tls_listen = Vec::new();
+            for l in &s.tls_listen {
+                tls_listen.push(parse_listen(l.get_ref()).map_err(|m| err(at(l.span().start), m))?);
             }
+            if listen.is_empty() && tls_listen.is_empty() {
+                return Err(err(here, "a service needs listen = [\"127.0.0.1:5930\"] (or tls-listen)"));
+            }
+            let tls =
+                tls_files(s.x509_dir.as_deref(), s.tls_cert.as_deref(), s.tls_key.as_deref(), s.tls_ca.as_deref())
+                    .map_err(|m| err(&here, m))?;
+            let security = channel_security(
+                s.tls_channel.iter().map(String::as_str),
+                s.plaintext_channel.iter().map(String::as_str),
+            )
+            .map_err(|m| err(&here, m))?;
             let upstream = match &s.upstream {
                 Some(u) => Some(parse_spice_uri(u.get_ref()).map_err(|m| err(at(u.span().start), m))?),
                 None => None,
@@ -570,7 +694,7 @@ impl ServeConfig {
             };
             let channels = parse_channels(s.channels.iter().map(|c| (c.get_ref().as_str(), at(c.span().start))))
                 .map_err(|e| if e.origin == "channels" { err(&here, e.message) } else { e })?;
-            services.push(Service { name, listen, password, channels, upstream });
+            services.push(Service { name, listen, tls_listen, tls, security, password, channels, upstream });
         }
         let cfg = Self { services, limits };
         cfg.validate().map_err(|m| err(origin, m))?;
@@ -584,7 +708,25 @@ impl ServeConfig {
         }
         let mut seen: Vec<SocketAddr> = Vec::new();
         for s in &self.services {
-            for a in &s.listen {
+            let svc = &s.name;
+            if !s.tls_listen.is_empty() && s.tls.is_none() {
+                return Err(format!(
+                    "service {svc}: tls-listen needs a certificate: --x509-dir DIR (QEMU's layout) or --tls-cert \
+                     and --tls-key"
+                ));
+            }
+            if s.tls_listen.is_empty() && s.tls.is_some() {
+                return Err(format!("service {svc}: TLS certificate given but no tls-listen address"));
+            }
+            if s.tls_listen.is_empty() && s.security != ChannelSecurity::default() {
+                return Err(format!(
+                    "service {svc}: tls-channel / plaintext-channel need a tls-listen address (as QEMU's tls-port)"
+                ));
+            }
+            if s.listen.is_empty() && s.security.default == Transport::Plain {
+                return Err(format!("service {svc}: plaintext-channel=default without a plain listen address"));
+            }
+            for a in s.listen.iter().chain(&s.tls_listen) {
                 if seen.contains(a) {
                     return Err(format!("listen address {a} is used by two services"));
                 }

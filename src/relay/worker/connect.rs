@@ -142,7 +142,7 @@ pub fn run_connect_worker(shared: Arc<Shared>, opts: ConnectOptions) -> anyhow::
 pub(super) fn server_socket(addr: &ServerAddr) -> std::io::Result<(OwnedFd, SockaddrStorage)> {
     let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
     Ok(match addr {
-        ServerAddr::Tcp(a) => {
+        ServerAddr::Tcp(a) | ServerAddr::Tls { addr: a, .. } => {
             let fam = if a.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
             let fd = socket(fam, SockType::Stream, flags, None)?;
             let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
