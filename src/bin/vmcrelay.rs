@@ -178,9 +178,42 @@ struct ConnectArgs {
     /// Seconds between `stats` log lines (links, bytes each way, MiB/s; 0: none).
     #[arg(long, value_name = "S", default_value_t = 60)]
     stats_secs: u64,
+    /// TLS (spice+tls:// or ?tls-port=): PEM file of the CA that signed the server's certificate
+    /// (QEMU's x509-dir/ca-cert.pem; spice-gtk's ca-file). Required with TLS.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
+    /// TLS: accept the server by its certificate subject instead of the host name, e.g.
+    /// "C=XX,O=test,CN=my-vm" (spice-gtk's cert-subject, remote-viewer --spice-host-subject).
+    #[arg(long, value_name = "SUBJECT")]
+    cert_subject: Option<String>,
 }
 
 const EXIT_AUTH: u8 = 4;
+/// `connect`: the server's TLS certificate did not verify (never retried).
+const EXIT_TLS_VERIFY: u8 = 5;
+
+/// The TLS client configuration `connect` needs for `server`, if any.
+fn connect_tls(
+    server: &ServerAddr,
+    ca_file: Option<&std::path::Path>,
+    cert_subject: Option<&str>,
+) -> Result<Option<std::sync::Arc<rustls::ClientConfig>>, String> {
+    if !server.is_tls() {
+        if ca_file.is_some() || cert_subject.is_some() {
+            return Err(format!(
+                "--ca-file/--cert-subject apply to TLS only; write spice+tls://HOST:PORT or \
+                 spice://HOST?tls-port=PORT (not {server})"
+            ));
+        }
+        return Ok(None);
+    }
+    let ca = ca_file.ok_or_else(|| {
+        format!("{server} is TLS: give --ca-file FILE, the CA that signed its certificate (QEMU: x509-dir/ca-cert.pem)")
+    })?;
+    let mut opts = vmcrelay::tls::ClientTlsOptions::with_ca_file(ca);
+    opts.cert_subject = cert_subject.map(str::to_string);
+    vmcrelay::tls::client_config(&opts).map(Some).map_err(|e| e.to_string())
+}
 
 fn parse_uri(uri: &str) -> Result<ServerAddr, String> {
     config::parse_spice_uri(uri)
@@ -264,6 +297,7 @@ fn connect_password(a: &ConnectArgs) -> Result<Vec<u8>, String> {
 fn connect_config(a: &ConnectArgs) -> Result<(ServeConfig, ConnectOptions), String> {
     let server = parse_uri(&a.uri)?;
     let password = connect_password(a)?;
+    let tls = connect_tls(&server, a.ca_file.as_deref(), a.cert_subject.as_deref())?;
     let opts = ConnectOptions {
         server,
         password,
@@ -272,6 +306,7 @@ fn connect_config(a: &ConnectArgs) -> Result<(ServeConfig, ConnectOptions), Stri
         eager: a.eager,
         keep_linked: a.keep_linked,
         linger: std::time::Duration::from_millis(a.linger_ms),
+        tls,
     };
     let channels = config::parse_channels(a.channel.iter().map(|c| (c.as_str(), "--channel".to_string())))
         .map_err(|e| e.to_string())?;
@@ -719,6 +754,10 @@ fn connect_main(a: &ConnectArgs) -> ExitCode {
         Err(serve::ServeError::Fatal(e)) => {
             eprintln!("vmcrelay: {e}");
             ExitCode::from(EXIT_AUTH)
+        }
+        Err(serve::ServeError::TlsVerify(e)) => {
+            eprintln!("vmcrelay: {e}");
+            ExitCode::from(EXIT_TLS_VERIFY)
         }
         Err(serve::ServeError::Startup(e)) => {
             eprintln!("vmcrelay: cannot start: {e}");

@@ -27,6 +27,9 @@ pub enum ServeError {
     /// An error retrying cannot fix (a wrong password in `connect`).
     #[error("{0}")]
     Fatal(String),
+    /// `connect`: the server's TLS certificate did not verify (never retried).
+    #[error("{0}")]
+    TlsVerify(String),
 }
 
 /// Makes sure nobody holds a listen address before the workers bind it
@@ -288,7 +291,8 @@ pub fn run_connect(config: ServeConfig, opts: super::worker::ConnectOptions) -> 
     let joined = h.join();
     let fatal = shared.fatal.lock().ok().and_then(|f| f.clone());
     match (fatal, joined) {
-        (Some(f), _) => Err(ServeError::Fatal(f)),
+        (Some((super::worker::FatalKind::TlsVerify, f)), _) => Err(ServeError::TlsVerify(f)),
+        (Some((_, f)), _) => Err(ServeError::Fatal(f)),
         (None, Ok(Ok(()))) => Ok(()),
         (None, Ok(Err(e))) => Err(ServeError::Startup(e)),
         (None, Err(_)) => Err(ServeError::Worker("worker panicked".into())),

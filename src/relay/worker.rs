@@ -63,11 +63,12 @@ mod proxy;
 mod revive;
 mod shared;
 mod splice;
+mod tls;
 
 use conn::*;
 use lifecycle::bind_tcp;
 use shared::{Cmd, Owner, Place, SessionEntry};
-pub use shared::{Mailbox, Registry, Shared, WorkerStats};
+pub use shared::{FatalKind, Mailbox, Registry, Shared, WorkerStats};
 
 pub use connect::{ConnectOptions, DEFAULT_LINGER, ServerAddr, run_connect_worker};
 
@@ -96,9 +97,11 @@ enum Op {
     LocalAccept,
     Linger,
     PipeWrite,
+    TlsRead,
+    TlsWrite,
 }
 
-const OPS: [Op; 18] = [
+const OPS: [Op; 20] = [
     Op::Accept,
     Op::Mailbox,
     Op::Tick,
@@ -117,6 +120,8 @@ const OPS: [Op; 18] = [
     Op::LocalAccept,
     Op::Linger,
     Op::PipeWrite,
+    Op::TlsRead,
+    Op::TlsWrite,
 ];
 
 impl Op {
@@ -137,6 +142,8 @@ impl Op {
                 | Op::SpliceOut
                 | Op::SplicePoll
                 | Op::PipeWrite
+                | Op::TlsRead
+                | Op::TlsWrite
         )
     }
 }
@@ -188,7 +195,7 @@ impl Worker {
     pub fn new(id: usize, shared: Arc<Shared>, keys: Receiver<TicketKey>) -> anyhow::Result<Self> {
         let l = &shared.config.limits;
         let max = l.max_conns_per_worker;
-        let listeners_n: usize = shared.config.services.iter().map(|s| s.listen.len()).sum();
+        let listeners_n: usize = shared.config.services.iter().map(|s| s.listen.len() + s.tls_listen.len()).sum();
         // Pool sizes, written out: each connection holds 2 buffers (rx, tx);
         // each has at most 6 ops in flight (client read + write, endpoint
         // read + write, endpoint connect/accept, one cancel per other op
@@ -206,7 +213,10 @@ impl Worker {
         let mut listeners = Vec::new();
         for (si, s) in shared.config.services.iter().enumerate() {
             for a in &s.listen {
-                listeners.push(Listener { fd: bind_tcp(*a)?, service: si });
+                listeners.push(Listener { fd: bind_tcp(*a)?, service: si, tls: false });
+            }
+            for a in &s.tls_listen {
+                listeners.push(Listener { fd: bind_tcp(*a)?, service: si, tls: true });
             }
         }
         let link_cfg = shared

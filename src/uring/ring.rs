@@ -87,7 +87,7 @@ pub struct Completion {
     pub buf: Option<BufId>,
     /// The eventfd counter read by [`Ring::read_counter`].
     pub counter: u64,
-    /// The vector handed to [`Ring::write_owned`], given back.
+    /// The vector handed to [`Ring::write_owned`] or [`Ring::read_owned`], given back.
     pub owned: Option<Vec<u8>>,
     /// The connection an accept op produced (owned: closed when dropped).
     pub fd: Option<OwnedFd>,
@@ -340,6 +340,25 @@ impl Ring {
         // The vector's heap block does not move when the Option holding it
         // does; it stays in the record until the CQE is reaped.
         let e = opcode::Write::new(types::Fd(fd), ptr, len32).offset(u64::MAX).build().user_data(ud);
+        self.push(i, e)
+    }
+
+    /// Reads into all of `data` (its length, not its capacity), a vector
+    /// the ring holds until the CQE, then gives back in
+    /// [`Completion::owned`]: the result says how many bytes are valid.
+    pub fn read_owned(&mut self, fd: RawFd, data: Vec<u8>, token: u64) -> Result<(), SubmitError> {
+        let len32 = u32::try_from(data.len()).map_err(|_| SubmitError::Buffer)?;
+        if len32 == 0 {
+            return Err(SubmitError::Buffer);
+        }
+        let (i, ud) = self.take_op(token, None)?;
+        let rec = &mut self.ops[i];
+        rec.owned = Some(data);
+        let ptr = rec.owned.as_mut().map_or(std::ptr::null_mut(), |v| v.as_mut_ptr());
+        // The vector's heap block does not move when the Option holding it
+        // does, and nobody else can reach it: it stays in the record until
+        // the CQE is reaped, then goes back to the caller.
+        let e = opcode::Read::new(types::Fd(fd), ptr, len32).offset(u64::MAX).build().user_data(ud);
         self.push(i, e)
     }
 

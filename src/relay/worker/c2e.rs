@@ -17,6 +17,9 @@ impl Worker {
         {
             return;
         }
+        if conn.tls.is_some() {
+            return self.tls_read(slot, conn);
+        }
         let mut size = self.ring.arena().buf_size();
         if self.shared.config.limits.data_path == DataPath::Splice && matches!(conn.stage, Stage::Chan(_)) {
             // Read exactly up to the next header so payloads stay in the
@@ -323,6 +326,7 @@ impl Worker {
             return false;
         }
         if self.shared.config.limits.data_path == DataPath::Splice
+            && conn.tls.is_none()
             && conn.cur == Cur::Data
             && conn.rx_pos >= conn.rx_len
             && conn.deframer.body_remaining() >= SPLICE_MIN_BYTES

@@ -218,6 +218,9 @@ pub(super) struct Conn {
     pub(super) ack: ClientAck,
     /// When the last bytes came from the peer socket.
     pub(super) last_rx: Instant,
+    /// TLS between the socket and the SPICE code (a TLS listener, or
+    /// `connect` to a TLS port).
+    pub(super) tls: Option<Box<super::tls::TlsConn>>,
 }
 
 /// Smallest DATA body remainder worth splicing (below it, one read is cheaper).
@@ -237,6 +240,8 @@ pub(super) struct Slot {
 pub(super) struct Listener {
     pub(super) fd: OwnedFd,
     pub(super) service: usize,
+    /// Connections accepted here speak TLS first.
+    pub(super) tls: bool,
 }
 
 impl Worker {
@@ -293,6 +298,7 @@ impl Worker {
             chan: (0, 0),
             ack: ClientAck::new(),
             last_rx: Instant::now(),
+            tls: None,
         };
         self.stats().conns_open.fetch_add(1, Ordering::Relaxed);
         self.slots[slot as usize].conn = Some(Box::new(conn));
@@ -341,6 +347,8 @@ impl Worker {
                 Op::SpliceOut => w.on_splice_out(slot, conn, c.result),
                 Op::SplicePoll => w.on_splice_poll(slot, conn, c.result),
                 Op::PipeWrite => w.proxy_on_write(slot, conn, c.result, c.owned),
+                Op::TlsRead => w.on_tls_read(slot, conn, c.result, c.owned),
+                Op::TlsWrite => w.on_tls_write(slot, conn, c.result, c.owned),
                 _ => {}
             }
         });

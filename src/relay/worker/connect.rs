@@ -57,6 +57,9 @@ pub struct ConnectOptions {
     /// How long the server must be quiet after a local app left before its
     /// SPICE channel closes.
     pub linger: Duration,
+    /// TLS client configuration (CA, host or subject check) when `server`
+    /// is a TLS address.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Default for [`ConnectOptions::linger`].
@@ -252,6 +255,18 @@ impl Worker {
                 return None;
             }
         };
+        let tls = match (&server, ctl.opts.tls.as_ref()) {
+            (ServerAddr::Tls { host, .. }, Some(cfg)) => {
+                match crate::tls::Session::client(Arc::clone(cfg), host, crate::tls::Limits::default()) {
+                    Ok(s) => Some(super::tls::TlsConn::new(s)),
+                    Err(e) => {
+                        error!(self.who, "cannot start TLS to {server}: {e}");
+                        return None;
+                    }
+                }
+            }
+            _ => None,
+        };
         let stage = Stage::CLink { link: Box::new(link), ci, probe };
         let Some(slot) = self.new_conn(fd, server.to_string(), 0, stage, true) else {
             warn!(self.who, "connection table full; cannot link {}:{id}", kind_name(t));
@@ -259,6 +274,7 @@ impl Worker {
         };
         let generation = self.slots[slot as usize].generation;
         self.with_conn(slot, |w, conn| {
+            conn.tls = tls;
             conn.chan = (t, id);
             conn.session = session;
             conn.label = format!("{}:{id}", kind_name(t));
@@ -316,10 +332,13 @@ impl Worker {
             Some(client_link::Action::Close(f)) => {
                 let is_main = matches!(conn.stage, Stage::CLink { ci: None, probe: false, .. });
                 if is_main && matches!(f, ClientLinkFailure::Result(LinkErrorCode::PermissionDenied)) {
-                    self.ctl_fatal(format!(
-                        "the server refused the password ({}); check --password-file",
-                        LinkErrorCode::PermissionDenied
-                    ));
+                    self.ctl_fatal(
+                        super::shared::FatalKind::Auth,
+                        format!(
+                            "the server refused the password ({}); check --password-file",
+                            LinkErrorCode::PermissionDenied
+                        ),
+                    );
                 }
                 self.stats().links_failed.fetch_add(1, Ordering::Relaxed);
                 warn!(self.who, "link to {} channel={} failed: {f}", conn.peer, conn.label);
@@ -1016,11 +1035,29 @@ impl Worker {
         }
     }
 
+    /// TLS to the server failed. A certificate that does not verify is
+    /// never retried (it will not verify the next time either); anything
+    /// else closes this connection and the usual relink follows.
+    pub(super) fn ctl_tls_failed(&mut self, _slot: u32, conn: &mut Conn, e: &crate::tls::SessionError) {
+        if e.kind() == crate::tls::SessionErrorKind::Verification {
+            let server = self.ctl.as_ref().map_or_else(String::new, |c| c.opts.server.to_string());
+            self.ctl_fatal(
+                super::shared::FatalKind::TlsVerify,
+                format!(
+                    "{server}: {e}; check --ca-file (the CA that signed the server's certificate), the host in the \
+                     URI (it must be in the certificate's subjectAltName) or --cert-subject"
+                ),
+            );
+        } else {
+            warn!(self.who, "TLS to {} channel={} failed: {e}", conn.peer, conn.label);
+        }
+    }
+
     /// An error retrying cannot fix: record it, wake the main thread, drain.
-    fn ctl_fatal(&mut self, why: String) {
+    fn ctl_fatal(&mut self, kind: super::shared::FatalKind, why: String) {
         error!(self.who, "{why}");
         if let Ok(mut f) = self.shared.fatal.lock() {
-            *f = Some(why);
+            *f = Some((kind, why));
         }
         let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGUSR1);
         if self.draining.is_none() {

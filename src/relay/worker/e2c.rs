@@ -80,6 +80,9 @@ impl Worker {
     }
 
     pub(super) fn write_client(&mut self, slot: u32, conn: &mut Conn) {
+        if conn.tls.is_some() {
+            return self.tls_write(slot, conn, None);
+        }
         let t = self.tok(Op::ClientWrite, slot);
         let r = self.ring.write_fixed(conn.fd.as_raw_fd(), conn.tx, conn.tx_done, conn.tx_len - conn.tx_done, t);
         if self.pushed(slot, conn, r) {
@@ -214,6 +217,9 @@ impl Worker {
     }
 
     pub(super) fn write_client_owned(&mut self, slot: u32, conn: &mut Conn, out: Vec<u8>) {
+        if conn.tls.is_some() {
+            return self.tls_write(slot, conn, Some(out));
+        }
         let t = self.tok(Op::ClientWrite, slot);
         let r = self.ring.write_owned(conn.fd.as_raw_fd(), out, conn.tx_done, t);
         if self.pushed(slot, conn, r) {

@@ -22,7 +22,7 @@ impl Worker {
             return;
         }
         let Some(fd) = c.fd else { return };
-        let Some(service) = self.listeners.get(li).map(|l| l.service) else { return };
+        let Some((service, tls)) = self.listeners.get(li).map(|l| (l.service, l.tls)) else { return };
         if self.draining.is_some() {
             return;
         }
@@ -38,6 +38,15 @@ impl Worker {
             );
             return;
         };
+        if tls {
+            let Some(t) = self.tls_accepted(service, &peer) else {
+                self.with_conn(slot, |w, conn| w.close(slot, conn, "no TLS session"));
+                return;
+            };
+            if let Some(c) = self.slots[slot as usize].conn.as_mut() {
+                c.tls = Some(t);
+            }
+        }
         let generation = self.slots[slot as usize].generation;
         self.waiting_key.push_back((slot, generation));
         self.serve_key_waiters();
@@ -98,7 +107,9 @@ impl Worker {
                     let generation = w.slots[slot as usize].generation;
                     let pred = move |t: u64| {
                         decode(t).is_some_and(|(op, s, g)| {
-                            s == slot && g == generation && matches!(op, Op::ClientRead | Op::EpRead | Op::EpAccept)
+                            s == slot
+                                && g == generation
+                                && matches!(op, Op::ClientRead | Op::TlsRead | Op::EpRead | Op::EpAccept)
                         })
                     };
                     if let Ok(n) = w.ring.cancel_where(pred, token(Op::Cancel, slot, generation)) {

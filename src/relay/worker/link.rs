@@ -60,7 +60,12 @@ impl Worker {
 
     pub(super) fn on_link_request(&mut self, conn: &mut Conn, req: LinkRequest) {
         let service = conn.service;
-        let decision = if req.channel_type == CH_MAIN {
+        let secure = conn.tls.is_some();
+        let decision = if let Some(code) = self.shared.config.services[service].security.check(req.channel_type, secure)
+        {
+            // As spice-server: before the channel lookup and any reply.
+            Decision::Refuse(code)
+        } else if req.channel_type == CH_MAIN {
             if req.connection_id != 0 {
                 // spice-server would treat this as a migration target; we do not migrate.
                 Decision::BadConnectionId

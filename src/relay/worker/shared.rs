@@ -101,6 +101,17 @@ pub struct WorkerStats {
     pub e2c_bytes: AtomicU64,
     /// Protocol errors (bad messages) that closed a connection.
     pub protocol_errors: AtomicU64,
+    /// TLS sessions that failed (handshake or record errors).
+    pub tls_errors: AtomicU64,
+}
+
+/// Why `connect` gave up for good (the exit code follows from it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FatalKind {
+    /// The server refused the password.
+    Auth,
+    /// The server's TLS certificate did not verify.
+    TlsVerify,
 }
 
 /// Everything the workers share.
@@ -123,7 +134,9 @@ pub struct Shared {
     pub stats: Vec<WorkerStats>,
     /// Set by a worker that hit an error retrying cannot fix (e.g. a
     /// wrong password in `connect`); the main thread exits with it.
-    pub fatal: Mutex<Option<String>>,
+    pub fatal: Mutex<Option<(FatalKind, String)>>,
+    /// TLS configuration of each service with TLS listeners (reloadable).
+    pub server_tls: Vec<Option<crate::tls::ServerTls>>,
 }
 
 impl Shared {
@@ -131,6 +144,16 @@ impl Shared {
     pub fn new(config: ServeConfig) -> std::io::Result<Arc<Self>> {
         let n = config.limits.workers;
         let mailboxes = (0..n).map(|_| Mailbox::new().map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
+        let mut server_tls = Vec::new();
+        for s in &config.services {
+            server_tls.push(match &s.tls {
+                Some(files) => Some(
+                    crate::tls::ServerTls::load(files.clone(), crate::tls::Limits::default())
+                        .map_err(|e| std::io::Error::other(format!("service {}: TLS: {e}", s.name)))?,
+                ),
+                None => None,
+            });
+        }
         let mut listen_eps = HashMap::new();
         for (si, s) in config.services.iter().enumerate() {
             for (ci, c) in s.channels.iter().enumerate() {
@@ -149,6 +172,7 @@ impl Shared {
             parked: Mutex::new(HashMap::new()),
             stats: (0..n).map(|_| WorkerStats::default()).collect(),
             fatal: Mutex::new(None),
+            server_tls,
         }))
     }
 

@@ -1,0 +1,300 @@
+//! TLS under a connection: the sans-IO [`crate::tls::Session`] between the
+//! socket and the SPICE code. Ciphertext is read into a per-connection
+//! vector; plaintext is taken straight into `rx`, where the link stages and
+//! the deframer find it exactly as if it had been read from a plain socket.
+//! Outgoing plaintext (`tx`, or an owned vector) is handed to the session,
+//! and the write's completion is reported to the SPICE code only once its
+//! records are on the wire: one plaintext write in flight per connection,
+//! the same back-pressure as the plain path. No splice under TLS.
+//!
+//! The handshake runs inside the link stage: its deadline (the link
+//! timeout) covers it, and a peer that sends garbage, a truncated
+//! ClientHello or a plaintext SPICE link is a logged close of that
+//! connection only.
+
+use super::*;
+use crate::tls::{Session, SessionError, SessionErrorKind};
+
+/// Ciphertext read per op: four full TLS records.
+const CIN_BYTES: usize = 4 * (16 * 1024 + 256);
+/// Ciphertext written per op at most (one batch of polled records).
+const COUT_BYTES: usize = 64 * 1024 + 4 * 256;
+
+#[derive(Debug)]
+pub(super) struct TlsConn {
+    pub(super) sess: Session,
+    /// Ciphertext read from the socket; `None` while the ring holds it.
+    cin: Option<Vec<u8>>,
+    cin_pos: usize,
+    cin_len: usize,
+    /// Ciphertext being written; `None` while the ring holds it.
+    cout: Option<Vec<u8>>,
+    cout_len: usize,
+    cout_done: usize,
+    /// A ciphertext write is in flight.
+    writing: bool,
+    /// A plaintext write the session accepted: (bytes, owned vector),
+    /// reported as the client write's completion once its records are sent.
+    done: Option<(usize, Option<Vec<u8>>)>,
+    /// The socket reached EOF.
+    eof: bool,
+    /// The handshake result was logged.
+    logged: bool,
+}
+
+impl TlsConn {
+    pub(super) fn new(sess: Session) -> Box<Self> {
+        Box::new(Self {
+            sess,
+            cin: Some(vec![0; CIN_BYTES]),
+            cin_pos: 0,
+            cin_len: 0,
+            cout: Some(vec![0; COUT_BYTES]),
+            cout_len: 0,
+            cout_done: 0,
+            writing: false,
+            done: None,
+            eof: false,
+            logged: false,
+        })
+    }
+}
+
+impl Worker {
+    /// A server session for a connection accepted on a TLS listener.
+    pub(super) fn tls_accepted(&mut self, service: usize, peer: &str) -> Option<Box<TlsConn>> {
+        let tls = self.shared.server_tls.get(service).and_then(Option::as_ref)?;
+        match tls.session() {
+            Ok(s) => Some(TlsConn::new(s)),
+            Err(e) => {
+                warn!(self.who, "peer={peer} cannot start a TLS session: {e}");
+                None
+            }
+        }
+    }
+
+    /// Client side: wants more plaintext. Delivers what TLS already holds,
+    /// else reads ciphertext.
+    pub(super) fn tls_read(&mut self, slot: u32, conn: &mut Conn) {
+        if self.tls_deliver(slot, conn) {
+            return;
+        }
+        let Some(t) = conn.tls.as_mut() else { return };
+        if t.eof {
+            return;
+        }
+        let Some(buf) = t.cin.take() else { return };
+        let tok = self.tok(Op::TlsRead, slot);
+        let r = self.ring.read_owned(conn.fd.as_raw_fd(), buf, tok);
+        if self.pushed(slot, conn, r) {
+            conn.c2e_busy = true;
+        }
+    }
+
+    pub(super) fn on_tls_read(&mut self, slot: u32, conn: &mut Conn, res: i32, owned: Option<Vec<u8>>) {
+        conn.c2e_busy = false;
+        let Some(t) = conn.tls.as_mut() else { return };
+        t.cin = owned.or_else(|| Some(vec![0; CIN_BYTES]));
+        if res < 0 {
+            if self.draining.is_some() && res == -libc::ECANCELED {
+                return self.maybe_drained(slot, conn);
+            }
+            return self.on_client_read(slot, conn, res);
+        }
+        if res == 0 {
+            t.eof = true;
+            if let Err(e) = t.sess.feed_eof() {
+                return self.tls_failed(slot, conn, &e);
+            }
+        } else {
+            t.cin_pos = 0;
+            t.cin_len = usize::try_from(res).unwrap_or(0);
+            conn.last_rx = Instant::now();
+        }
+        self.tls_read(slot, conn);
+    }
+
+    /// Feeds buffered ciphertext, sends what the handshake wants sent, and
+    /// moves plaintext into `rx` for the SPICE code. Returns whether the
+    /// connection went on (plaintext delivered, EOF handled, or closed).
+    fn tls_deliver(&mut self, slot: u32, conn: &mut Conn) -> bool {
+        let Some(t) = conn.tls.as_mut() else { return true };
+        let Some(rx) = self.ring.arena_mut().get_mut(conn.rx) else { return true };
+        let mut filled = 0;
+        let mut failed: Option<SessionError> = None;
+        loop {
+            if t.sess.plaintext_len() > 0 && filled < rx.len() {
+                let n = t.sess.take_plaintext(&mut rx[filled..]);
+                filled += n;
+                if n > 0 {
+                    continue;
+                }
+            }
+            if filled == rx.len() || t.cin_pos >= t.cin_len {
+                break;
+            }
+            let Some(cin) = t.cin.as_ref() else { break };
+            match t.sess.feed_ciphertext(&cin[t.cin_pos..t.cin_len]) {
+                Ok(n) => {
+                    t.cin_pos += n;
+                    if n == 0 && t.sess.plaintext_len() == 0 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            self.tls_failed(slot, conn, &e);
+            return true;
+        }
+        self.tls_log_handshake(conn);
+        self.tls_flush(slot, conn);
+        if conn.closing.is_some() {
+            return true;
+        }
+        if filled > 0 {
+            conn.rx_len = filled;
+            conn.rx_pos = 0;
+            self.pump_in(slot, conn);
+            return true;
+        }
+        let Some(t) = conn.tls.as_ref() else { return true };
+        if t.eof || t.sess.peer_closed().is_some() {
+            // All plaintext is taken: the peer's end of the channel.
+            if let Some(t) = conn.tls.as_mut() {
+                t.eof = true;
+            }
+            self.on_client_read(slot, conn, 0);
+            return true;
+        }
+        false
+    }
+
+    fn tls_log_handshake(&mut self, conn: &mut Conn) {
+        let Some(t) = conn.tls.as_mut() else { return };
+        if t.logged || t.sess.is_handshaking() {
+            return;
+        }
+        t.logged = true;
+        let summary = t.sess.summary().unwrap_or_default();
+        debug!(self.who, "tls peer={} handshake done {summary}", conn.peer);
+    }
+
+    /// The session failed: send its alert (best effort, without waiting)
+    /// and close this connection only.
+    fn tls_failed(&mut self, slot: u32, conn: &mut Conn, e: &SessionError) {
+        if let Some(t) = conn.tls.as_mut()
+            && !t.writing
+            && let Some(out) = t.cout.as_mut()
+        {
+            let n = t.sess.poll_output(out);
+            let _ = nix::sys::socket::send(
+                conn.fd.as_raw_fd(),
+                &out[..n],
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT | nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+            );
+        }
+        let what = match e.kind() {
+            SessionErrorKind::Verification => "certificate verification",
+            SessionErrorKind::PeerAlert => "peer alert",
+            SessionErrorKind::Protocol => "protocol",
+            SessionErrorKind::HandshakeEof => "handshake eof",
+            SessionErrorKind::Setup => "setup",
+        };
+        self.stats().tls_errors.fetch_add(1, Ordering::Relaxed);
+        if conn.client_role {
+            self.ctl_tls_failed(slot, conn, e);
+        } else {
+            info!(self.who, "tls peer={} result=failed kind=\"{what}\" error=\"{e}\"", conn.peer);
+        }
+        self.close(slot, conn, &format!("TLS {what}: {e}"));
+    }
+
+    /// Sends plaintext `tx[tx_done..tx_len]` (or `owned[tx_done..]`)
+    /// through TLS; the client write completes once its records are sent.
+    pub(super) fn tls_write(&mut self, slot: u32, conn: &mut Conn, owned: Option<Vec<u8>>) {
+        let Some(t) = conn.tls.as_mut() else { return };
+        let accepted = match &owned {
+            Some(v) => v.get(conn.tx_done..).map_or(0, |b| t.sess.write_plaintext(b)),
+            None => {
+                let tx = self.ring.arena().get(conn.tx).and_then(|b| b.get(conn.tx_done..conn.tx_len));
+                tx.map_or(0, |b| t.sess.write_plaintext(b))
+            }
+        };
+        if accepted == 0 && !t.sess.wants_output() && !t.writing {
+            // Nothing accepted and nothing to flush: the session refuses
+            // (failed or closed); waiting would never end.
+            return self.close(slot, conn, "TLS session refused output");
+        }
+        t.done = Some((accepted, owned));
+        conn.tx_busy = true;
+        self.tls_flush(slot, conn);
+    }
+
+    /// Writes pending records; once none are left, reports a waiting
+    /// plaintext write as complete.
+    fn tls_flush(&mut self, slot: u32, conn: &mut Conn) {
+        let Some(t) = conn.tls.as_mut() else { return };
+        if t.writing {
+            return;
+        }
+        if t.sess.wants_output()
+            && let Some(mut out) = t.cout.take()
+        {
+            let mut n = 0;
+            while n < out.len() && t.sess.wants_output() {
+                let k = t.sess.poll_output(&mut out[n..]);
+                if k == 0 {
+                    break;
+                }
+                n += k;
+            }
+            if n > 0 {
+                t.cout_len = n;
+                t.cout_done = 0;
+                t.writing = true;
+                out.truncate(n);
+                let tok = self.tok(Op::TlsWrite, slot);
+                let r = self.ring.write_owned(conn.fd.as_raw_fd(), out, 0, tok);
+                self.pushed(slot, conn, r);
+                return;
+            }
+            t.cout = Some(out);
+        }
+        if let Some((n, owned)) = t.done.take() {
+            let res = i32::try_from(n).unwrap_or(i32::MAX);
+            self.on_client_write(slot, conn, res, owned);
+        }
+    }
+
+    pub(super) fn on_tls_write(&mut self, slot: u32, conn: &mut Conn, res: i32, owned: Option<Vec<u8>>) {
+        let Some(t) = conn.tls.as_mut() else { return };
+        t.writing = false;
+        let mut out = owned.unwrap_or_default();
+        if res < 0 {
+            let done = t.done.take();
+            t.cout = Some(out);
+            conn.tx_busy = false;
+            if let (Some((_, Some(v))), Stage::Chan(ch)) = (done, &mut conn.stage) {
+                ch.lz4_tx = Some(v);
+            }
+            return self.close(slot, conn, &errno_reason("client write", res));
+        }
+        t.cout_done += usize::try_from(res).unwrap_or(0);
+        if t.cout_done < t.cout_len {
+            let off = t.cout_done;
+            t.writing = true;
+            let tok = self.tok(Op::TlsWrite, slot);
+            let r = self.ring.write_owned(conn.fd.as_raw_fd(), out, off, tok);
+            self.pushed(slot, conn, r);
+            return;
+        }
+        out.resize(COUT_BYTES, 0);
+        t.cout = Some(out);
+        self.tls_flush(slot, conn);
+    }
+}
