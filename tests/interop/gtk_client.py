@@ -600,6 +600,12 @@ class Client:
             uri = "spice://127.0.0.1:%d" % self.tap.port
             self.result["tap_port"] = self.tap.port
         self.session.set_property("uri", uri)
+        if getattr(args, "ca_file", None):
+            self.session.set_property("ca-file", args.ca_file)
+        if getattr(args, "cert_subject", None):
+            self.session.set_property("cert-subject", args.cert_subject)
+        if getattr(args, "secure_channels", None):
+            self.session.set_property("secure-channels", args.secure_channels.split(","))
         if args.password is not None:
             self.session.set_property("password", args.password)
         self.on(self.session, "channel-new", self._channel_new)
@@ -1863,6 +1869,11 @@ def build_parser():
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--uri", required=True, help="spice://HOST:PORT (or spice://HOST?port=PORT)")
     common.add_argument("--password", default=None, help="SPICE ticket")
+    common.add_argument("--ca-file", default=None,
+                        help="TLS: CA file (spice-gtk ca-file); use with spice://HOST?port=P&tls-port=T or spice+tls://")
+    common.add_argument("--cert-subject", default=None, help="TLS: expected certificate subject (spice-gtk cert-subject)")
+    common.add_argument("--secure-channels", default=None,
+                        help="TLS: comma-separated channel names spice-gtk must open over TLS (or 'all')")
     common.add_argument("--timeout", type=float, default=10.0, help="seconds before giving up (default 10)")
     common.add_argument("--settle", type=float, default=0.5,
                         help="seconds to wait for late events (channel list, replies) (default 0.5)")

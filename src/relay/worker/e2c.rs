@@ -63,7 +63,15 @@ impl Worker {
                 conn.st.e2c_msgs += 1;
             }
             n += need;
+            let raw = *t == u16::MAX;
             conn.ctl_q.pop_front();
+            if raw && conn.tls.is_some() {
+                // Link bytes end their TLS record: spice-gtk reads the link
+                // result, then waits for the socket to become readable
+                // again; a first message in the same record would sit in
+                // OpenSSL's buffer, unseen.
+                break;
+            }
         }
         if n > 0 {
             conn.tx_len = n;

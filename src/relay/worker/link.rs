@@ -46,8 +46,9 @@ impl Worker {
                     };
                     info!(
                         self.who,
-                        "link peer={} service={svc} channel={what} result=refused error=\"{f}\"{}",
+                        "link peer={} service={svc} channel={what} tls={} result=refused error=\"{f}\"{}",
                         conn.peer,
+                        if conn.tls.is_some() { "yes" } else { "no" },
                         f.code().map_or(String::new(), |c| format!(" code={}", c.code()))
                     );
                     conn.close_after_flush = Some(format!("link refused: {f}"));
@@ -321,11 +322,12 @@ impl Worker {
         }
         info!(
             self.who,
-            "link peer={} service={svc} channel={} session={:#010x} header={:?} result=ok",
+            "link peer={} service={svc} channel={} session={:#010x} header={:?} tls={} result=ok",
             conn.peer,
             conn.label,
             conn.session,
-            l.header_kind
+            l.header_kind,
+            if conn.tls.is_some() { "yes" } else { "no" }
         );
         // Bytes after the link result belong to the data stage.
         self.pump_out(slot, conn);

@@ -151,14 +151,18 @@ impl Worker {
             self.tls_failed(slot, conn, &e);
             return true;
         }
+        if filled > 0 {
+            // Published before the flush: a write completion it reports
+            // may run the SPICE code, which must see these bytes.
+            conn.rx_len = filled;
+            conn.rx_pos = 0;
+        }
         self.tls_log_handshake(conn);
         self.tls_flush(slot, conn);
         if conn.closing.is_some() {
             return true;
         }
         if filled > 0 {
-            conn.rx_len = filled;
-            conn.rx_pos = 0;
             self.pump_in(slot, conn);
             return true;
         }
