@@ -46,7 +46,7 @@ struct Cli {
 enum Cmd {
     /// Serve spicevmc channels to SPICE clients, each spliced to a local endpoint.
     #[command(help_template = help_template(SERVE_HELP))]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Serve a built-in demo on 127.0.0.1 (echo, sink and a type-128 channel), drive it for a few seconds, keep serving.
     Demo(DemoArgs),
     /// Log into a SPICE server (QEMU) and end chosen channels in local unix sockets.
