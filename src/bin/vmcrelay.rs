@@ -9,6 +9,9 @@ use vmcrelay::relay::config::{self, BusyPolicy, Limits, ServeConfig, Service};
 use vmcrelay::relay::worker::{ConnectOptions, ServerAddr};
 use vmcrelay::relay::{log, serve};
 
+#[path = "vmcrelay/ops.rs"]
+mod ops;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -38,6 +41,10 @@ struct Cli {
     /// Only warnings and errors.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Log lines as `text` (grep-able) or `json` (one object per line, the same fields) [default: text,
+    /// or `log-format` under [relay] in the config file].
+    #[arg(long, value_enum, value_name = "FORMAT", global = true)]
+    log_format: Option<log::LogFormat>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -52,6 +59,64 @@ enum Cmd {
     /// Log into a SPICE server (QEMU) and end chosen channels in local unix sockets.
     #[command(help_template = help_template(CONNECT_HELP))]
     Connect(ConnectArgs),
+    /// Write the man pages (vmcrelay.1 and one per subcommand, e.g. vmcrelay-serve.1).
+    Man(ManArgs),
+    /// Print a shell completion script (bash, zsh, fish, ...) to stdout.
+    Completions(CompletionsArgs),
+}
+
+/// Where `man` and `completions` output goes on a typical system.
+const MAN_HELP: &str = "\
+Install:  vmcrelay man --dir /usr/local/share/man/man1 && mandb -q
+Read one without installing:  vmcrelay man | man -l -";
+
+#[derive(Args, Debug)]
+#[command(after_help = MAN_HELP)]
+struct ManArgs {
+    /// Directory to write every page into (created if missing) [default: print vmcrelay.1 to stdout].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+const COMPLETIONS_HELP: &str = "\
+Install:
+  bash  vmcrelay completions bash > /usr/local/share/bash-completion/completions/vmcrelay
+  zsh   vmcrelay completions zsh > /usr/local/share/zsh/site-functions/_vmcrelay
+  fish  vmcrelay completions fish > ~/.config/fish/completions/vmcrelay.fish";
+
+#[derive(Args, Debug)]
+#[command(after_help = COMPLETIONS_HELP)]
+struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
+}
+
+/// `vmcrelay man` and `vmcrelay completions`.
+fn ops_main(cmd: Cmd) -> ExitCode {
+    use clap::CommandFactory;
+    match cmd {
+        Cmd::Man(a) => match ops::man(Cli::command(), &[("serve", SERVE_HELP), ("connect", CONNECT_HELP)], a.dir.as_deref()) {
+            Ok(written) => {
+                for w in written {
+                    println!("{w}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmcrelay: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
+        Cmd::Completions(a) => match ops::completions(Cli::command(), a.shell) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmcrelay: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
+        _ => ExitCode::from(EXIT_CONFIG),
+    }
 }
 
 /// clap's default layout with `text` after the options, verbatim: clap
@@ -586,7 +651,11 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     log::set_level(if cli.quiet { 1 } else { 2 + cli.verbose });
+    if let Some(f) = cli.log_format {
+        log::set_format(f);
+    }
     let cfg = match cli.cmd {
+        c @ (Cmd::Man(_) | Cmd::Completions(_)) => return ops_main(c),
         Cmd::Serve(a) => build_config(&a),
         Cmd::Demo(a) => {
             let cfg = demo_config(&a);
@@ -608,18 +677,21 @@ fn main() -> ExitCode {
     let cfg = match cfg {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vmcrelay: configuration error: {e}");
+            log::fatal(&format!("configuration error: {e}"));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let (None, Some(f)) = (cli.log_format, cfg.limits.log_format) {
+        log::set_format(f);
+    }
     match serve::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(serve::ServeError::Startup(e)) => {
-            eprintln!("vmcrelay: cannot start: {e}");
+            log::fatal(&format!("cannot start: {e}"));
             ExitCode::from(EXIT_STARTUP)
         }
         Err(e) => {
-            eprintln!("vmcrelay: {e}");
+            log::fatal(&e.to_string());
             ExitCode::from(EXIT_RUNTIME)
         }
     }
