@@ -593,7 +593,7 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     let mut cfg = match &a.config {
         Some(path) => ServeConfig::from_file(path).map_err(|e| e.to_string())?,
         None => {
-            if a.listen.is_empty() {
+            if a.listen.is_empty() && !vmcrelay::relay::systemd::listen_fds_present() {
                 return Err("give --listen HOST:PORT and --channel SPEC..., or --config FILE (see --help)".into());
             }
             let listen = a.listen.iter().map(|l| config::parse_listen(l)).collect::<Result<Vec<_>, _>>()?;
@@ -710,14 +710,14 @@ fn connect_main(a: &ConnectArgs) -> ExitCode {
         let (addr, pw) = match checked {
             Ok(x) => x,
             Err(e) => {
-                eprintln!("vmcrelay: configuration error: {e}");
+                log::fatal(&format!("configuration error: {e}"));
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
         return match list_channels(&addr, &pw, std::time::Duration::from_secs(a.timeout_secs.max(1))) {
             Ok(()) => ExitCode::SUCCESS,
             Err((code, e)) => {
-                eprintln!("vmcrelay: {e}");
+                log::fatal(&e.to_string());
                 ExitCode::from(code)
             }
         };
@@ -725,22 +725,22 @@ fn connect_main(a: &ConnectArgs) -> ExitCode {
     let (cfg, opts) = match connect_config(a) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("vmcrelay: configuration error: {e}");
+            log::fatal(&format!("configuration error: {e}"));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     match serve::run_connect(cfg, opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(serve::ServeError::Fatal(e)) => {
-            eprintln!("vmcrelay: {e}");
+            log::fatal(&e.to_string());
             ExitCode::from(EXIT_AUTH)
         }
         Err(serve::ServeError::Startup(e)) => {
-            eprintln!("vmcrelay: cannot start: {e}");
+            log::fatal(&format!("cannot start: {e}"));
             ExitCode::from(EXIT_STARTUP)
         }
         Err(e) => {
-            eprintln!("vmcrelay: {e}");
+            log::fatal(&e.to_string());
             ExitCode::from(EXIT_RUNTIME)
         }
     }

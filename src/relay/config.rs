@@ -388,6 +388,7 @@ struct FileRelay {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileService {
     name: Option<String>,
+    #[serde(default)]
     listen: Vec<toml::Spanned<String>>,
     password_file: Option<PathBuf>,
     password_env: Option<String>,
@@ -554,8 +555,11 @@ impl ServeConfig {
             for l in &s.listen {
                 listen.push(parse_listen(l.get_ref()).map_err(|m| err(at(l.span().start), m))?);
             }
-            if listen.is_empty() {
-                return Err(err(here, "a service needs listen = [\"127.0.0.1:5930\"]"));
+            if listen.is_empty() && !crate::relay::systemd::listen_fds_present() {
+                return Err(err(
+                    here,
+                    "a service needs listen = [\"127.0.0.1:5930\"] (or a socket from systemd socket activation)",
+                ));
             }
             let upstream = match &s.upstream {
                 Some(u) => Some(parse_spice_uri(u.get_ref()).map_err(|m| err(at(u.span().start), m))?),

@@ -206,7 +206,11 @@ impl Worker {
         let mut listeners = Vec::new();
         for (si, s) in shared.config.services.iter().enumerate() {
             for a in &s.listen {
-                listeners.push(Listener { fd: bind_tcp(*a)?, service: si });
+                let fd = match shared.activated.get(&(si, *a)) {
+                    Some(inherited) => inherited.try_clone()?,
+                    None => bind_tcp(*a)?,
+                };
+                listeners.push(Listener { fd, service: si });
             }
         }
         let link_cfg = shared
