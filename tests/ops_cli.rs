@@ -54,7 +54,9 @@ fn man_pages_render_with_man() {
         plain
     };
     let top = render("vmcrelay.1");
-    for s in ["vmcrelay-serve(1)", "vmcrelay-connect(1)", "vmcrelay-demo(1)", "--log-format", "EXIT STATUS", "NOTIFY_SOCKET"] {
+    for s in
+        ["vmcrelay-serve(1)", "vmcrelay-connect(1)", "vmcrelay-demo(1)", "--log-format", "EXIT STATUS", "NOTIFY_SOCKET"]
+    {
         assert!(top.contains(s), "vmcrelay.1 names {s}:\n{top}");
     }
     let serve = render("vmcrelay-serve.1");
@@ -140,7 +142,8 @@ fn serve_log_format_json_lines_parse() {
     .map(String::from)
     .to_vec();
     let relay = Relay::start(&args);
-    let s = vmcrelay::relay::sync_client::Session::connect(&relay.addr(), b"", Duration::from_secs(10)).expect("session");
+    let s =
+        vmcrelay::relay::sync_client::Session::connect(&relay.addr(), b"", Duration::from_secs(10)).expect("session");
     {
         let ch = s.open(128, 0, false).expect("open 128");
         let (mut w, mut r) = (ch.writer, ch.reader);

@@ -117,12 +117,7 @@ fn list(uri: &str) -> String {
         .stdin(Stdio::null())
         .output()
         .expect("run connect --list");
-    assert!(
-        out.status.success(),
-        "connect --list failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "connect --list failed: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -216,7 +211,9 @@ fn an_inherited_socket_naming_no_service_exits_3() {
     assert_eq!(p.wait_exit(Duration::from_secs(15)), Some(3), "{}", p.log());
     let log = p.log();
     assert!(
-        log.contains("named \"vm3\", which is no service") && log.contains("FileDescriptorName=") && log.contains("vm1, vm2"),
+        log.contains("named \"vm3\", which is no service")
+            && log.contains("FileDescriptorName=")
+            && log.contains("vm1, vm2"),
         "{log}"
     );
 }

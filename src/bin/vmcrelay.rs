@@ -96,18 +96,20 @@ struct CompletionsArgs {
 fn ops_main(cmd: Cmd) -> ExitCode {
     use clap::CommandFactory;
     match cmd {
-        Cmd::Man(a) => match ops::man(Cli::command(), &[("serve", SERVE_HELP), ("connect", CONNECT_HELP)], a.dir.as_deref()) {
-            Ok(written) => {
-                for w in written {
-                    println!("{w}");
+        Cmd::Man(a) => {
+            match ops::man(Cli::command(), &[("serve", SERVE_HELP), ("connect", CONNECT_HELP)], a.dir.as_deref()) {
+                Ok(written) => {
+                    for w in written {
+                        println!("{w}");
+                    }
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
+                Err(e) => {
+                    eprintln!("vmcrelay: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
             }
-            Err(e) => {
-                eprintln!("vmcrelay: {e}");
-                ExitCode::from(EXIT_RUNTIME)
-            }
-        },
+        }
         Cmd::Completions(a) => match ops::completions(Cli::command(), a.shell) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -282,7 +282,8 @@ fn start_watchdog(shared: &Arc<Shared>) -> Option<std::sync::mpsc::Sender<()>> {
     let shared = Arc::clone(shared);
     let spawned = std::thread::Builder::new().name("vmcrelay-watchdog".into()).spawn(move || {
         let now = Instant::now();
-        let mut seen: Vec<(u64, Instant)> = shared.stats.iter().map(|s| (s.ticks.load(Ordering::Relaxed), now)).collect();
+        let mut seen: Vec<(u64, Instant)> =
+            shared.stats.iter().map(|s| (s.ticks.load(Ordering::Relaxed), now)).collect();
         let mut stalled_logged = false;
         systemd::notify("WATCHDOG=1");
         loop {

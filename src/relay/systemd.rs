@@ -113,9 +113,8 @@ pub fn take_listen_fds() -> Result<Vec<ListenFd>, String> {
     if n > MAX_LISTEN_FDS {
         return Err(format!("LISTEN_FDS={n}: more than {MAX_LISTEN_FDS} inherited sockets"));
     }
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-        .map(|v| v.split(':').map(str::to_string).collect())
-        .unwrap_or_default();
+    let names: Vec<String> =
+        std::env::var("LISTEN_FDNAMES").map(|v| v.split(':').map(str::to_string).collect()).unwrap_or_default();
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let fd_num = LISTEN_FDS_START + RawFd::try_from(i).unwrap_or(0);
@@ -174,7 +173,10 @@ pub type Activated = std::collections::HashMap<(usize, SocketAddr), OwnedFd>;
 /// socket, or the only service. A service that got sockets listens on
 /// those instead of its configured addresses. Returns the sockets and one
 /// log line per socket; an error says what to change in the units.
-pub fn assign(services: &mut [crate::relay::config::Service], fds: Vec<ListenFd>) -> Result<(Activated, Vec<String>), String> {
+pub fn assign(
+    services: &mut [crate::relay::config::Service],
+    fds: Vec<ListenFd>,
+) -> Result<(Activated, Vec<String>), String> {
     let mut got: Vec<Vec<SocketAddr>> = vec![Vec::new(); services.len()];
     let mut out = Activated::new();
     let mut notes = Vec::new();

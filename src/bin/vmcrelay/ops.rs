@@ -50,7 +50,12 @@ fn roff_verbatim(title: &str, text: &str) -> String {
 }
 
 /// One page: clap_mangen's sections, then `extra` verbatim, then SEE ALSO.
-fn render(cmd: clap::Command, extra: Option<&str>, see_also: &[String], w: &mut dyn std::io::Write) -> std::io::Result<()> {
+fn render(
+    cmd: clap::Command,
+    extra: Option<&str>,
+    see_also: &[String],
+    w: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
     let man = clap_mangen::Man::new(cmd.clone());
     man.render_title(w)?;
     man.render_name_section(w)?;
@@ -108,13 +113,15 @@ pub(crate) fn man(cmd: clap::Command, extra: Extra<'_>, dir: Option<&Path>) -> R
             _ => Ok(Vec::new()),
         };
     };
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e} (choose a writable --dir)", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| format!("cannot create {}: {e} (choose a writable --dir)", dir.display()))?;
     let mut written = Vec::new();
     let mut write_page = |name: &str, c: clap::Command, text: Option<&str>, see: &[String]| -> Result<(), String> {
         let path = dir.join(format!("{name}.1"));
         let mut buf = Vec::new();
         render(c, text, see, &mut buf).map_err(|e| format!("cannot render {name}.1: {e}"))?;
-        std::fs::write(&path, buf).map_err(|e| format!("cannot write {}: {e} (choose a writable --dir)", path.display()))?;
+        std::fs::write(&path, buf)
+            .map_err(|e| format!("cannot write {}: {e} (choose a writable --dir)", path.display()))?;
         written.push(path.display().to_string());
         Ok(())
     };

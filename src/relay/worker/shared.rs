@@ -138,7 +138,10 @@ impl Shared {
     }
 
     /// [`Shared::new`], with listening sockets systemd passed.
-    pub fn with_activated(config: ServeConfig, activated: crate::relay::systemd::Activated) -> std::io::Result<Arc<Self>> {
+    pub fn with_activated(
+        config: ServeConfig,
+        activated: crate::relay::systemd::Activated,
+    ) -> std::io::Result<Arc<Self>> {
         let n = config.limits.workers;
         let mailboxes = (0..n).map(|_| Mailbox::new().map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
         let mut listen_eps = HashMap::new();
