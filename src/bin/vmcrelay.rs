@@ -530,7 +530,8 @@ struct ServeArgs {
     /// TOML file with [relay] knobs and one [[service]] per VM (see README).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "channel"])]
     config: Option<PathBuf>,
-    /// Address to listen on (repeatable), e.g. 127.0.0.1:5930.
+    /// Address to listen on (repeatable), e.g. 127.0.0.1:5930. Under systemd socket activation
+    /// (LISTEN_FDS) the sockets systemd passed are used instead, and --listen may be left out.
     #[arg(long, value_name = "HOST:PORT")]
     listen: Vec<String>,
     /// Whole-VM mode: proxy every channel not given with --channel (display, inputs, cursor, audio,
