@@ -9,6 +9,9 @@ use vmcrelay::relay::config::{self, BusyPolicy, Limits, ServeConfig, Service};
 use vmcrelay::relay::worker::{ConnectOptions, ServerAddr};
 use vmcrelay::relay::{log, serve};
 
+#[path = "vmcrelay/ops.rs"]
+mod ops;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -38,6 +41,10 @@ struct Cli {
     /// Only warnings and errors.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Log lines as `text` (grep-able) or `json` (one object per line, the same fields) [default: text,
+    /// or `log-format` under [relay] in the config file].
+    #[arg(long, value_enum, value_name = "FORMAT", global = true)]
+    log_format: Option<log::LogFormat>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -52,6 +59,66 @@ enum Cmd {
     /// Log into a SPICE server (QEMU) and end chosen channels in local unix sockets.
     #[command(help_template = help_template(CONNECT_HELP))]
     Connect(ConnectArgs),
+    /// Write the man pages (vmcrelay.1 and one per subcommand, e.g. vmcrelay-serve.1).
+    Man(ManArgs),
+    /// Print a shell completion script (bash, zsh, fish, ...) to stdout.
+    Completions(CompletionsArgs),
+}
+
+/// Where `man` and `completions` output goes on a typical system.
+const MAN_HELP: &str = "\
+Install:  vmcrelay man --dir /usr/local/share/man/man1 && mandb -q
+Read one without installing:  vmcrelay man | man -l -";
+
+#[derive(Args, Debug)]
+#[command(after_help = MAN_HELP)]
+struct ManArgs {
+    /// Directory to write every page into (created if missing) [default: print vmcrelay.1 to stdout].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+const COMPLETIONS_HELP: &str = "\
+Install:
+  bash  vmcrelay completions bash > /usr/local/share/bash-completion/completions/vmcrelay
+  zsh   vmcrelay completions zsh > /usr/local/share/zsh/site-functions/_vmcrelay
+  fish  vmcrelay completions fish > ~/.config/fish/completions/vmcrelay.fish";
+
+#[derive(Args, Debug)]
+#[command(after_help = COMPLETIONS_HELP)]
+struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
+}
+
+/// `vmcrelay man` and `vmcrelay completions`.
+fn ops_main(cmd: Cmd) -> ExitCode {
+    use clap::CommandFactory;
+    match cmd {
+        Cmd::Man(a) => {
+            match ops::man(Cli::command(), &[("serve", SERVE_HELP), ("connect", CONNECT_HELP)], a.dir.as_deref()) {
+                Ok(written) => {
+                    for w in written {
+                        println!("{w}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vmcrelay: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            }
+        }
+        Cmd::Completions(a) => match ops::completions(Cli::command(), a.shell) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmcrelay: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
+        _ => ExitCode::from(EXIT_CONFIG),
+    }
 }
 
 /// clap's default layout with `text` after the options, verbatim: clap
@@ -510,7 +577,8 @@ struct ServeArgs {
     /// TOML file with [relay] knobs and one [[service]] per VM (see README).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "channel", "tls_listen", "x509_dir", "tls_cert", "tls_key", "tls_ca", "tls_channel", "plaintext_channel"])]
     config: Option<PathBuf>,
-    /// Address to listen on (repeatable), e.g. 127.0.0.1:5930.
+    /// Address to listen on (repeatable), e.g. 127.0.0.1:5930. Under systemd socket activation
+    /// (LISTEN_FDS) the sockets systemd passed are used instead, and --listen may be left out.
     #[arg(long, value_name = "HOST:PORT")]
     listen: Vec<String>,
     /// Address to listen on with TLS (repeatable; QEMU's tls-port), e.g. 0.0.0.0:5931. Plain and TLS
@@ -599,7 +667,7 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     let mut cfg = match &a.config {
         Some(path) => ServeConfig::from_file(path).map_err(|e| e.to_string())?,
         None => {
-            if a.listen.is_empty() && a.tls_listen.is_empty() {
+            if a.listen.is_empty() && a.tls_listen.is_empty() && !vmcrelay::relay::systemd::listen_fds_present() {
                 return Err("give --listen HOST:PORT and --channel SPEC..., or --config FILE (see --help)".into());
             }
             let listen = a.listen.iter().map(|l| config::parse_listen(l)).collect::<Result<Vec<_>, _>>()?;
@@ -678,7 +746,11 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     log::set_level(if cli.quiet { 1 } else { 2 + cli.verbose });
+    if let Some(f) = cli.log_format {
+        log::set_format(f);
+    }
     let cfg = match cli.cmd {
+        c @ (Cmd::Man(_) | Cmd::Completions(_)) => return ops_main(c),
         Cmd::Serve(a) => build_config(&a),
         Cmd::Demo(a) => {
             let cfg = demo_config(&a);
@@ -700,18 +772,21 @@ fn main() -> ExitCode {
     let cfg = match cfg {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("vmcrelay: configuration error: {e}");
+            log::fatal(&format!("configuration error: {e}"));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let (None, Some(f)) = (cli.log_format, cfg.limits.log_format) {
+        log::set_format(f);
+    }
     match serve::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,
         Err(serve::ServeError::Startup(e)) => {
-            eprintln!("vmcrelay: cannot start: {e}");
+            log::fatal(&format!("cannot start: {e}"));
             ExitCode::from(EXIT_STARTUP)
         }
         Err(e) => {
-            eprintln!("vmcrelay: {e}");
+            log::fatal(&e.to_string());
             ExitCode::from(EXIT_RUNTIME)
         }
     }
@@ -730,14 +805,14 @@ fn connect_main(a: &ConnectArgs) -> ExitCode {
         let (addr, pw) = match checked {
             Ok(x) => x,
             Err(e) => {
-                eprintln!("vmcrelay: configuration error: {e}");
+                log::fatal(&format!("configuration error: {e}"));
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
         return match list_channels(&addr, &pw, std::time::Duration::from_secs(a.timeout_secs.max(1))) {
             Ok(()) => ExitCode::SUCCESS,
             Err((code, e)) => {
-                eprintln!("vmcrelay: {e}");
+                log::fatal(&e.to_string());
                 ExitCode::from(code)
             }
         };
@@ -745,14 +820,14 @@ fn connect_main(a: &ConnectArgs) -> ExitCode {
     let (cfg, opts) = match connect_config(a) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("vmcrelay: configuration error: {e}");
+            log::fatal(&format!("configuration error: {e}"));
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     match serve::run_connect(cfg, opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(serve::ServeError::Fatal(e)) => {
-            eprintln!("vmcrelay: {e}");
+            log::fatal(&e.to_string());
             ExitCode::from(EXIT_AUTH)
         }
         Err(serve::ServeError::TlsVerify(e)) => {
@@ -760,11 +835,11 @@ fn connect_main(a: &ConnectArgs) -> ExitCode {
             ExitCode::from(EXIT_TLS_VERIFY)
         }
         Err(serve::ServeError::Startup(e)) => {
-            eprintln!("vmcrelay: cannot start: {e}");
+            log::fatal(&format!("cannot start: {e}"));
             ExitCode::from(EXIT_STARTUP)
         }
         Err(e) => {
-            eprintln!("vmcrelay: {e}");
+            log::fatal(&e.to_string());
             ExitCode::from(EXIT_RUNTIME)
         }
     }

@@ -230,6 +230,8 @@ pub struct Limits {
     pub data_path: DataPath,
     /// Seconds between `stats` log lines (0: none).
     pub stats_secs: u64,
+    /// `[relay] log-format` (`--log-format` wins over it); None: not set.
+    pub log_format: Option<crate::relay::log::LogFormat>,
     /// Links served by one RSA ticket key (1: a fresh key per link, as
     /// spice-server). More raises the link rate but lets a sniffed ticket
     /// be replayed on another link that got the same key.
@@ -256,6 +258,7 @@ impl Default for Limits {
             ack_window: 0,
             data_path: DataPath::Copy,
             stats_secs: 60,
+            log_format: None,
             key_reuse: 1,
             socket: SocketPerms::default(),
         }
@@ -431,6 +434,7 @@ struct FileRelay {
     ack_window: Option<u32>,
     data_path: Option<DataPath>,
     stats_secs: Option<u64>,
+    log_format: Option<crate::relay::log::LogFormat>,
     key_reuse: Option<usize>,
     socket_mode: Option<toml::Spanned<toml::Value>>,
     socket_owner: Option<toml::Spanned<String>>,
@@ -441,6 +445,7 @@ struct FileRelay {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct FileService {
     name: Option<String>,
+    #[serde(default)]
     listen: Vec<toml::Spanned<String>>,
     password_file: Option<PathBuf>,
     password_env: Option<String>,
@@ -635,6 +640,7 @@ impl ServeConfig {
         limits.ack_window = r.ack_window.unwrap_or(limits.ack_window);
         limits.data_path = r.data_path.unwrap_or(limits.data_path);
         limits.stats_secs = r.stats_secs.unwrap_or(limits.stats_secs);
+        limits.log_format = r.log_format.or(limits.log_format);
         limits.key_reuse = r.key_reuse.unwrap_or(limits.key_reuse);
         if let Some(m) = &r.socket_mode {
             limits.socket.mode = match m.get_ref() {
@@ -665,8 +671,12 @@ impl ServeConfig {
             for l in &s.tls_listen {
                 tls_listen.push(parse_listen(l.get_ref()).map_err(|m| err(at(l.span().start), m))?);
             }
-            if listen.is_empty() && tls_listen.is_empty() {
-                return Err(err(here, "a service needs listen = [\"127.0.0.1:5930\"] (or tls-listen)"));
+            if listen.is_empty() && tls_listen.is_empty() && !crate::relay::systemd::listen_fds_present() {
+                return Err(err(
+                    here,
+                    "a service needs listen = [\"127.0.0.1:5930\"] (or tls-listen, or a socket from systemd socket \
+                     activation)",
+                ));
             }
             let tls =
                 tls_files(s.x509_dir.as_deref(), s.tls_cert.as_deref(), s.tls_key.as_deref(), s.tls_ca.as_deref())

@@ -8,4 +8,5 @@ pub mod keypool;
 pub mod log;
 pub mod serve;
 pub mod sync_client;
+pub mod systemd;
 pub mod worker;

@@ -12,7 +12,7 @@ use nix::sys::stat::{Mode, umask};
 
 use super::config::{EndpointSpec, ServeConfig};
 use super::worker::{Shared, Worker};
-use super::{endpoint, keypool};
+use super::{endpoint, keypool, systemd};
 use crate::{debug, error, info};
 
 /// Why serve stopped with a failure; the binary maps it to an exit code.
@@ -37,7 +37,8 @@ pub enum ServeError {
 /// vmcrelay of the same user in silence). Returns one exclusive abstract
 /// unix socket per address, to hold for the process's lifetime: two
 /// vmcrelays starting at once cannot both pass the probe.
-fn claim_listen_addrs(config: &ServeConfig) -> Result<Vec<OwnedFd>, ServeError> {
+/// Addresses systemd passed as sockets are skipped: they are ours already.
+fn claim_listen_addrs(config: &ServeConfig, activated: &systemd::Activated) -> Result<Vec<OwnedFd>, ServeError> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr, bind, setsockopt, socket};
     let in_use = |addr: &SocketAddr, who: &str| {
         ServeError::Startup(format!(
@@ -47,7 +48,7 @@ fn claim_listen_addrs(config: &ServeConfig) -> Result<Vec<OwnedFd>, ServeError> 
     };
     let mut locks = Vec::new();
     for addr in config.services.iter().flat_map(|s| &s.listen) {
-        if addr.port() == 0 {
+        if addr.port() == 0 || activated.keys().any(|(_, a)| a == addr) {
             continue;
         }
         let other = |e: nix::Error| ServeError::Startup(format!("cannot listen on {addr}: {e}"));
@@ -90,7 +91,7 @@ impl Drop for OwnSockets {
 /// Builds the shared state, which binds the `unix-listen` sockets: their
 /// missing directories are created first; each socket is bound under a
 /// restrictive umask, then given its owner, group and mode.
-fn make_shared(config: ServeConfig) -> Result<(Arc<Shared>, OwnSockets), ServeError> {
+fn make_shared(config: ServeConfig, activated: systemd::Activated) -> Result<(Arc<Shared>, OwnSockets), ServeError> {
     let perms = config.limits.socket;
     let paths: Vec<PathBuf> = config
         .services
@@ -113,7 +114,7 @@ fn make_shared(config: ServeConfig) -> Result<(Arc<Shared>, OwnSockets), ServeEr
     // Nobody but us may connect until owner, group and mode are set. No
     // other thread runs yet, so the process-wide umask is ours to change.
     let old_mask = umask(Mode::from_bits_truncate(0o177));
-    let shared = Shared::new(config);
+    let shared = Shared::with_activated(config, activated);
     umask(old_mask);
     let shared = match shared {
         Ok(s) => s,
@@ -143,7 +144,7 @@ fn make_shared(config: ServeConfig) -> Result<(Arc<Shared>, OwnSockets), ServeEr
 }
 
 /// Runs the relay until a signal; returns after every worker drained.
-pub fn run(config: ServeConfig) -> Result<(), ServeError> {
+pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
     // Signals: SIGTERM/SIGINT go to the main thread's sigwait, never to a
     // worker (the mask is inherited by every thread spawned below).
     let mut set = SigSet::empty();
@@ -155,6 +156,12 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     blocked.add(Signal::SIGPIPE);
     pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&blocked), None).map_err(|e| ServeError::Startup(e.to_string()))?;
 
+    // Socket activation: systemd's sockets replace the services' --listen.
+    let inherited = systemd::take_listen_fds().map_err(ServeError::Startup)?;
+    let (activated, notes) = systemd::assign(&mut config.services, inherited).map_err(ServeError::Startup)?;
+    for n in notes {
+        info!("main", "{n}");
+    }
     let workers = config.limits.workers;
     let per_worker_keys = config.limits.key_pool_per_worker;
     for s in &config.services {
@@ -169,8 +176,8 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
             chans.join(" ")
         );
     }
-    let _listen_locks = claim_listen_addrs(&config)?;
-    let (shared, _own_sockets) = make_shared(config)?;
+    let _listen_locks = claim_listen_addrs(&config, &activated)?;
+    let (shared, _own_sockets) = make_shared(config, activated)?;
     let stop_keys = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reuse = shared.config.limits.key_reuse;
     if reuse > 1 {
@@ -227,10 +234,17 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         return Err(ServeError::Startup(e));
     }
     info!("main", "ready workers={workers} pid={}", std::process::id());
+    let services = shared.config.services.len();
+    if systemd::notify(&format!("READY=1\nSTATUS=serving {services} service(s) on {workers} worker(s)")) {
+        debug!("main", "sd_notify READY=1 sent");
+    }
+    let watchdog = start_watchdog(&shared);
 
     // Wait for SIGTERM/SIGINT, or for a worker to die.
     let sig = set.wait();
     info!("main", "{} received: draining", sig.map_or("signal".to_string(), |s| s.as_str().to_string()));
+    systemd::notify("STOPPING=1\nSTATUS=draining");
+    drop(watchdog);
     shared.stop();
     stop_keys.store(true, Ordering::SeqCst);
     let mut failed = None;
@@ -259,6 +273,67 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     }
 }
 
+/// While `WATCHDOG_USEC` asks for it: a thread that sends `WATCHDOG=1`
+/// every half interval while every worker's tick counter moved within
+/// [`systemd::WORKER_STALL`]. It stops when the returned sender drops.
+fn start_watchdog(shared: &Arc<Shared>) -> Option<std::sync::mpsc::Sender<()>> {
+    use std::sync::mpsc::RecvTimeoutError;
+    use std::time::{Duration, Instant};
+    let interval = systemd::watchdog_interval()?;
+    let every = (interval / 2).max(Duration::from_millis(50));
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let shared = Arc::clone(shared);
+    let spawned = std::thread::Builder::new().name("vmcrelay-watchdog".into()).spawn(move || {
+        let now = Instant::now();
+        let mut seen: Vec<(u64, Instant)> =
+            shared.stats.iter().map(|s| (s.ticks.load(Ordering::Relaxed), now)).collect();
+        let mut stalled_logged = false;
+        systemd::notify("WATCHDOG=1");
+        loop {
+            match stop_rx.recv_timeout(every) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+            let now = Instant::now();
+            let mut stuck = None;
+            for (i, (s, (last, when))) in shared.stats.iter().zip(seen.iter_mut()).enumerate() {
+                let t = s.ticks.load(Ordering::Relaxed);
+                if t != *last {
+                    (*last, *when) = (t, now);
+                } else if now.duration_since(*when) > systemd::WORKER_STALL {
+                    stuck = Some((i, now.duration_since(*when)));
+                }
+            }
+            match stuck {
+                None => {
+                    stalled_logged = false;
+                    systemd::notify("WATCHDOG=1");
+                }
+                Some((i, d)) if !stalled_logged => {
+                    stalled_logged = true;
+                    error!(
+                        "main",
+                        "watchdog: worker w{i} has not ticked for {} s: no WATCHDOG=1 until it does (systemd \
+                         restarts vmcrelay after WatchdogSec=)",
+                        d.as_secs()
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+    });
+    match spawned {
+        Ok(_) => {
+            info!("main", "watchdog interval_ms={} ping_ms={}", interval.as_millis(), every.as_millis());
+            Some(stop_tx)
+        }
+        Err(e) => {
+            error!("main", "cannot start the watchdog thread: {e}; systemd will time the service out");
+            None
+        }
+    }
+}
+
 /// Runs `connect`: one worker (a SPICE client session), until a signal or
 /// a fatal error such as a wrong password.
 pub fn run_connect(config: ServeConfig, opts: super::worker::ConnectOptions) -> Result<(), ServeError> {
@@ -272,7 +347,7 @@ pub fn run_connect(config: ServeConfig, opts: super::worker::ConnectOptions) -> 
     for c in config.services.iter().flat_map(|s| &s.channels) {
         info!("main", "channel {} ends in {}", c.label(), c.endpoint);
     }
-    let (shared, _own_sockets) = make_shared(config)?;
+    let (shared, _own_sockets) = make_shared(config, systemd::Activated::new())?;
     let s2 = Arc::clone(&shared);
     let h = std::thread::Builder::new()
         .name("vmcrelay-connect".into())

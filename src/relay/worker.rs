@@ -213,7 +213,11 @@ impl Worker {
         let mut listeners = Vec::new();
         for (si, s) in shared.config.services.iter().enumerate() {
             for a in &s.listen {
-                listeners.push(Listener { fd: bind_tcp(*a)?, service: si, tls: false });
+                let fd = match shared.activated.get(&(si, *a)) {
+                    Some(inherited) => inherited.try_clone()?,
+                    None => bind_tcp(*a)?,
+                };
+                listeners.push(Listener { fd, service: si, tls: false });
             }
             for a in &s.tls_listen {
                 listeners.push(Listener { fd: bind_tcp(*a)?, service: si, tls: true });

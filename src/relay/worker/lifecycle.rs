@@ -130,6 +130,7 @@ impl Worker {
     }
 
     pub(super) fn on_tick(&mut self) {
+        self.stats().ticks.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let timeout = Duration::from_secs(self.shared.config.limits.link_timeout_secs);
         for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {

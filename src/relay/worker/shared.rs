@@ -95,6 +95,8 @@ pub struct WorkerStats {
     pub conns_rejected: AtomicU64,
     /// Connections open now.
     pub conns_open: AtomicU64,
+    /// Ticks of the worker's 1 s timer: its liveness for the watchdog.
+    pub ticks: AtomicU64,
     /// Payload bytes client → endpoint.
     pub c2e_bytes: AtomicU64,
     /// Payload bytes endpoint → client.
@@ -125,6 +127,9 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// `unix-listen` sockets by (service, channel index).
     pub(super) listen_eps: HashMap<(usize, usize), OwnedFd>,
+    /// Listening sockets from systemd by (service, address): every
+    /// worker accepts on a duplicate instead of binding its own.
+    pub(super) activated: crate::relay::systemd::Activated,
     /// Whole-VM proxy: QEMU's channel caps by (service, type, id), from its
     /// link replies (they do not change while QEMU runs).
     pub(super) caps_cache: Mutex<HashMap<(usize, u8, u8), Caps>>,
@@ -142,6 +147,14 @@ pub struct Shared {
 impl Shared {
     /// Builds shared state: mailboxes and `unix-listen` sockets.
     pub fn new(config: ServeConfig) -> std::io::Result<Arc<Self>> {
+        Self::with_activated(config, crate::relay::systemd::Activated::new())
+    }
+
+    /// [`Shared::new`], with listening sockets systemd passed.
+    pub fn with_activated(
+        config: ServeConfig,
+        activated: crate::relay::systemd::Activated,
+    ) -> std::io::Result<Arc<Self>> {
         let n = config.limits.workers;
         let mailboxes = (0..n).map(|_| Mailbox::new().map(Arc::new)).collect::<Result<Vec<_>, _>>()?;
         let mut server_tls = Vec::new();
@@ -168,6 +181,7 @@ impl Shared {
             mailboxes,
             shutdown: AtomicBool::new(false),
             listen_eps,
+            activated,
             caps_cache: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashMap::new()),
             stats: (0..n).map(|_| WorkerStats::default()).collect(),
