@@ -422,3 +422,59 @@ fn connect_to_qemu_tls_port_qmp_and_wrong_ca_exits_5() {
     assert!(err.contains("--ca-file"), "the message says what to check: {err}");
     assert!(t0.elapsed() < Duration::from_secs(10), "gave up at once, not after retries");
 }
+
+/// SIGHUP reloads the certificate for new connections: a client that
+/// trusts only the new CA links after it, one that trusts only the old CA
+/// no longer does, and a linked channel keeps moving bytes.
+#[test]
+fn sighup_reloads_the_certificate_for_new_connections() {
+    if !peers_available(&["gtk", "openssl"]) {
+        return;
+    }
+    let dir = TempDir::new("tlshup");
+    let x509 = make_x509_dir(&dir.path("x509"));
+    let old_ca = dir.path("old-ca.pem");
+    std::fs::copy(x509.join("ca-cert.pem"), &old_ca).expect("keep old CA");
+    let tls = free_port();
+    let relay = tls_relay(None, tls, &x509, &["--disable-ticketing", "--channel", "128=echo:"]);
+    let sock = dir.path("c.sock");
+    let _c = Connect::start(&[
+        format!("spice+tls://127.0.0.1:{tls}"),
+        "--ca-file".into(),
+        old_ca.display().to_string(),
+        "--channel".into(),
+        format!("128=unix-listen:{}", sock.display()),
+    ]);
+    let mut linked = connect_unix(&sock, Duration::from_secs(20));
+    linked.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let echo = |s: &mut std::os::unix::net::UnixStream| {
+        s.write_all(b"ping").expect("write");
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).expect("echo");
+        assert_eq!(&b, b"ping");
+    };
+    echo(&mut linked);
+    // A new CA and certificate in place of the old ones, then SIGHUP.
+    let fresh = make_x509_dir(&dir.path("fresh"));
+    for f in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+        std::fs::copy(fresh.join(f), x509.join(f)).expect("replace");
+    }
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(relay.child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    relay.wait_log("TLS certificate reloaded", Duration::from_secs(10));
+    let uri = format!("spice+tls://127.0.0.1:{tls}");
+    let new_ca = ca(&x509);
+    let r = gtk(&["auth", "--uri", &uri, "--ca-file", &new_ca, "--timeout", "15"], Duration::from_secs(30));
+    assert_eq!(r.code, 0, "the new CA after SIGHUP: {}\n{}", r.json, r.stderr);
+    let old = old_ca.display().to_string();
+    let r = gtk(&["auth", "--uri", &uri, "--ca-file", &old, "--timeout", "15"], Duration::from_secs(30));
+    assert_ne!(r.code, 0, "the old CA still verifies after the reload: {}", r.json);
+    echo(&mut linked);
+    // A broken file: the reload is refused, the running certificate stays.
+    std::fs::write(x509.join("server-key.pem"), "not a key").expect("break");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    relay.wait_log("TLS reload failed", Duration::from_secs(10));
+    let r = gtk(&["auth", "--uri", &uri, "--ca-file", &new_ca, "--timeout", "15"], Duration::from_secs(30));
+    assert_eq!(r.code, 0, "after a failed reload: {}\n{}", r.json, r.stderr);
+    assert_eq!(relay.stop(), Some(0));
+}

@@ -143,6 +143,33 @@ fn make_shared(config: ServeConfig, activated: systemd::Activated) -> Result<(Ar
     Ok((shared, own))
 }
 
+/// SIGHUP: every TLS service reads its certificate, key and CA again; new
+/// connections use them, linked ones keep theirs. A file that does not
+/// load leaves the running configuration in force.
+fn reload_tls(shared: &Shared) {
+    let mut any = false;
+    for (s, tls) in shared.config.services.iter().zip(&shared.server_tls) {
+        let Some(tls) = tls else { continue };
+        any = true;
+        match tls.reload() {
+            Ok(generation) => info!(
+                "main",
+                "SIGHUP: service {} TLS certificate reloaded from {} (generation {generation}); new connections use it",
+                s.name,
+                tls.files().cert.display()
+            ),
+            Err(e) => crate::warn!(
+                "main",
+                "SIGHUP: service {} TLS reload failed, keeping the running certificate: {e}",
+                s.name
+            ),
+        }
+    }
+    if !any {
+        info!("main", "SIGHUP: nothing to reload (no TLS service; configuration reload is not implemented)");
+    }
+}
+
 /// Runs the relay until a signal; returns after every worker drained.
 pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
     // Signals: SIGTERM/SIGINT go to the main thread's sigwait, never to a
@@ -150,6 +177,8 @@ pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
+    // SIGHUP: reload the TLS certificates for new connections.
+    set.add(Signal::SIGHUP);
     // A peer that goes away must give EPIPE, not kill the relay: SIGPIPE
     // stays blocked (pending, never delivered) in every thread.
     let mut blocked = set;
@@ -240,8 +269,14 @@ pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
     }
     let watchdog = start_watchdog(&shared);
 
-    // Wait for SIGTERM/SIGINT, or for a worker to die.
-    let sig = set.wait();
+    // Wait for SIGTERM/SIGINT, or for a worker to die; SIGHUP reloads.
+    let sig = loop {
+        let sig = set.wait();
+        if sig != Ok(Signal::SIGHUP) {
+            break sig;
+        }
+        reload_tls(&shared);
+    };
     info!("main", "{} received: draining", sig.map_or("signal".to_string(), |s| s.as_str().to_string()));
     systemd::notify("STOPPING=1\nSTATUS=draining");
     drop(watchdog);
