@@ -387,6 +387,7 @@ fn connect_config(a: &ConnectArgs) -> Result<(ServeConfig, ConnectOptions), Stri
             password: None,
             channels,
             upstream: None,
+            busy: None,
         }],
         limits: Limits { workers: 1, max_conns_per_worker: 64, stats_secs: a.stats_secs, ..Limits::default() },
     };
@@ -519,6 +520,7 @@ fn demo_config(a: &DemoArgs) -> Result<ServeConfig, String> {
             password: None,
             channels,
             upstream: None,
+            busy: None,
         }],
         limits: Limits { workers: 1, max_conns_per_worker: 64, ..Limits::default() },
     };
@@ -635,9 +637,28 @@ struct ServeArgs {
     /// their headers].
     #[arg(long, value_name = "KIB")]
     buffer_kib: Option<usize>,
-    /// A busy channel: `replace` (newest client wins, as spice-server) or `refuse` [default: replace].
+    /// A new session while another is linked: `replace` (the old session closes as a whole, as
+    /// spice-server) or `refuse` (the new main link gets CHANNEL_NOT_AVAILABLE) [default: replace].
+    /// A second link of a channel already linked in the same session is always refused, as spice-server.
     #[arg(long, value_enum)]
     busy: Option<BusyPolicy>,
+    /// Seconds a client may take to finish the link stage [default: 10].
+    #[arg(long, value_name = "S")]
+    link_timeout_secs: Option<u64>,
+    /// On SIGTERM/SIGINT: seconds linked channels are still served (until they end) before what was
+    /// accepted is flushed and the rest closed [default: 5].
+    #[arg(long, value_name = "S")]
+    drain_secs: Option<u64>,
+    /// Failed tickets from one source address within --auth-fail-window-secs before its further links
+    /// wait (1 s, doubling per failure, up to --auth-fail-max-delay-secs; 0: off) [default: 3].
+    #[arg(long, value_name = "N")]
+    auth_fail_limit: Option<u32>,
+    /// The window over which failed tickets of an address are counted [default: 60].
+    #[arg(long, value_name = "S")]
+    auth_fail_window_secs: Option<u64>,
+    /// Longest wait of a throttled address's link [default: 8].
+    #[arg(long, value_name = "S")]
+    auth_fail_max_delay_secs: Option<u64>,
     /// Keep a unix-listen endpoint connection open when the client goes away.
     #[arg(long)]
     keep_listen_endpoint: bool,
@@ -702,6 +723,7 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
                     password,
                     channels,
                     upstream,
+                    busy: None,
                 }],
                 limits: Limits::default(),
             }
@@ -719,6 +741,21 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     }
     if let Some(b) = a.busy {
         l.busy = b;
+    }
+    if let Some(t) = a.link_timeout_secs {
+        l.link_timeout_secs = t;
+    }
+    if let Some(t) = a.drain_secs {
+        l.drain_secs = t;
+    }
+    if let Some(n) = a.auth_fail_limit {
+        l.auth_fail_limit = n;
+    }
+    if let Some(t) = a.auth_fail_window_secs {
+        l.auth_fail_window_secs = t;
+    }
+    if let Some(t) = a.auth_fail_max_delay_secs {
+        l.auth_fail_max_delay_secs = t;
     }
     if a.keep_listen_endpoint {
         l.keep_listen_endpoint = true;

@@ -84,6 +84,8 @@ pub struct Service {
     /// Whole-VM mode: every channel not in `channels` is proxied to this
     /// SPICE server (QEMU's spice-server), whose password applies.
     pub upstream: Option<ServerAddr>,
+    /// This service's busy policy (`None`: the relay's, `Limits::busy`).
+    pub busy: Option<BusyPolicy>,
 }
 
 /// Where a SPICE server is.
@@ -172,15 +174,20 @@ fn host_of(hostport: &str) -> Option<String> {
     (!h.is_empty()).then(|| h.to_string())
 }
 
-/// What to do when a client links a channel that already has a client.
+/// What to do when a *new session* wants what another live session holds.
+/// Either way, a second link of a channel already linked in the *same*
+/// session is refused (CHANNEL_NOT_AVAILABLE) and the first keeps working,
+/// as spice-server does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum BusyPolicy {
-    /// The newest client wins (spice-server's behaviour): the old link
-    /// closes and the endpoint connection is reset.
+    /// The new session replaces the old one as a whole (spice-server's
+    /// behaviour): the old session's main and channels close and their
+    /// endpoint connections are reset.
     #[default]
     Replace,
-    /// Keep the first client; the new link gets CHANNEL_NOT_AVAILABLE.
+    /// Keep the old session: a new main link is refused while another
+    /// session of the service is linked (CHANNEL_NOT_AVAILABLE).
     Refuse,
 }
 
@@ -212,6 +219,17 @@ pub struct Limits {
     pub max_control_bytes: usize,
     /// Seconds a client may take to finish the link stage.
     pub link_timeout_secs: u64,
+    /// Seconds SIGTERM/SIGINT keeps serving linked channels before the
+    /// rest is flushed and closed.
+    pub drain_secs: u64,
+    /// Failed tickets from one source address (IPv6: its /64) within
+    /// `auth_fail_window_secs` before its further links are delayed (0: off).
+    pub auth_fail_limit: u32,
+    /// The window over which failed tickets are counted.
+    pub auth_fail_window_secs: u64,
+    /// Longest delay a throttled address waits per link (the delay doubles
+    /// from 1 s with each further failure).
+    pub auth_fail_max_delay_secs: u64,
     /// Busy-channel policy.
     pub busy: BusyPolicy,
     /// Keep a `unix-listen` endpoint connection open when the client goes.
@@ -250,6 +268,10 @@ impl Default for Limits {
             max_payload_bytes: 64 * 1024,
             max_control_bytes: 64 * 1024,
             link_timeout_secs: 10,
+            drain_secs: 5,
+            auth_fail_limit: 3,
+            auth_fail_window_secs: 60,
+            auth_fail_max_delay_secs: 8,
             busy: BusyPolicy::Replace,
             keep_listen_endpoint: false,
             key_pool_per_worker: 8,
@@ -428,6 +450,10 @@ struct FileRelay {
     buffer_kib: Option<usize>,
     max_payload_kib: Option<usize>,
     link_timeout_secs: Option<u64>,
+    drain_secs: Option<u64>,
+    auth_fail_limit: Option<u32>,
+    auth_fail_window_secs: Option<u64>,
+    auth_fail_max_delay_secs: Option<u64>,
     busy: Option<BusyPolicy>,
     keep_listen_endpoint: Option<bool>,
     lz4_to_client: Option<bool>,
@@ -454,6 +480,7 @@ struct FileService {
     #[serde(default)]
     channels: Vec<toml::Spanned<String>>,
     upstream: Option<toml::Spanned<String>>,
+    busy: Option<BusyPolicy>,
     #[serde(default)]
     tls_listen: Vec<toml::Spanned<String>>,
     x509_dir: Option<PathBuf>,
@@ -634,6 +661,10 @@ impl ServeConfig {
         if let Some(v) = r.link_timeout_secs {
             limits.link_timeout_secs = v;
         }
+        limits.drain_secs = r.drain_secs.unwrap_or(limits.drain_secs);
+        limits.auth_fail_limit = r.auth_fail_limit.unwrap_or(limits.auth_fail_limit);
+        limits.auth_fail_window_secs = r.auth_fail_window_secs.unwrap_or(limits.auth_fail_window_secs);
+        limits.auth_fail_max_delay_secs = r.auth_fail_max_delay_secs.unwrap_or(limits.auth_fail_max_delay_secs);
         limits.busy = r.busy.unwrap_or(limits.busy);
         limits.keep_listen_endpoint = r.keep_listen_endpoint.unwrap_or(limits.keep_listen_endpoint);
         limits.lz4_to_client = r.lz4_to_client.unwrap_or(limits.lz4_to_client);
@@ -704,7 +735,17 @@ impl ServeConfig {
             };
             let channels = parse_channels(s.channels.iter().map(|c| (c.get_ref().as_str(), at(c.span().start))))
                 .map_err(|e| if e.origin == "channels" { err(&here, e.message) } else { e })?;
-            services.push(Service { name, listen, tls_listen, tls, security, password, channels, upstream });
+            services.push(Service {
+                name,
+                listen,
+                tls_listen,
+                tls,
+                security,
+                password,
+                channels,
+                upstream,
+                busy: s.busy,
+            });
         }
         let cfg = Self { services, limits };
         cfg.validate().map_err(|m| err(origin, m))?;
@@ -764,6 +805,15 @@ impl ServeConfig {
         }
         if l.max_payload_bytes == 0 || l.max_payload_bytes + 18 > l.buffer_bytes {
             return Err("max payload must be > 0 and fit in one buffer with its header".into());
+        }
+        if l.drain_secs > 3600 {
+            return Err(format!("drain-secs = {} must be 0..=3600", l.drain_secs));
+        }
+        if l.auth_fail_window_secs == 0 || l.auth_fail_window_secs > 86_400 {
+            return Err(format!("auth-fail-window-secs = {} must be 1..=86400", l.auth_fail_window_secs));
+        }
+        if l.auth_fail_max_delay_secs == 0 || l.auth_fail_max_delay_secs > 3600 {
+            return Err(format!("auth-fail-max-delay-secs = {} must be 1..=3600", l.auth_fail_max_delay_secs));
         }
         Ok(())
     }
@@ -863,5 +913,9 @@ mod tests {
         assert_eq!(c.limits.busy, BusyPolicy::Refuse);
         let ids: Vec<_> = c.services[0].channels.iter().map(|c| (c.kind.channel_type, c.id)).collect();
         assert_eq!(ids, vec![(9, 0), (9, 1), (10, 0), (200, 0)]);
+        let per = "[[service]]\nlisten = [\"127.0.0.1:5930\"]\ndisable-ticketing = true\nbusy = \"refuse\"\nchannels = [\"128=echo:\"]\n";
+        let c = ServeConfig::from_toml(per, "t.toml").expect("per-service busy");
+        assert_eq!(c.services[0].busy, Some(BusyPolicy::Refuse));
+        assert_eq!(c.limits.busy, BusyPolicy::Replace);
     }
 }

@@ -54,8 +54,22 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// A TCP connection to `sa` from source address `source` (port chosen by
+/// the kernel); blocking connect.
+fn connect_from(sa: std::net::SocketAddr, source: std::net::IpAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
+    use std::os::fd::AsRawFd;
+    let family = if sa.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(std::net::SocketAddr::new(source, 0)))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(sa))?;
+    Ok(TcpStream::from(fd))
+}
+
+#[allow(clippy::too_many_arguments)]
 fn link(
     addr: &str,
+    source: Option<std::net::IpAddr>,
     password: &[u8],
     connection_id: u32,
     channel_type: u8,
@@ -66,7 +80,11 @@ fn link(
     let cannot = |err: std::io::Error| ClientError::Connect { addr: addr.to_string(), err };
     let nothing = || cannot(std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address"));
     let sa = addr.to_socket_addrs().map_err(cannot)?.next().ok_or_else(nothing)?;
-    let mut s = TcpStream::connect_timeout(&sa, timeout).map_err(|err| match err.kind() {
+    let connected = match source {
+        Some(src) => connect_from(sa, src),
+        None => TcpStream::connect_timeout(&sa, timeout),
+    };
+    let mut s = connected.map_err(|err| match err.kind() {
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => cannot(std::io::Error::new(
             err.kind(),
             format!("no TCP answer within {} s (host down or a firewall drops the packets)", timeout.as_secs()),
@@ -194,12 +212,25 @@ pub struct Session {
     main: TcpStream,
     /// Set when the main channel ends.
     pub closed: Arc<Mutex<Option<String>>>,
+    /// Source address every link of the session is made from (`None`: any).
+    source: Option<std::net::IpAddr>,
 }
 
 impl Session {
     /// Links the main channel, sends ATTACH_CHANNELS and waits for the list.
     pub fn connect(addr: &str, password: &[u8], timeout: Duration) -> Result<Self, ClientError> {
-        let (sock, linked, leftover) = link(addr, password, 0, CH_MAIN, 0, Caps::EMPTY, timeout)?;
+        Self::connect_from(addr, None, password, timeout)
+    }
+
+    /// As [`Session::connect`], every link of the session made from source
+    /// address `source` (e.g. 127.0.0.2, to test per-address limits).
+    pub fn connect_from(
+        addr: &str,
+        source: Option<std::net::IpAddr>,
+        password: &[u8],
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let (sock, linked, leftover) = link(addr, source, password, 0, CH_MAIN, 0, Caps::EMPTY, timeout)?;
         let kind = linked.header_kind;
         let mut w = sock.try_clone()?;
         let mut enc = Encoder::new(kind);
@@ -255,7 +286,15 @@ impl Session {
                 *c = Some(why);
             }
         })?;
-        Ok(Self { addr: addr.to_string(), password: password.to_vec(), session_id, channels, main: sock, closed })
+        Ok(Self {
+            addr: addr.to_string(),
+            password: password.to_vec(),
+            session_id,
+            channels,
+            main: sock,
+            closed,
+            source,
+        })
     }
 
     /// Opens a pass-through channel as a byte stream.
@@ -263,8 +302,16 @@ impl Session {
         let kind = ChannelKind::of(channel_type)
             .ok_or_else(|| ClientError::Protocol(format!("unknown channel type {channel_type}")))?;
         let caps = kind.channel_caps(lz4);
-        let (sock, linked, leftover) =
-            link(&self.addr, &self.password, self.session_id, channel_type, channel_id, caps, Duration::from_secs(10))?;
+        let (sock, linked, leftover) = link(
+            &self.addr,
+            self.source,
+            &self.password,
+            self.session_id,
+            channel_type,
+            channel_id,
+            caps,
+            Duration::from_secs(10),
+        )?;
         let server_lz4 = kind.lz4 && linked.peer_channel_caps.has(SPICEVMC_CAP_DATA_COMPRESS_LZ4);
         Ok(Channel {
             kind,

@@ -49,7 +49,7 @@ use crate::proto::link::LinkErrorCode;
 use crate::proto::msg::{
     ChannelsList, ClientMsg, CompressedData, ControlBuf, Lz4Compressor, MainInit, PortInit, ServerMsg, lz4_scratch_len,
 };
-use crate::proto::server_link::{Action, Decision, LinkRequest, Linked, ServerLink, ServerLinkConfig};
+use crate::proto::server_link::{Action, Decision, LinkFailure, LinkRequest, Linked, ServerLink, ServerLinkConfig};
 use crate::uring::{BufId, Completion, MAX_IOV, Ring, RingConfig, SubmitError};
 use crate::{debug, info, warn};
 
@@ -67,7 +67,7 @@ mod tls;
 
 use conn::*;
 use lifecycle::bind_tcp;
-use shared::{Cmd, Owner, Place, SessionEntry};
+use shared::{Cmd, Owner, Place, SessionEntry, hung_up};
 pub use shared::{FatalKind, Mailbox, Registry, Shared, WorkerStats};
 
 pub use connect::{ConnectOptions, DEFAULT_LINGER, ServerAddr, run_connect_worker};
@@ -175,6 +175,12 @@ pub struct Worker {
     link_cfg: Vec<ServerLinkConfig>,
     rng: rand::rngs::StdRng,
     draining: Option<Instant>,
+    /// SIGTERM/SIGINT in `serve`: no new connections; linked channels are
+    /// served until they end, `drain_secs` at most, then `draining`.
+    stopping: Option<Instant>,
+    /// Connections held back by the failed-ticket throttle: (slot,
+    /// generation, not before). At most one per slot.
+    held: Vec<(u32, u32, Instant)>,
     started: Instant,
     /// Worker 0 logs totals every `stats_secs`: (when, c2e, e2c) last time.
     last_stats: (Instant, u64, u64),
@@ -243,6 +249,8 @@ impl Worker {
             rng: rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
                 .unwrap_or_else(|_| rand::rngs::StdRng::seed_from_u64(std::process::id().into())),
             draining: None,
+            stopping: None,
+            held: Vec::new(),
             started: Instant::now(),
             last_stats: (Instant::now(), 0, 0),
             ctl: None,
@@ -273,7 +281,7 @@ impl Worker {
             for c in comps.drain(..) {
                 self.on_completion(c);
             }
-            if self.draining.is_some() && self.free.len() == self.slots.len() {
+            if (self.draining.is_some() || self.stopping.is_some()) && self.free.len() == self.slots.len() {
                 break;
             }
         }

@@ -23,7 +23,7 @@ impl Worker {
         }
         let Some(fd) = c.fd else { return };
         let Some((service, tls)) = self.listeners.get(li).map(|l| (l.service, l.tls)) else { return };
-        if self.draining.is_some() {
+        if self.draining.is_some() || self.stopping.is_some() {
             return;
         }
         let peer = endpoint::peer_of(&fd);
@@ -48,7 +48,57 @@ impl Worker {
             }
         }
         let generation = self.slots[slot as usize].generation;
+        // The failed-ticket throttle: an address that guessed wrong too
+        // often waits before its link even starts (no key spent on it).
+        if let Some(ip) = shared::throttle_key(&peer) {
+            let mut t = self.shared.throttle();
+            if let shared::Gate::Wait(until) = t.gate(ip, Instant::now(), &self.shared.config.limits) {
+                t.held(ip);
+                drop(t);
+                self.stats().links_throttled.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    self.who,
+                    "throttle peer={peer} held for {} ms",
+                    until.saturating_duration_since(Instant::now()).as_millis()
+                );
+                self.held.push((slot, generation, until));
+                return;
+            }
+        }
         self.waiting_key.push_back((slot, generation));
+        self.serve_key_waiters();
+    }
+
+    /// Held connections whose time came start their link (one per address
+    /// per delay: the gate is asked again).
+    pub(super) fn release_held(&mut self, now: Instant) {
+        let mut held = std::mem::take(&mut self.held);
+        held.retain_mut(|(slot, generation, until)| {
+            let Some(conn) =
+                self.slots.get(*slot as usize).filter(|s| s.generation == *generation).and_then(|s| s.conn.as_ref())
+            else {
+                return false;
+            };
+            if conn.closing.is_some() {
+                return false;
+            }
+            if now < *until {
+                return true;
+            }
+            let gate = shared::throttle_key(&conn.peer)
+                .map_or(shared::Gate::Go, |ip| self.shared.throttle().gate(ip, now, &self.shared.config.limits));
+            match gate {
+                shared::Gate::Go => {
+                    self.waiting_key.push_back((*slot, *generation));
+                    false
+                }
+                shared::Gate::Wait(t) => {
+                    *until = t;
+                    true
+                }
+            }
+        });
+        self.held = held;
         self.serve_key_waiters();
     }
 
@@ -86,11 +136,58 @@ impl Worker {
             }
         }
         self.serve_key_waiters();
-        if self.shared.shutdown.load(Ordering::SeqCst) && self.draining.is_none() {
-            self.start_drain();
+        if self.shared.shutdown.load(Ordering::SeqCst) && self.draining.is_none() && self.stopping.is_none() {
+            if self.ctl.is_some() || self.shared.config.limits.drain_secs == 0 {
+                self.start_drain();
+            } else {
+                self.start_stop();
+            }
         }
         if let Err(e) = self.ring.read_counter(mfd, token(Op::Mailbox, 0, 0)) {
             warn!(self.who, "cannot re-arm mailbox: {e}");
+        }
+    }
+
+    /// SIGTERM/SIGINT in `serve`: stop accepting (the listeners close, so a
+    /// new connection is refused), end link stages and mains without
+    /// channels, keep serving linked channels until they end; the tick
+    /// moves on to `start_drain` (flush, close) when `drain_secs` is near.
+    pub(super) fn start_stop(&mut self) {
+        self.stopping = Some(Instant::now());
+        info!(
+            self.who,
+            "stopping: no new connections; serving linked channels until they end, {} s at most (--drain-secs)",
+            self.shared.config.limits.drain_secs
+        );
+        let _ =
+            self.ring.cancel_where(|t| decode(t).is_some_and(|d| d.0 == Op::Accept), token(Op::Cancel, 0xff_ffff, 0));
+        // The ring keeps its own reference until the cancelled accepts complete.
+        self.listeners.clear();
+        for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
+            self.with_conn(slot, |w, conn| {
+                if matches!(conn.stage, Stage::WaitKey | Stage::Link { .. } | Stage::ULink { .. }) {
+                    w.close(slot, conn, "shutdown");
+                }
+            });
+        }
+        self.held.clear();
+        self.close_idle_mains();
+    }
+
+    /// While stopping: a main channel whose session has no channel left
+    /// closes (its client is done with this relay).
+    fn close_idle_mains(&mut self) {
+        for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
+            let Some(session) = self.slots[slot as usize].conn.as_ref().and_then(|c| match c.stage {
+                Stage::Main { session } if c.closing.is_none() => Some(session),
+                _ => None,
+            }) else {
+                continue;
+            };
+            let busy = self.shared.registry().channels.values().any(|o| o.session == session);
+            if !busy {
+                self.with_conn(slot, |w, conn| w.close(slot, conn, "shutdown"));
+            }
         }
     }
 
@@ -155,8 +252,21 @@ impl Worker {
                 });
             }
         }
+        if let Some(t) = self.stopping
+            && self.draining.is_none()
+        {
+            // The last second of --drain-secs flushes what was accepted.
+            let serve = Duration::from_secs(self.shared.config.limits.drain_secs.saturating_sub(1));
+            if now.duration_since(t) >= serve {
+                self.start_drain();
+            } else {
+                self.close_idle_mains();
+            }
+        }
+        self.release_held(now);
+        let flush = if self.stopping.is_some() { Duration::from_millis(900) } else { Duration::from_secs(5) };
         if let Some(t) = self.draining
-            && now.duration_since(t) > Duration::from_secs(5)
+            && now.duration_since(t) > flush
         {
             for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
                 self.with_conn(slot, |w, conn| w.close(slot, conn, "shutdown (drain timeout)"));
@@ -185,13 +295,18 @@ impl Worker {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         info!(
             self.who,
-            "stats conns_open={} links_ok={} links_failed={} rejected={} protocol_errors={} c2e_bytes={c2e} \
-             e2c_bytes={e2c} c2e_mib_s={:.1} e2c_mib_s={:.1} uptime_s={}",
+            "stats conns_open={} links_ok={} links_failed={} rejected={} protocol_errors={} auth_failures={} \
+             links_throttled={} links_busy={} sessions_replaced={} c2e_bytes={c2e} e2c_bytes={e2c} c2e_mib_s={:.1} \
+             e2c_mib_s={:.1} uptime_s={}",
             sum(|s| &s.conns_open),
             sum(|s| &s.links_ok),
             sum(|s| &s.links_failed),
             sum(|s| &s.conns_rejected),
             sum(|s| &s.protocol_errors),
+            sum(|s| &s.auth_failures),
+            sum(|s| &s.links_throttled),
+            sum(|s| &s.links_busy),
+            sum(|s| &s.sessions_replaced),
             mib(c2e - c2e0) / secs,
             mib(e2c - e2c0) / secs,
             self.started.elapsed().as_secs()

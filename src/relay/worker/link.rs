@@ -34,11 +34,13 @@ impl Worker {
                     }
                 }
                 Action::Linked(l) => {
+                    self.on_ticket_verdict(conn, None);
                     self.on_linked(slot, conn, l);
                     return conn.closing.is_none();
                 }
                 Action::Close(f) => {
                     self.stats().links_failed.fetch_add(1, Ordering::Relaxed);
+                    self.on_ticket_verdict(conn, Some(&f));
                     let svc = self.service_name(conn.service).to_string();
                     let what = match &conn.stage {
                         Stage::Link { req: Some(r), .. } => format!("{}:{}", kind_name(r.channel_type), r.channel_id),
@@ -70,6 +72,16 @@ impl Worker {
             if req.connection_id != 0 {
                 // spice-server would treat this as a migration target; we do not migrate.
                 Decision::BadConnectionId
+            } else if self.shared.busy(service) == BusyPolicy::Refuse && self.live_session(service).is_some() {
+                self.stats().links_busy.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    self.who,
+                    "busy peer={} service={} channel=main:0 another session is linked and --busy refuse keeps it: \
+                     refused with CHANNEL_NOT_AVAILABLE after the ticket",
+                    conn.peer,
+                    self.service_name(service)
+                );
+                Decision::FailAfterAuth(LinkErrorCode::ChannelNotAvailable)
             } else {
                 Decision::Accept { channel_caps: Caps::EMPTY }
             }
@@ -87,14 +99,20 @@ impl Worker {
                 Some(ci) => {
                     let reg = self.shared.registry();
                     let session_ok = reg.sessions.get(&req.connection_id).is_some_and(|s| s.service == service);
-                    let busy = reg.channels.contains_key(&(service, ci));
+                    let claim = judge(&reg, service, ci, req.connection_id);
                     drop(reg);
                     if let Stage::Link { conf, .. } = &mut conn.stage {
                         *conf = Some(ci);
                     }
+                    let refuse = match claim {
+                        Claim::SameSession => true,
+                        Claim::OtherSession(_) => self.shared.busy(service) == BusyPolicy::Refuse,
+                        Claim::Free | Claim::Stale(_) => false,
+                    };
                     if !session_ok {
                         Decision::BadConnectionId
-                    } else if busy && self.shared.config.limits.busy == BusyPolicy::Refuse {
+                    } else if refuse {
+                        self.log_busy(conn, &req, claim);
                         Decision::FailAfterAuth(LinkErrorCode::ChannelNotAvailable)
                     } else {
                         let kind = self.shared.config.services[service].channels[ci].kind;
@@ -145,29 +163,55 @@ impl Worker {
             return self.confirm(conn, Err(LinkErrorCode::Error));
         };
         let place = Place { worker: self.id, slot, generation: self.slots[slot as usize].generation };
-        // Claim the channel (newest wins, unless the policy refuses).
-        let old = {
+        // Claim the channel: a second link in the same session is refused
+        // (the first keeps working); a link of a new session replaces the
+        // old session as a whole (unless `--busy refuse`); a previous link
+        // whose client already hung up counts as free.
+        let policy = self.shared.busy(service);
+        let (claim, to_close) = {
             let mut reg = self.shared.registry();
             if reg.sessions.get(&req.connection_id).is_none_or(|s| s.service != service) {
                 drop(reg);
                 return self.confirm(conn, Err(LinkErrorCode::BadConnectionId));
             }
-            let prev = reg.channels.get(&(service, ci)).copied();
-            if prev.is_some() && self.shared.config.limits.busy == BusyPolicy::Refuse {
-                drop(reg);
-                return self.confirm(conn, Err(LinkErrorCode::ChannelNotAvailable));
+            let claim = judge(&reg, service, ci, req.connection_id);
+            let to_close = match claim {
+                Claim::SameSession => None,
+                Claim::OtherSession(_) if policy == BusyPolicy::Refuse => None,
+                Claim::OtherSession(old) => Some(reg.end_session(old)),
+                Claim::Stale(p) => Some(vec![p]),
+                Claim::Free => Some(Vec::new()),
+            };
+            if to_close.is_some() {
+                let watch = conn.fd.try_clone().ok().map(Arc::new);
+                reg.channels.insert((service, ci), Owner { place, session: req.connection_id, watch });
             }
-            reg.channels.insert((service, ci), Owner { place, session: req.connection_id });
-            prev
+            (claim, to_close)
+        };
+        let Some(to_close) = to_close else {
+            self.log_busy(conn, &req, claim);
+            return self.confirm(conn, Err(LinkErrorCode::ChannelNotAvailable));
         };
         conn.owns = Some(ci);
         conn.session = req.connection_id;
-        if let Some(o) = old {
-            if o.place.worker == self.id {
-                self.with_conn(o.place.slot, |w, c| w.close(o.place.slot, c, "replaced by a newer client"));
-            } else {
-                self.shared.tell(o.place, "replaced by a newer client");
+        let reason = match claim {
+            Claim::OtherSession(old) => {
+                self.stats().sessions_replaced.fetch_add(1, Ordering::Relaxed);
+                info!(
+                    self.who,
+                    "session {old:#010x} replaced as a whole by session {:#010x} (peer={} linked {}); its {} \
+                     connections close",
+                    req.connection_id,
+                    conn.peer,
+                    kind_name(req.channel_type),
+                    to_close.len()
+                );
+                "replaced by a new session"
             }
+            _ => "replaced: its client had hung up",
+        };
+        for p in to_close {
+            self.close_place(p, reason);
         }
         let Some(cc) = self.conf(service, ci).cloned() else {
             return self.confirm(conn, Err(LinkErrorCode::Error));
@@ -275,7 +319,8 @@ impl Worker {
             conn.ctl_q.push_front((u16::MAX, tmp[..n].to_vec()));
         }
         if l.channel_type == CH_MAIN {
-            let session = self.new_session(conn.service, slot);
+            let watch = conn.fd.try_clone().ok().map(Arc::new);
+            let session = self.new_session(conn.service, slot, watch);
             conn.session = session;
             conn.label = "main:0".into();
             conn.stage = Stage::Main { session };
@@ -368,16 +413,99 @@ impl Worker {
         self.pump_out(slot, conn);
     }
 
-    pub(super) fn new_session(&mut self, service: usize, slot: u32) -> u32 {
+    pub(super) fn new_session(&mut self, service: usize, slot: u32, watch: Option<Arc<OwnedFd>>) -> u32 {
         let place = Place { worker: self.id, slot, generation: self.slots[slot as usize].generation };
         let mut reg = self.shared.registry();
         loop {
             let id: u32 = self.rng.random();
             if id != 0 && !reg.sessions.contains_key(&id) {
-                reg.sessions.insert(id, SessionEntry { service, main: place, ticket: None });
+                reg.sessions.insert(id, SessionEntry { service, main: place, ticket: None, watch });
                 return id;
             }
         }
+    }
+
+    /// A live session of `service` whose main client has not hung up.
+    pub(super) fn live_session(&self, service: usize) -> Option<u32> {
+        let reg = self.shared.registry();
+        reg.sessions.iter().find(|(_, s)| s.service == service && !hung_up(s.watch.as_ref())).map(|(id, _)| *id)
+    }
+
+    /// Closes the connection at `place`, on this worker or another.
+    pub(super) fn close_place(&mut self, p: Place, reason: &'static str) {
+        if p.worker == self.id {
+            if self.slots.get(p.slot as usize).is_some_and(|s| s.generation == p.generation) {
+                self.with_conn(p.slot, |w, c| w.close(p.slot, c, reason));
+            }
+        } else {
+            self.shared.tell(p, reason);
+        }
+    }
+
+    fn log_busy(&self, conn: &Conn, req: &LinkRequest, claim: Claim) {
+        self.stats().links_busy.fetch_add(1, Ordering::Relaxed);
+        let why = match claim {
+            Claim::SameSession => "already linked in this session: the first link keeps working".to_string(),
+            Claim::OtherSession(s) => format!("held by live session {s:#010x} and --busy refuse keeps it"),
+            Claim::Free | Claim::Stale(_) => "no longer busy".to_string(),
+        };
+        info!(
+            self.who,
+            "busy peer={} service={} channel={}:{} session={:#010x} {why}; refused with CHANNEL_NOT_AVAILABLE",
+            conn.peer,
+            self.service_name(conn.service),
+            kind_name(req.channel_type),
+            req.channel_id,
+            req.connection_id
+        );
+    }
+
+    /// The link's ticket was judged: feeds the failed-ticket throttle.
+    /// `failure`: `None` for a completed link.
+    pub(super) fn on_ticket_verdict(&mut self, conn: &Conn, failure: Option<&LinkFailure>) {
+        let Some(ip) = shared::throttle_key(&conn.peer) else { return };
+        let bad_ticket = matches!(
+            failure,
+            Some(
+                LinkFailure::WrongPassword
+                    | LinkFailure::TicketUndecryptable
+                    | LinkFailure::Refused(LinkErrorCode::PermissionDenied)
+            )
+        );
+        if failure.is_none() {
+            if conn.pair.is_none() {
+                self.shared.throttle().succeeded(ip);
+            }
+        } else if bad_ticket {
+            self.stats().auth_failures.fetch_add(1, Ordering::Relaxed);
+            let line = self.shared.throttle().failed(ip, Instant::now(), &self.shared.config.limits);
+            if let Some(line) = line {
+                warn!(self.who, "{line}");
+            }
+        }
+    }
+}
+
+/// Who holds a channel, seen by a link of `session`.
+#[derive(Debug, Clone, Copy)]
+enum Claim {
+    Free,
+    /// Linked in the same session by a client that is still there.
+    SameSession,
+    /// Held by another live session.
+    OtherSession(u32),
+    /// Held by a link whose client hung up, or whose session is gone.
+    Stale(Place),
+}
+
+fn judge(reg: &Registry, service: usize, ci: usize, session: u32) -> Claim {
+    let Some(o) = reg.channels.get(&(service, ci)) else { return Claim::Free };
+    if hung_up(o.watch.as_ref()) || !reg.sessions.contains_key(&o.session) {
+        Claim::Stale(o.place)
+    } else if o.session == session {
+        Claim::SameSession
+    } else {
+        Claim::OtherSession(o.session)
     }
 }
 

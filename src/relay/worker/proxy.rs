@@ -450,7 +450,7 @@ impl Worker {
         let Some((cs, cg)) = conn.pair else { return };
         let place = Place { worker: self.id, slot: cs, generation: cg };
         let mut reg = self.shared.registry();
-        reg.sessions.insert(id, SessionEntry { service: conn.service, main: place, ticket });
+        reg.sessions.insert(id, SessionEntry { service: conn.service, main: place, ticket, watch: None });
         drop(reg);
         info!(self.who, "session {id:#010x} from upstream {} (main of peer slot {cs})", conn.peer);
     }

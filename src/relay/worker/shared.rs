@@ -67,12 +67,207 @@ pub(super) struct SessionEntry {
     /// Whole-VM proxy: the ticket QEMU accepted on this session's main
     /// link; the relay's own channels of the session require the same.
     pub(super) ticket: Option<Vec<u8>>,
+    /// A duplicate of the main client's socket, to see from any worker
+    /// whether that client already hung up (see [`hung_up`]).
+    pub(super) watch: Option<Arc<OwnedFd>>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct Owner {
     pub(super) place: Place,
     pub(super) session: u32,
+    /// A duplicate of the channel client's socket (see [`hung_up`]).
+    pub(super) watch: Option<Arc<OwnedFd>>,
+}
+
+/// Whether the client behind `watch` already hung up (FIN or reset seen,
+/// or our own close started: `close` shuts the socket down both ways).
+///
+/// A close is asynchronous: a client that closes a channel and relinks it
+/// at once may find its previous link still registered. Such a link counts
+/// as free. The check is one non-blocking `poll` on a duplicate of the
+/// socket, so it is exact whichever worker owns the connection.
+pub(super) fn hung_up(watch: Option<&Arc<OwnedFd>>) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let Some(fd) = watch else { return false };
+    // nix has no name for POLLRDHUP (peer shut its writing side: FIN seen).
+    let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let mut fds = [PollFd::new(fd.as_fd(), rdhup)];
+    // Only RDHUP is asked for; HUP, ERR and NVAL are always reported. Any
+    // event at all is therefore a hang-up (nix's `revents` cannot decode
+    // RDHUP, so the count is what is used).
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+impl Registry {
+    /// Ends session `id` as a whole: forgets it and its aliases; returns
+    /// its main and channel connections, to be closed. Their channel
+    /// entries stay until each finishes closing; a link of another session
+    /// treats them as free (their session is gone).
+    pub(super) fn end_session(&mut self, id: u32) -> Vec<Place> {
+        let Some(entry) = self.sessions.remove(&id) else { return Vec::new() };
+        self.aliases.retain(|k, _| k.0 != id);
+        let mut places = vec![entry.main];
+        places.extend(self.channels.values().filter(|o| o.session == id).map(|o| o.place));
+        places
+    }
+}
+
+/// Failed-ticket throttle per source address, shared by the workers and
+/// touched only when a link starts or a ticket fails or succeeds.
+///
+/// After `limit` failures within `window`, each further link from that
+/// address starts only once its delay passed since the previous start:
+/// 1 s, doubling with each further failure, capped at `max_delay`. Starts
+/// are spaced, not just failures, so parallel connections from one address
+/// gain nothing. A good ticket from the address clears its record. The
+/// map is bounded ([`THROTTLE_MAX_ADDRS`]): expired records go first, then
+/// the oldest.
+#[derive(Debug, Default)]
+pub(super) struct Throttle {
+    addrs: HashMap<std::net::IpAddr, Strikes>,
+}
+
+/// Most source addresses the throttle remembers (≈ 64 B each).
+pub(super) const THROTTLE_MAX_ADDRS: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+struct Strikes {
+    failures: u32,
+    first: Instant,
+    /// No link of the address starts before this.
+    next_start: Instant,
+    /// The last log line about this address (rate limit: one per 10 s).
+    logged: Option<Instant>,
+    /// Links held since that line.
+    held_unlogged: u64,
+}
+
+/// What the throttle decided about one link start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gate {
+    Go,
+    /// Hold the connection until this instant.
+    Wait(Instant),
+}
+
+/// The throttle's key: the address, or an IPv6 address's /64 (one host
+/// owns a whole /64).
+pub(super) fn throttle_key(peer: &str) -> Option<std::net::IpAddr> {
+    let ip = peer.parse::<std::net::SocketAddr>().ok()?.ip();
+    Some(match ip {
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                std::net::IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
+    })
+}
+
+impl Throttle {
+    fn delay(failures: u32, limit: u32, max_delay: Duration) -> Duration {
+        let over = failures.saturating_sub(limit).min(20);
+        Duration::from_secs(1u64 << over).min(max_delay)
+    }
+
+    /// A link from `ip` wants to start now.
+    pub(super) fn gate(&mut self, ip: std::net::IpAddr, now: Instant, l: &super::super::config::Limits) -> Gate {
+        if l.auth_fail_limit == 0 {
+            return Gate::Go;
+        }
+        let window = Duration::from_secs(l.auth_fail_window_secs);
+        let max_delay = Duration::from_secs(l.auth_fail_max_delay_secs);
+        let Some(s) = self.addrs.get_mut(&ip) else { return Gate::Go };
+        if s.failures < l.auth_fail_limit {
+            return Gate::Go;
+        }
+        if now < s.next_start {
+            return Gate::Wait(s.next_start);
+        }
+        if now.duration_since(s.first) > window && now.duration_since(s.next_start) > max_delay {
+            // Quiet for a whole window: forgiven.
+            self.addrs.remove(&ip);
+            return Gate::Go;
+        }
+        s.next_start = now + Self::delay(s.failures, l.auth_fail_limit, max_delay);
+        Gate::Go
+    }
+
+    /// A ticket from `ip` failed. Returns a log line when this is a
+    /// throttling decision worth logging (rate-limited per address).
+    pub(super) fn failed(
+        &mut self,
+        ip: std::net::IpAddr,
+        now: Instant,
+        l: &super::super::config::Limits,
+    ) -> Option<String> {
+        if l.auth_fail_limit == 0 {
+            return None;
+        }
+        let window = Duration::from_secs(l.auth_fail_window_secs);
+        let max_delay = Duration::from_secs(l.auth_fail_max_delay_secs);
+        if !self.addrs.contains_key(&ip) && self.addrs.len() >= THROTTLE_MAX_ADDRS {
+            self.evict(now, window, max_delay);
+        }
+        let s = self.addrs.entry(ip).or_insert(Strikes {
+            failures: 0,
+            first: now,
+            next_start: now,
+            logged: None,
+            held_unlogged: 0,
+        });
+        if s.failures < l.auth_fail_limit && now.duration_since(s.first) > window {
+            *s = Strikes { failures: 0, first: now, next_start: now, logged: s.logged, held_unlogged: 0 };
+        }
+        s.failures = s.failures.saturating_add(1);
+        if s.failures < l.auth_fail_limit {
+            return None;
+        }
+        let delay = Self::delay(s.failures, l.auth_fail_limit, max_delay);
+        s.next_start = s.next_start.max(now + delay);
+        if s.logged.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+            return None;
+        }
+        s.logged = Some(now);
+        let held = std::mem::take(&mut s.held_unlogged);
+        Some(format!(
+            "throttle addr={ip} failed_tickets={} within_s={} delay_ms={} held_links_since_last_line={held}              (a wrong password, or a password guesser; raise --auth-fail-limit or wait {} s)",
+            s.failures,
+            now.duration_since(s.first).as_secs(),
+            delay.as_millis(),
+            l.auth_fail_window_secs
+        ))
+    }
+
+    /// A link from `ip` was held back (counted for the next log line).
+    pub(super) fn held(&mut self, ip: std::net::IpAddr) {
+        if let Some(s) = self.addrs.get_mut(&ip) {
+            s.held_unlogged += 1;
+        }
+    }
+
+    /// A good ticket from `ip`: its record goes.
+    pub(super) fn succeeded(&mut self, ip: std::net::IpAddr) {
+        self.addrs.remove(&ip);
+    }
+
+    fn evict(&mut self, now: Instant, window: Duration, max_delay: Duration) {
+        self.addrs.retain(|_, s| now.duration_since(s.first) <= window || now < s.next_start + max_delay);
+        if self.addrs.len() >= THROTTLE_MAX_ADDRS
+            && let Some(oldest) = self.addrs.iter().min_by_key(|(_, s)| s.first).map(|(ip, _)| *ip)
+        {
+            self.addrs.remove(&oldest);
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.addrs.len()
+    }
 }
 
 /// Sessions and channel owners across workers (touched at link and close only).
@@ -105,6 +300,16 @@ pub struct WorkerStats {
     pub protocol_errors: AtomicU64,
     /// TLS sessions that failed (handshake or record errors).
     pub tls_errors: AtomicU64,
+    /// Tickets refused (wrong password).
+    pub auth_failures: AtomicU64,
+    /// Link starts held back by the failed-ticket throttle (one count per
+    /// connection held).
+    pub links_throttled: AtomicU64,
+    /// Links refused because the channel is already linked in the same
+    /// session, or (`--busy refuse`) another session is linked.
+    pub links_busy: AtomicU64,
+    /// Sessions closed as a whole because a new session replaced them.
+    pub sessions_replaced: AtomicU64,
 }
 
 /// Why `connect` gave up for good (the exit code follows from it).
@@ -135,6 +340,8 @@ pub struct Shared {
     pub(super) caps_cache: Mutex<HashMap<(usize, u8, u8), Caps>>,
     /// `unix-listen` endpoint connections kept while no client is linked.
     pub(super) parked: Mutex<HashMap<(usize, usize), OwnedFd>>,
+    /// Failed-ticket throttle per source address.
+    pub(super) throttle: Mutex<Throttle>,
     /// Per-worker counters.
     pub stats: Vec<WorkerStats>,
     /// Set by a worker that hit an error retrying cannot fix (e.g. a
@@ -184,6 +391,7 @@ impl Shared {
             activated,
             caps_cache: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashMap::new()),
+            throttle: Mutex::new(Throttle::default()),
             stats: (0..n).map(|_| WorkerStats::default()).collect(),
             fatal: Mutex::new(None),
             server_tls,
@@ -209,9 +417,73 @@ impl Shared {
         self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    pub(super) fn throttle(&self) -> std::sync::MutexGuard<'_, Throttle> {
+        self.throttle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The busy policy of `service`.
+    pub(super) fn busy(&self, service: usize) -> BusyPolicy {
+        self.config.services.get(service).and_then(|s| s.busy).unwrap_or(self.config.limits.busy)
+    }
+
     pub(super) fn tell(&self, place: Place, reason: &'static str) {
         if let Some(m) = self.mailboxes.get(place.worker) {
             m.send(Cmd::Close { slot: place.slot, generation: place.generation, reason });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::config::Limits;
+
+    fn ip(n: u32) -> std::net::IpAddr {
+        std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + n))
+    }
+
+    #[test]
+    fn throttle_spaces_starts_after_the_limit_and_forgives_a_good_ticket() {
+        let l =
+            Limits { auth_fail_limit: 3, auth_fail_window_secs: 60, auth_fail_max_delay_secs: 8, ..Limits::default() };
+        let mut t = Throttle::default();
+        let t0 = Instant::now();
+        let a = ip(2);
+        assert_eq!(t.gate(a, t0, &l), Gate::Go);
+        assert!(t.failed(a, t0, &l).is_none());
+        assert!(t.failed(a, t0, &l).is_none());
+        let line = t.failed(a, t0, &l).expect("the third failure is a throttling decision");
+        assert!(line.contains("addr=10.0.0.2") && line.contains("delay_ms=1000"), "{line}");
+        // Held for 1 s, then one start per delay; another address is free.
+        assert_eq!(t.gate(a, t0, &l), Gate::Wait(t0 + Duration::from_secs(1)));
+        assert_eq!(t.gate(ip(3), t0, &l), Gate::Go);
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(t.gate(a, t1, &l), Gate::Go);
+        assert!(matches!(t.gate(a, t1, &l), Gate::Wait(_)), "a parallel start waits its turn");
+        // More failures double the delay, capped; the next line waits 10 s.
+        for _ in 0..10 {
+            assert!(t.failed(a, t1, &l).is_none(), "one line per 10 s per address");
+        }
+        let Gate::Wait(until) = t.gate(a, t1, &l) else { panic!("held") };
+        assert!(until <= t1 + Duration::from_secs(16), "capped: {:?}", until - t1);
+        t.succeeded(a);
+        assert_eq!(t.gate(a, t1, &l), Gate::Go);
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn throttle_map_is_bounded_and_ipv6_counts_per_64() {
+        let l = Limits::default();
+        let mut t = Throttle::default();
+        let now = Instant::now();
+        for n in 0..(u32::try_from(THROTTLE_MAX_ADDRS).expect("small") + 100) {
+            let _ = t.failed(ip(n), now, &l);
+        }
+        assert!(t.len() <= THROTTLE_MAX_ADDRS);
+        assert_eq!(throttle_key("[2001:db8:1:2:3:4:5:6]:5930"), throttle_key("[2001:db8:1:2:ffff::1]:1"));
+        assert_ne!(throttle_key("[2001:db8:1:2::1]:1"), throttle_key("[2001:db8:1:3::1]:1"));
+        assert_eq!(throttle_key("127.0.0.2:4000"), Some(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2))));
+        assert_eq!(throttle_key("[::ffff:127.0.0.2]:4000"), throttle_key("127.0.0.2:1"));
+        assert_eq!(throttle_key("garbage"), None);
     }
 }
