@@ -256,6 +256,8 @@ pub struct Limits {
     pub key_reuse: usize,
     /// Mode, owner and group of the `unix-listen` sockets.
     pub socket: SocketPerms,
+    /// `--metrics`: where to serve `/metrics` and the status page (`None`: off).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for Limits {
@@ -283,6 +285,7 @@ impl Default for Limits {
             log_format: None,
             key_reuse: 1,
             socket: SocketPerms::default(),
+            metrics: None,
         }
     }
 }
@@ -465,6 +468,7 @@ struct FileRelay {
     socket_mode: Option<toml::Spanned<toml::Value>>,
     socket_owner: Option<toml::Spanned<String>>,
     socket_group: Option<toml::Spanned<String>>,
+    metrics: Option<toml::Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -686,6 +690,9 @@ impl ServeConfig {
         if let Some(o) = &r.socket_owner {
             limits.socket.owner = Some(parse_socket_owner(o.get_ref()).map_err(|e| err(at(o.span().start), e))?);
         }
+        if let Some(m) = &r.metrics {
+            limits.metrics = Some(parse_listen(m.get_ref()).map_err(|e| err(at(m.span().start), e))?);
+        }
         if let Some(g) = &r.socket_group {
             limits.socket.group = Some(parse_socket_group(g.get_ref()).map_err(|e| err(at(g.span().start), e))?);
         }
@@ -784,6 +791,9 @@ impl ServeConfig {
                 return Err(format!("service {svc}: plaintext-channel=default without a plain listen address"));
             }
             for a in s.listen.iter().chain(&s.tls_listen) {
+                if self.limits.metrics == Some(*a) {
+                    return Err(format!("metrics address {a} is also a listen address of service {svc}"));
+                }
                 if seen.contains(a) {
                     return Err(format!("listen address {a} is used by two services"));
                 }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod endpoint;
 pub mod keypool;
 pub mod log;
+pub mod metrics;
 pub mod serve;
 pub mod sync_client;
 pub mod systemd;

@@ -38,6 +38,7 @@ use rand::{RngExt, SeedableRng};
 
 use super::config::{BusyPolicy, ChannelConf, DataPath, EndpointSpec, ServeConfig};
 use super::endpoint::{self, Opening};
+use super::metrics::{ConnInfo, LinkResult, Reject, StageKind, Which, WorkerSnapshot};
 use crate::proto::ack::{ClientAck, ServerAck};
 use crate::proto::auth::TicketKey;
 use crate::proto::caps::Caps;

@@ -151,6 +151,8 @@ pub struct Ring {
     free_ops: Vec<u32>,
     arena: Arena,
     stale_cqes: u64,
+    /// Pushes that found the submission queue full (each then flushed it).
+    sq_full: u64,
 }
 
 impl std::fmt::Debug for Ring {
@@ -182,7 +184,7 @@ impl Ring {
             .map_err(|err| RingError::Register { count: arena.count(), size: arena.buf_size(), err })?;
         let ops: Box<[OpRecord]> = (0..cfg.max_ops).map(|_| OpRecord::new()).collect();
         let free_ops = (0..u32::try_from(cfg.max_ops).unwrap_or(u32::MAX)).rev().collect();
-        Ok(Self { ring, ops, free_ops, arena, stale_cqes: 0 })
+        Ok(Self { ring, ops, free_ops, arena, stale_cqes: 0, sq_full: 0 })
     }
 
     /// The buffer arena.
@@ -228,6 +230,12 @@ impl Ring {
         self.stale_cqes
     }
 
+    /// Times a push found the submission queue full and had to submit
+    /// first (a real code path, not an error; many mean a small ring).
+    pub fn sq_full_events(&self) -> u64 {
+        self.sq_full
+    }
+
     /// Takes an op record for `token`; returns its index and user_data.
     fn take_op(&mut self, token: u64, buf: Option<BufId>) -> Result<(usize, u64), SubmitError> {
         let i = self.free_ops.pop().ok_or(SubmitError::OpsFull)? as usize;
@@ -260,6 +268,7 @@ impl Ring {
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
             }
+            self.sq_full += 1;
             if let Err(e) = self.ring.submit() {
                 self.put_op(i);
                 return Err(SubmitError::Enter(e));

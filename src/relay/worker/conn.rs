@@ -168,7 +168,7 @@ pub(super) struct Pipe {
     pub(super) client_side: bool,
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(super) struct ConnStats {
     pub(super) c2e_bytes: u64,
     pub(super) c2e_msgs: u64,
@@ -210,6 +210,10 @@ pub(super) struct Conn {
     pub(super) owns: Option<usize>,
     pub(super) stage: Stage,
     pub(super) st: ConnStats,
+    /// The part of `st` already folded into the shared counters.
+    pub(super) published: ConnStats,
+    /// The link was refused as busy (for the links counter's `result`).
+    pub(super) busy_refused: bool,
     /// We are the SPICE client on this socket (`connect`).
     pub(super) client_role: bool,
     /// `(type, id)` this connection links (`connect`).
@@ -294,6 +298,8 @@ impl Worker {
             owns: None,
             stage,
             st: ConnStats::default(),
+            published: ConnStats::default(),
+            busy_refused: false,
             client_role,
             chan: (0, 0),
             ack: ClientAck::new(),
@@ -425,6 +431,7 @@ impl Worker {
         for p in to_close {
             self.shared.tell(p, "session closed");
         }
+        fold_counters(&self.shared.metrics, &mut conn);
         let mut linked = false;
         let mut dropped = 0;
         if let Stage::Chan(ch) = &mut conn.stage {
@@ -480,5 +487,49 @@ impl Worker {
 
     pub(super) fn conf(&self, service: usize, ci: usize) -> Option<&ChannelConf> {
         self.shared.config.services.get(service)?.channels.get(ci)
+    }
+}
+
+/// The counter set a connection counts in (`None` before its link).
+pub(super) fn which_of(conn: &Conn) -> Option<Which> {
+    match &conn.stage {
+        Stage::Chan(ch) => Some(Which::Channel(ch.conf)),
+        Stage::Main { .. } | Stage::CMain => Some(Which::Main),
+        Stage::Pipe(_) if conn.chan.0 == CH_MAIN => Some(Which::Main),
+        Stage::Pipe(_) => Some(Which::Proxy),
+        _ => None,
+    }
+}
+
+/// The `stage` label of a connection.
+pub(super) fn stage_kind(conn: &Conn) -> StageKind {
+    match &conn.stage {
+        Stage::WaitKey | Stage::Link { .. } | Stage::CLink { .. } => StageKind::Link,
+        Stage::ULink { .. } => StageKind::Upstream,
+        Stage::Main { .. } | Stage::CMain => StageKind::Main,
+        Stage::Chan(_) => StageKind::Channel,
+        Stage::Pipe(p) if p.client_side => StageKind::Proxy,
+        Stage::Pipe(_) => StageKind::Upstream,
+    }
+}
+
+/// Adds what `conn.st` gained since the last fold to the shared counters
+/// (at the tick and at close: the data path itself never touches them).
+pub(super) fn fold_counters(metrics: &crate::relay::metrics::Counters, conn: &mut Conn) {
+    let (now, was) = (conn.st, conn.published);
+    if now == was {
+        return;
+    }
+    conn.published = now;
+    let Some(c) = which_of(conn).and_then(|w| metrics.get(conn.service, w)) else { return };
+    for (a, n) in [
+        (&c.c2e_bytes, now.c2e_bytes.saturating_sub(was.c2e_bytes)),
+        (&c.c2e_msgs, now.c2e_msgs.saturating_sub(was.c2e_msgs)),
+        (&c.e2c_bytes, now.e2c_bytes.saturating_sub(was.e2c_bytes)),
+        (&c.e2c_msgs, now.e2c_msgs.saturating_sub(was.e2c_msgs)),
+    ] {
+        if n > 0 {
+            a.fetch_add(n, Ordering::Relaxed);
+        }
     }
 }

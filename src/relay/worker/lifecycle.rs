@@ -31,6 +31,7 @@ impl Worker {
         let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::KeepAlive, &true);
         let Some(slot) = self.new_conn(fd, peer.clone(), service, Stage::WaitKey, false) else {
             self.stats().conns_rejected.fetch_add(1, Ordering::Relaxed);
+            self.shared.metrics.reject(service, Reject::TableFull);
             warn!(
                 self.who,
                 "reject peer={peer} reason=\"connection table full ({} per worker; raise --max-conns)\"",
@@ -40,6 +41,7 @@ impl Worker {
         };
         if tls {
             let Some(t) = self.tls_accepted(service, &peer) else {
+                self.shared.metrics.reject(service, Reject::Tls);
                 self.with_conn(slot, |w, conn| w.close(slot, conn, "no TLS session"));
                 return;
             };
@@ -56,6 +58,7 @@ impl Worker {
                 t.held(ip);
                 drop(t);
                 self.stats().links_throttled.fetch_add(1, Ordering::Relaxed);
+                self.shared.metrics.reject(service, Reject::Throttled);
                 debug!(
                     self.who,
                     "throttle peer={peer} held for {} ms",
@@ -110,6 +113,7 @@ impl Worker {
                 continue;
             }
             let Ok(key) = self.keys.try_recv() else { return };
+            self.shared.mailboxes[self.id].keys_ready.fetch_sub(1, Ordering::Relaxed);
             self.waiting_key.pop_front();
             self.with_conn(slot, |w, conn| {
                 let link = ServerLink::new(&w.link_cfg[conn.service], key);
@@ -247,6 +251,7 @@ impl Worker {
                         warn!(w.who, "link to {} channel={} failed: {why}", conn.peer, conn.label);
                         w.close(slot, conn, &why);
                     } else {
+                        w.shared.metrics.reject(conn.service, Reject::LinkTimeout);
                         w.close(slot, conn, "link timeout");
                     }
                 });
@@ -273,9 +278,53 @@ impl Worker {
             }
         }
         self.log_stats(now);
+        self.publish_counters(now);
         self.revive_tick();
         if let Err(e) = self.ring.timeout(Duration::from_secs(1), token(Op::Tick, 0, 0)) {
             warn!(self.who, "cannot re-arm tick: {e}");
+        }
+    }
+
+    /// Folds every connection's counters into the shared ones and, with
+    /// `--metrics`, publishes this worker's snapshot for the metrics thread.
+    pub(super) fn publish_counters(&mut self, now: Instant) {
+        let metrics = &self.shared.metrics;
+        for s in &mut self.slots {
+            if let Some(conn) = s.conn.as_mut() {
+                fold_counters(metrics, conn);
+            }
+        }
+        if self.shared.config.limits.metrics.is_none() {
+            return;
+        }
+        let conns = self
+            .slots
+            .iter()
+            .filter_map(|s| s.conn.as_deref())
+            .filter(|c| c.closing.is_none())
+            .map(|c| ConnInfo {
+                service: c.service,
+                stage: stage_kind(c),
+                session: c.session,
+                label: c.label.clone(),
+                peer: c.peer.clone(),
+                since: c.since,
+                which: which_of(c),
+                c2e_bytes: c.st.c2e_bytes,
+                e2c_bytes: c.st.e2c_bytes,
+            })
+            .collect();
+        let arena = self.ring.arena();
+        let snap = WorkerSnapshot {
+            conns,
+            buffers_in_use: (arena.count() - arena.free_count()) as u64,
+            buffers_total: arena.count() as u64,
+            ops_inflight: self.ring.inflight() as u64,
+            sq_full_events: self.ring.sq_full_events(),
+            at: Some(now),
+        };
+        if let Some(m) = self.shared.snapshots.get(self.id) {
+            *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = snap;
         }
     }
 

@@ -40,6 +40,15 @@ impl Worker {
                 }
                 Action::Close(f) => {
                     self.stats().links_failed.fetch_add(1, Ordering::Relaxed);
+                    let result = if bad_ticket(Some(&f)) {
+                        LinkResult::Auth
+                    } else if conn.busy_refused {
+                        LinkResult::Busy
+                    } else {
+                        LinkResult::Failed
+                    };
+                    let which = self.link_which(conn);
+                    self.shared.metrics.link(conn.service, which, result);
                     self.on_ticket_verdict(conn, Some(&f));
                     let svc = self.service_name(conn.service).to_string();
                     let what = match &conn.stage {
@@ -74,6 +83,7 @@ impl Worker {
                 Decision::BadConnectionId
             } else if self.shared.busy(service) == BusyPolicy::Refuse && self.live_session(service).is_some() {
                 self.stats().links_busy.fetch_add(1, Ordering::Relaxed);
+                conn.busy_refused = true;
                 info!(
                     self.who,
                     "busy peer={} service={} channel=main:0 another session is linked and --busy refuse keeps it: \
@@ -112,6 +122,7 @@ impl Worker {
                     if !session_ok {
                         Decision::BadConnectionId
                     } else if refuse {
+                        conn.busy_refused = true;
                         self.log_busy(conn, &req, claim);
                         Decision::FailAfterAuth(LinkErrorCode::ChannelNotAvailable)
                     } else {
@@ -189,6 +200,7 @@ impl Worker {
             (claim, to_close)
         };
         let Some(to_close) = to_close else {
+            conn.busy_refused = true;
             self.log_busy(conn, &req, claim);
             return self.confirm(conn, Err(LinkErrorCode::ChannelNotAvailable));
         };
@@ -307,6 +319,11 @@ impl Worker {
             return self.proxy_on_client_linked(slot, conn, l, &mut link);
         }
         self.stats().links_ok.fetch_add(1, Ordering::Relaxed);
+        let which = if l.channel_type == CH_MAIN { Some(Which::Main) } else { self.link_which_conf(conn) };
+        if let Some(which) = which {
+            self.shared.metrics.link(conn.service, which, LinkResult::Ok);
+        }
+        self.shared.metrics.link_duration.observe(conn.since.elapsed());
         conn.enc = Encoder::new(l.header_kind);
         conn.deframer = Deframer::new(l.header_kind);
         // Flush the link result before anything of the data stage.
@@ -464,19 +481,11 @@ impl Worker {
     /// `failure`: `None` for a completed link.
     pub(super) fn on_ticket_verdict(&mut self, conn: &Conn, failure: Option<&LinkFailure>) {
         let Some(ip) = shared::throttle_key(&conn.peer) else { return };
-        let bad_ticket = matches!(
-            failure,
-            Some(
-                LinkFailure::WrongPassword
-                    | LinkFailure::TicketUndecryptable
-                    | LinkFailure::Refused(LinkErrorCode::PermissionDenied)
-            )
-        );
         if failure.is_none() {
             if conn.pair.is_none() {
                 self.shared.throttle().succeeded(ip);
             }
-        } else if bad_ticket {
+        } else if bad_ticket(failure) {
             self.stats().auth_failures.fetch_add(1, Ordering::Relaxed);
             let line = self.shared.throttle().failed(ip, Instant::now(), &self.shared.config.limits);
             if let Some(line) = line {
@@ -484,6 +493,40 @@ impl Worker {
             }
         }
     }
+}
+
+impl Worker {
+    /// The configured channel a link stage is for, if known yet.
+    fn link_which_conf(&self, conn: &Conn) -> Option<Which> {
+        match &conn.stage {
+            Stage::Link { conf: Some(ci), .. } => Some(Which::Channel(*ci)),
+            _ => None,
+        }
+    }
+
+    /// The counter set a link attempt counts in.
+    fn link_which(&self, conn: &Conn) -> Which {
+        if let Some(w) = self.link_which_conf(conn) {
+            return w;
+        }
+        match &conn.stage {
+            Stage::Link { req: Some(r), .. } if r.channel_type == CH_MAIN => Which::Main,
+            _ if self.shared.config.services.get(conn.service).is_some_and(|s| s.upstream.is_some()) => Which::Proxy,
+            _ => Which::Other,
+        }
+    }
+}
+
+/// Whether a link failed on its ticket (wrong password).
+fn bad_ticket(failure: Option<&LinkFailure>) -> bool {
+    matches!(
+        failure,
+        Some(
+            LinkFailure::WrongPassword
+                | LinkFailure::TicketUndecryptable
+                | LinkFailure::Refused(LinkErrorCode::PermissionDenied)
+        )
+    )
 }
 
 /// Who holds a channel, seen by a link of `session`.

@@ -317,6 +317,9 @@ impl Worker {
     /// The client side of a proxied link is linked: start copying.
     pub(super) fn proxy_on_client_linked(&mut self, slot: u32, conn: &mut Conn, l: Linked, link: &mut ServerLink) {
         self.stats().links_ok.fetch_add(1, Ordering::Relaxed);
+        let which = if l.channel_type == CH_MAIN { Which::Main } else { Which::Proxy };
+        self.shared.metrics.link(conn.service, which, LinkResult::Ok);
+        self.shared.metrics.link_duration.observe(conn.since.elapsed());
         let mut tmp = [0u8; 8];
         let n = link.poll_output(&mut tmp);
         conn.chan = (l.channel_type, l.channel_id);

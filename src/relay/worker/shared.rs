@@ -24,6 +24,10 @@ pub(super) enum Cmd {
 pub struct Mailbox {
     pub(super) fd: OwnedFd,
     pub(super) cmds: Mutex<Vec<Cmd>>,
+    /// RSA keys in the worker's queue: the key thread adds one per key
+    /// sent (in `wake`), the worker takes one per key received. Briefly
+    /// negative when the worker is faster than the increment.
+    pub(super) keys_ready: std::sync::atomic::AtomicI64,
 }
 
 impl Mailbox {
@@ -31,7 +35,7 @@ impl Mailbox {
         let fd = nix::sys::eventfd::EventFd::from_flags(
             nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
         )?;
-        Ok(Self { fd: fd.into(), cmds: Mutex::new(Vec::new()) })
+        Ok(Self { fd: fd.into(), cmds: Mutex::new(Vec::new()), keys_ready: std::sync::atomic::AtomicI64::new(0) })
     }
 
     pub(super) fn send(&self, cmd: Cmd) {
@@ -47,7 +51,9 @@ impl Mailbox {
 }
 
 impl crate::relay::keypool::Wake for Mailbox {
+    /// Called by the key thread after each key it queued for this worker.
     fn wake(&self) {
+        self.keys_ready.fetch_add(1, Ordering::Relaxed);
         self.poke();
     }
 }
@@ -349,6 +355,10 @@ pub struct Shared {
     pub fatal: Mutex<Option<(FatalKind, String)>>,
     /// TLS configuration of each service with TLS listeners (reloadable).
     pub server_tls: Vec<Option<crate::tls::ServerTls>>,
+    /// `--metrics` counters per service and channel.
+    pub metrics: crate::relay::metrics::Counters,
+    /// What each worker published at its last tick (only with `--metrics`).
+    pub snapshots: Vec<Mutex<crate::relay::metrics::WorkerSnapshot>>,
 }
 
 impl Shared {
@@ -382,7 +392,10 @@ impl Shared {
                 }
             }
         }
+        let metrics = crate::relay::metrics::Counters::new(&config);
         Ok(Arc::new(Self {
+            metrics,
+            snapshots: (0..n).map(|_| Mutex::new(Default::default())).collect(),
             config,
             registry: Mutex::new(Registry::default()),
             mailboxes,
@@ -401,6 +414,19 @@ impl Shared {
     /// Wakers for the key pool.
     pub fn wakers(&self) -> Vec<Arc<dyn crate::relay::keypool::Wake>> {
         self.mailboxes.iter().map(|m| Arc::clone(m) as Arc<dyn crate::relay::keypool::Wake>).collect()
+    }
+
+    /// RSA keys ready in each worker's queue.
+    pub fn keys_ready(&self) -> Vec<u64> {
+        self.mailboxes.iter().map(|m| u64::try_from(m.keys_ready.load(Ordering::Relaxed)).unwrap_or(0)).collect()
+    }
+
+    /// Worker `i`'s last snapshot (a clone: the lock is held only for it).
+    pub fn snapshot(&self, i: usize) -> crate::relay::metrics::WorkerSnapshot {
+        self.snapshots
+            .get(i)
+            .map(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+            .unwrap_or_default()
     }
 
     /// Asks every worker to drain and stop.
