@@ -680,6 +680,10 @@ struct ServeArgs {
     /// the same key: only on trusted networks.
     #[arg(long, value_name = "N")]
     key_reuse: Option<usize>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics and a live status page at / (its own
+    /// thread; keep it on a trusted address, e.g. 127.0.0.1:9930).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics: Option<String>,
     #[command(flatten)]
     socket: SocketArgs,
 }
@@ -774,6 +778,9 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     }
     if let Some(k) = a.key_reuse {
         l.key_reuse = k;
+    }
+    if let Some(m) = &a.metrics {
+        l.metrics = Some(config::parse_listen(m).map_err(|e| format!("--metrics: {e}"))?);
     }
     a.socket.apply(&mut l.socket);
     cfg.validate()?;

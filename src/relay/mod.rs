@@ -8,6 +8,7 @@ pub mod keypool;
 pub mod log;
 pub mod metrics;
 pub mod serve;
+pub mod status;
 pub mod sync_client;
 pub mod systemd;
 pub mod worker;

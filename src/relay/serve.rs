@@ -12,7 +12,7 @@ use nix::sys::stat::{Mode, umask};
 
 use super::config::{EndpointSpec, ServeConfig};
 use super::worker::{Shared, Worker};
-use super::{endpoint, keypool, systemd};
+use super::{endpoint, keypool, status, systemd};
 use crate::{debug, error, info};
 
 /// Why serve stopped with a failure; the binary maps it to an exit code.
@@ -206,6 +206,10 @@ pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
         );
     }
     let _listen_locks = claim_listen_addrs(&config, &activated)?;
+    let metrics_listener = match config.limits.metrics {
+        Some(a) => Some((a, status::bind(a).map_err(|e| ServeError::Startup(e.to_string()))?)),
+        None => None,
+    };
     let (shared, _own_sockets) = make_shared(config, activated)?;
     let stop_keys = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reuse = shared.config.limits.key_reuse;
@@ -262,6 +266,14 @@ pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
         }
         return Err(ServeError::Startup(e));
     }
+    let stop_metrics = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some((addr, listener)) = metrics_listener {
+        let addr = listener.local_addr().unwrap_or(addr);
+        match status::start(Arc::clone(&shared), listener, Arc::clone(&stop_metrics)) {
+            Ok(()) => info!("main", "metrics http://{addr}/metrics status page http://{addr}/"),
+            Err(e) => crate::warn!("main", "cannot start the metrics thread: {e}; serving without --metrics"),
+        }
+    }
     info!("main", "ready workers={workers} pid={}", std::process::id());
     let services = shared.config.services.len();
     if systemd::notify(&format!("READY=1\nSTATUS=serving {services} service(s) on {workers} worker(s)")) {
@@ -290,6 +302,7 @@ pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
             Err(_) => failed = Some("worker panicked".into()),
         }
     }
+    stop_metrics.store(true, Ordering::SeqCst);
     let total = |f: fn(&super::worker::WorkerStats) -> u64| shared.stats.iter().map(f).sum::<u64>();
     info!(
         "main",
