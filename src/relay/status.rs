@@ -76,11 +76,9 @@ impl History {
     }
 
     /// MiB/s both ways of counter set `i`, one point per sample interval,
-    /// oldest first, each averaged with its predecessor (the workers fold
-    /// their counters at their own 1 s ticks, not in step with ours).
+    /// oldest first.
     fn series(&self, i: usize) -> Vec<f64> {
-        let raw: Vec<f64> = self
-            .samples
+        self.samples
             .iter()
             .zip(self.samples.iter().skip(1))
             .map(|((t0, v0), (t1, v1))| {
@@ -89,8 +87,7 @@ impl History {
                 let (a1, b1) = v1.get(i).copied().unwrap_or_default();
                 mib(a1.saturating_sub(a0) + b1.saturating_sub(b0)) / secs
             })
-            .collect();
-        raw.iter().enumerate().map(|(k, v)| if k == 0 { *v } else { (v + raw[k - 1]) / 2.0 }).collect()
+            .collect()
     }
 }
 
@@ -151,21 +148,28 @@ pub fn start(shared: Arc<Shared>, listener: TcpListener, stop: Arc<AtomicBool>) 
     Ok(())
 }
 
+/// A sample is taken once every worker folded its counters since the
+/// last one (their ticks are about 1 s apart but not in step with each
+/// other or with us: sampling on our own clock would see zero or two folds
+/// in some intervals), or after this long without (a stuck worker).
+const SAMPLE_AT_LATEST: Duration = Duration::from_millis(2500);
+
 fn run(server: &Arc<Server>, listener: &TcpListener, stop: &AtomicBool) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let mut next_sample = Instant::now();
+    let workers = server.shared.snapshots.len();
+    let mut last_folds: Vec<Option<Instant>> = vec![None; workers];
+    let mut last_sample = Instant::now();
+    server.sample();
     while !stop.load(Ordering::Relaxed) {
-        let now = Instant::now();
-        if now >= next_sample {
+        let folds: Vec<Option<Instant>> = (0..workers).map(|i| server.shared.snapshot_time(i)).collect();
+        let all_folded = folds.iter().zip(&last_folds).all(|(now, was)| now.is_some() && now != was);
+        if all_folded || last_sample.elapsed() >= SAMPLE_AT_LATEST {
             server.sample();
-            next_sample += Duration::from_secs(1);
-            if next_sample <= now {
-                next_sample = now + Duration::from_secs(1);
-            }
+            last_sample = Instant::now();
+            last_folds = folds;
         }
-        let wait = next_sample.saturating_duration_since(now).min(Duration::from_millis(500));
         let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
-        let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::ZERO);
+        let timeout = PollTimeout::from(100u8);
         if poll(&mut fds, timeout).is_err() {
             std::thread::sleep(Duration::from_millis(50));
             continue;

@@ -429,6 +429,11 @@ impl Shared {
             .unwrap_or_default()
     }
 
+    /// When worker `i` last published its snapshot (and folded its counters).
+    pub fn snapshot_time(&self, i: usize) -> Option<Instant> {
+        self.snapshots.get(i).and_then(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner).at)
+    }
+
     /// Asks every worker to drain and stop.
     pub fn stop(&self) {
         self.shutdown.store(true, Ordering::SeqCst);
