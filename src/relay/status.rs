@@ -304,8 +304,28 @@ fn respond(server: &Server, stream: &mut TcpStream, code: u16, ctype: &str, body
         let _ = stream.write_all(body);
     }
     let _ = stream.flush();
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    // A lingering close: closing with unread input would reset the
+    // connection and could destroy the response before the client read
+    // it. What the client still sends is read and dropped, bounded.
+    let deadline = Instant::now() + LINGER;
+    let mut sink = [0u8; 4096];
+    let mut left = LINGER_BYTES;
+    while left > 0 {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() || stream.set_read_timeout(Some(wait)).is_err() {
+            break;
+        }
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
 }
+
+/// How long, and how much, a closing connection's input is drained.
+const LINGER: Duration = Duration::from_millis(500);
+const LINGER_BYTES: usize = 256 * 1024;
 
 // ---------------------------------------------------------------------------
 // /metrics
@@ -671,7 +691,7 @@ const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#
 h1{font-size:20px;margin:0 0 4px}h2{font-size:17px;margin:24px 0 6px}.meta{color:#5b6678;font-size:12px}\
 table{border-collapse:collapse;margin:6px 0 12px;min-width:640px}th,td{padding:4px 10px;text-align:left;\
 border-bottom:1px solid #e3e8ef;vertical-align:middle}th{background:#f0f3f8;font-weight:600;font-size:12px;\
-color:#39445a}td.n{text-align:right;font-variant-numeric:tabular-nums}.idle{color:#8a94a6}\
+color:#39445a}td.n{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}.idle{color:#8a94a6}\
 .svc{border:1px solid #dbe2ec;border-radius:6px;padding:4px 16px 8px;margin:14px 0}code{font-size:13px}";
 
 fn render_html(v: &StatusView) -> String {
