@@ -542,8 +542,8 @@ fn hostile_http_clients_do_not_hurt_the_relay() {
 
 /// Decodes a PNG (8-bit RGB or RGBA, non-interlaced) with python3's zlib
 /// and returns (width, height, distinct colours, share of non-white
-/// pixels, share of blue pixels).
-fn png_stats(path: &Path) -> (u64, u64, u64, f64, f64) {
+/// pixels, blue pixels).
+fn png_stats(path: &Path) -> (u64, u64, u64, f64, u64) {
     const SCRIPT: &str = r#"
 import sys, struct, zlib
 data = open(sys.argv[1], 'rb').read()
@@ -580,7 +580,7 @@ for y in range(h):
         if (r, g, bl) != (255, 255, 255): nonwhite += 1
         if bl > 150 and bl > r + 80: blue += 1
     prev = line
-print(w, h, len(colours), nonwhite / (w * h), blue / (w * h))
+print(w, h, len(colours), nonwhite / (w * h), blue)
 "#;
     let out = Command::new("python3").arg("-c").arg(SCRIPT).arg(path).output().expect("python3");
     assert!(out.status.success(), "png decode: {}", String::from_utf8_lossy(&out.stderr));
@@ -696,7 +696,7 @@ fn status_page_in_headless_chromium() {
     assert_eq!((w, h), (1200, 800));
     assert!(colours > 16, "{colours} colours: blank");
     assert!(nonwhite > 0.02, "only {:.1}% of the pixels are not white", nonwhite * 100.0);
-    assert!(blue > 0.0001, "no blue sparkline pixels ({blue})");
+    assert!(blue >= 30, "{blue} blue pixels: no sparkline drawn");
     if let Some(p) = keep {
         std::fs::copy(&shot, &p).expect("keep the screenshot");
         eprintln!("kept the screenshot as {}", Path::new(&p).display());
