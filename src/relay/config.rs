@@ -916,6 +916,19 @@ mod tests {
     }
 
     #[test]
+    fn toml_metrics() {
+        let svc = "[[service]]\nlisten = [\"127.0.0.1:5930\"]\ndisable-ticketing = true\nchannels = [\"128=echo:\"]\n";
+        let c = ServeConfig::from_toml(&format!("[relay]\nmetrics = \"127.0.0.1:9930\"\n{svc}"), "f").expect("ok");
+        assert_eq!(c.limits.metrics, Some("127.0.0.1:9930".parse().expect("addr")));
+        assert_eq!(ServeConfig::from_toml(svc, "f").expect("ok").limits.metrics, None);
+        let e =
+            ServeConfig::from_toml(&format!("[relay]\nworkers = 1\nmetrics = \"nowhere\"\n{svc}"), "f").unwrap_err();
+        assert_eq!(e.origin, "f:3", "{e}");
+        let e = ServeConfig::from_toml(&format!("[relay]\nmetrics = \"127.0.0.1:5930\"\n{svc}"), "f").unwrap_err();
+        assert!(e.message.contains("also a listen address"), "{e}");
+    }
+
+    #[test]
     fn toml_full() {
         let text = "[relay]\nworkers = 1\nbusy = \"refuse\"\n[[service]]\nname = \"vm1\"\nlisten = [\"127.0.0.1:5930\"]\ndisable-ticketing = true\nchannels = [\"usbredir=echo:\", \"usbredir=sink:\", \"port:a.b=echo:\", \"200=sink:\"]\n";
         let c = ServeConfig::from_toml(text, "f").expect("ok");
