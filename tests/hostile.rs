@@ -335,3 +335,79 @@ fn drain_time_bounds_the_exit() {
     ch.reader.set_read_timeout(Some(T)).expect("timeout");
     assert!(matches!(ch.reader.read(&mut rest), Ok(0) | Err(_)), "closed at the end of the drain");
 }
+
+/// Half-open floods: 2,000 connections from 127.0.0.2 (half send nothing,
+/// half 8 bytes of a link header) held while more keep coming; a fresh
+/// source (127.0.0.3) still links a session and echoes, fast. The relay
+/// closes the oldest link-stage connections to make room (counted, one log
+/// line per second).
+#[test]
+fn half_open_flood_does_not_lock_out_a_fresh_session() {
+    let relay = start(&["--disable-ticketing", "--channel", "128=echo:"]);
+    let sa: std::net::SocketAddr = relay.addr().parse().expect("addr");
+    let flood = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let fresh = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+    let open = move |k: usize| -> Option<std::net::TcpStream> {
+        let mut s = vmcrelay::relay::sync_client::tcp_from(sa, flood).ok()?;
+        if k % 2 == 1 {
+            use std::io::Write;
+            let _ = s.write_all(b"REDQ\x02\x00\x00\x00");
+        }
+        Some(s)
+    };
+    let mut held: Vec<std::net::TcpStream> = (0..2000).filter_map(open).collect();
+    assert!(held.len() >= 1900, "the flood opened {} connections", held.len());
+    // More keep coming while the fresh source links.
+    let stop = Arc::new(AtomicBool::new(false));
+    let churn = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut more = Vec::new();
+            let mut k = 0;
+            while !stop.load(Ordering::Relaxed) && k < 3000 {
+                if let Some(s) = open(k) {
+                    more.push(s);
+                }
+                k += 1;
+                if k % 100 == 0 {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            more.len()
+        })
+    };
+    let mut times = Vec::new();
+    for k in 0..5 {
+        let t = Instant::now();
+        let s = Session::connect_from(&relay.addr(), Some(fresh), b"", T).unwrap_or_else(|e| {
+            let log = relay.lines("w");
+            let tail: Vec<_> = log.iter().rev().take(20).collect();
+            panic!("a fresh session links during the flood: {e}; relay log tail: {tail:#?}")
+        });
+        let mut c = s.open(128, 0, false).expect("its channel links");
+        echo_on(&mut c, 64 * 1024, 100 + k);
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        drop(c);
+        s.close();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let churned = churn.join().expect("churn");
+    times.sort_by(f64::total_cmp);
+    let max_ms = times.last().copied().unwrap_or(0.0);
+    eprintln!(
+        "FIGURES flood: {} half-open held + {churned} more during the test; fresh session link+channel+64 KiB echo: \
+         median {:.1} ms, max {max_ms:.1} ms",
+        held.len(),
+        times[times.len() / 2]
+    );
+    assert!(max_ms < 1000.0, "a fresh session links and echoes within 1 s during the flood ({max_ms:.1} ms)");
+    relay.wait_log("throttle evict addr=127.0.0.2", T);
+    assert!(relay.lines("throttle evict addr=127.0.0.3").is_empty(), "the fresh source is never evicted");
+    let lines = relay.lines("throttle evict");
+    assert!(lines.len() <= 30, "evictions are logged at most once per second per worker: {} lines", lines.len());
+    held.clear();
+    // The relay still serves normally afterwards.
+    let s = Session::connect(&relay.addr(), b"", T).expect("session after the flood");
+    let mut c = s.open(128, 0, false).expect("channel after the flood");
+    echo_on(&mut c, 1 << 20, 999);
+}

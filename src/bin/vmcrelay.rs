@@ -645,6 +645,15 @@ struct ServeArgs {
     /// Seconds a client may take to finish the link stage [default: 10].
     #[arg(long, value_name = "S")]
     link_timeout_secs: Option<u64>,
+    /// Connections still in the link stage (accepted, not linked) per worker. When full, the oldest
+    /// is closed to make room, so a flood of half-open connections cannot keep a fresh client out;
+    /// link-stage connections hold no key and wait for no key thread [default: 128].
+    #[arg(long, value_name = "N")]
+    max_link_stage: Option<usize>,
+    /// Link-stage connections from one source address (IPv6: its /64) per worker; over it, that
+    /// address's oldest link-stage connection is closed [default: 32].
+    #[arg(long, value_name = "N")]
+    max_link_stage_per_addr: Option<usize>,
     /// On SIGTERM/SIGINT: seconds linked channels are still served (until they end) before what was
     /// accepted is flushed and the rest closed [default: 5].
     #[arg(long, value_name = "S")]
@@ -748,6 +757,12 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     }
     if let Some(t) = a.link_timeout_secs {
         l.link_timeout_secs = t;
+    }
+    if let Some(n) = a.max_link_stage {
+        l.max_link_stage = n;
+    }
+    if let Some(n) = a.max_link_stage_per_addr {
+        l.max_link_stage_per_addr = n;
     }
     if let Some(t) = a.drain_secs {
         l.drain_secs = t;

@@ -219,6 +219,12 @@ pub struct Limits {
     pub max_control_bytes: usize,
     /// Seconds a client may take to finish the link stage.
     pub link_timeout_secs: u64,
+    /// Connections in the link stage (accepted, not linked) per worker;
+    /// when full, the oldest is closed to make room for the newest.
+    pub max_link_stage: usize,
+    /// Link-stage connections per source address (IPv6: its /64) per
+    /// worker; over it, that address's oldest is closed.
+    pub max_link_stage_per_addr: usize,
     /// Seconds SIGTERM/SIGINT keeps serving linked channels before the
     /// rest is flushed and closed.
     pub drain_secs: u64,
@@ -270,6 +276,8 @@ impl Default for Limits {
             max_payload_bytes: 64 * 1024,
             max_control_bytes: 64 * 1024,
             link_timeout_secs: 10,
+            max_link_stage: 128,
+            max_link_stage_per_addr: 32,
             drain_secs: 5,
             auth_fail_limit: 3,
             auth_fail_window_secs: 60,
@@ -453,6 +461,8 @@ struct FileRelay {
     buffer_kib: Option<usize>,
     max_payload_kib: Option<usize>,
     link_timeout_secs: Option<u64>,
+    max_link_stage: Option<usize>,
+    max_link_stage_per_addr: Option<usize>,
     drain_secs: Option<u64>,
     auth_fail_limit: Option<u32>,
     auth_fail_window_secs: Option<u64>,
@@ -665,6 +675,8 @@ impl ServeConfig {
         if let Some(v) = r.link_timeout_secs {
             limits.link_timeout_secs = v;
         }
+        limits.max_link_stage = r.max_link_stage.unwrap_or(limits.max_link_stage);
+        limits.max_link_stage_per_addr = r.max_link_stage_per_addr.unwrap_or(limits.max_link_stage_per_addr);
         limits.drain_secs = r.drain_secs.unwrap_or(limits.drain_secs);
         limits.auth_fail_limit = r.auth_fail_limit.unwrap_or(limits.auth_fail_limit);
         limits.auth_fail_window_secs = r.auth_fail_window_secs.unwrap_or(limits.auth_fail_window_secs);
@@ -806,6 +818,9 @@ impl ServeConfig {
         }
         if l.max_conns_per_worker == 0 || l.max_conns_per_worker * 2 > crate::uring::MAX_BUFFERS {
             return Err(format!("max-conns-per-worker = {} must be 1..=16383", l.max_conns_per_worker));
+        }
+        if l.max_link_stage == 0 || l.max_link_stage_per_addr == 0 {
+            return Err("max-link-stage and max-link-stage-per-addr must be at least 1".into());
         }
         if l.buffer_bytes < 16 * 1024 || l.buffer_bytes > 16 * 1024 * 1024 {
             return Err("buffer size must be 16 KiB..=16 MiB".into());

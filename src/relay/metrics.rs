@@ -68,10 +68,13 @@ pub enum Reject {
     LinkTimeout = 2,
     /// No TLS session could start on a TLS listener.
     Tls = 3,
+    /// Closed in the link stage to make room (`--max-link-stage`,
+    /// `--max-link-stage-per-addr`).
+    LinkStageFull = 4,
 }
 
 /// Label values of [`Reject`], by index.
-pub const REJECT_REASONS: [&str; 4] = ["table_full", "throttled", "link_timeout", "tls"];
+pub const REJECT_REASONS: [&str; 5] = ["table_full", "throttled", "link_timeout", "tls", "link_stage_full"];
 
 /// Which counter set of a service a connection counts in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +154,7 @@ pub struct Counters {
     /// Per service: (first index in `channels`, number of configured channels).
     runs: Vec<(usize, usize)>,
     /// Per service: rejections by [`Reject`].
-    rejected: Box<[[AtomicU64; 4]]>,
+    rejected: Box<[[AtomicU64; 5]]>,
     /// Accept to link OK, every service and channel.
     pub link_duration: Histogram,
 }
@@ -213,8 +216,8 @@ impl Counters {
     }
 
     /// Rejections of `service` by [`Reject`] index.
-    pub fn rejected(&self, service: usize) -> [u64; 4] {
-        let mut out = [0; 4];
+    pub fn rejected(&self, service: usize) -> [u64; 5] {
+        let mut out = [0; 5];
         if let Some(r) = self.rejected.get(service) {
             for (o, a) in out.iter_mut().zip(r) {
                 *o = a.load(Ordering::Relaxed);

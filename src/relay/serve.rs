@@ -220,8 +220,16 @@ pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
              on a link that gets the same key (use 1 on untrusted networks)"
         );
     }
-    let keys = keypool::start(workers, per_worker_keys, reuse, shared.wakers(), Arc::clone(&stop_keys))
-        .map_err(|e| ServeError::Startup(format!("cannot start the key thread: {e}")))?;
+    // Without ticketing there is no ticket to protect: such services link
+    // with one key per worker and no key thread runs for them.
+    let need_keys = shared.config.services.iter().any(|s| s.password.is_some() || s.upstream.is_some());
+    let keys = if need_keys {
+        keypool::start(workers, per_worker_keys, reuse, shared.wakers(), Arc::clone(&stop_keys))
+            .map_err(|e| ServeError::Startup(format!("cannot start the key thread: {e}")))?
+    } else {
+        info!("main", "ticketing off on every service: one RSA key per worker, no per-link key generation");
+        (0..workers).map(|_| std::sync::mpsc::sync_channel(1).1).collect()
+    };
 
     // Build every worker first so start-up errors surface before any thread runs.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();

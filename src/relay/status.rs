@@ -332,7 +332,7 @@ const LINGER_BYTES: usize = 256 * 1024;
 
 /// The worker counters of `WorkerStats` as families: (name, type, help, field).
 type StatField = fn(&WorkerStats) -> &AtomicU64;
-const WORKER_FAMILIES: [(&str, &str, &str, StatField); 13] = [
+const WORKER_FAMILIES: [(&str, &str, &str, StatField); 14] = [
     ("vmcrelay_worker_links_ok_total", "counter", "Links completed.", |s| &s.links_ok),
     ("vmcrelay_worker_links_failed_total", "counter", "Links refused or failed.", |s| &s.links_failed),
     (
@@ -359,6 +359,12 @@ const WORKER_FAMILIES: [(&str, &str, &str, StatField); 13] = [
         "counter",
         "Sessions closed as a whole because a new session replaced them.",
         |s| &s.sessions_replaced,
+    ),
+    (
+        "vmcrelay_worker_links_evicted_total",
+        "counter",
+        "Link-stage connections closed to make room for newer ones (--max-link-stage).",
+        |s| &s.links_evicted,
     ),
 ];
 

@@ -56,7 +56,7 @@ pub enum ClientError {
 
 /// A TCP connection to `sa` from source address `source` (port chosen by
 /// the kernel); blocking connect.
-fn connect_from(sa: std::net::SocketAddr, source: std::net::IpAddr) -> std::io::Result<TcpStream> {
+pub fn tcp_from(sa: std::net::SocketAddr, source: std::net::IpAddr) -> std::io::Result<TcpStream> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, bind, connect, socket};
     use std::os::fd::AsRawFd;
     let family = if sa.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
@@ -81,7 +81,7 @@ fn link(
     let nothing = || cannot(std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address"));
     let sa = addr.to_socket_addrs().map_err(cannot)?.next().ok_or_else(nothing)?;
     let connected = match source {
-        Some(src) => connect_from(sa, src),
+        Some(src) => tcp_from(sa, src),
         None => TcpStream::connect_timeout(&sa, timeout),
     };
     let mut s = connected.map_err(|err| match err.kind() {

@@ -172,6 +172,10 @@ pub struct Worker {
     free: Vec<u32>,
     listeners: Vec<Listener>,
     keys: Receiver<TicketKey>,
+    /// Services without ticketing (and not fronting QEMU) link with this
+    /// one key: there is no ticket to protect, so no key is generated per
+    /// link and such links never wait for the key thread.
+    open_key: Option<TicketKey>,
     waiting_key: VecDeque<(u32, u32)>,
     link_cfg: Vec<ServerLinkConfig>,
     rng: rand::rngs::StdRng,
@@ -182,6 +186,18 @@ pub struct Worker {
     /// Connections held back by the failed-ticket throttle: (slot,
     /// generation, not before). At most one per slot.
     held: Vec<(u32, u32, Instant)>,
+    /// Accepted connections in accept order (slot, generation, source
+    /// address), for the link-stage budget; entries that linked or closed
+    /// are dropped lazily.
+    link_stage: VecDeque<(u32, u32, Option<std::net::IpAddr>)>,
+    /// Link-stage evictions since the last log line, and when it was.
+    evicted_quiet: u64,
+    evict_logged: Instant,
+    /// Table-full rejections since the last log line, and when it was.
+    rejected_quiet: u64,
+    reject_logged: Instant,
+    /// Accepted connections waiting for a slot (service, TLS listener).
+    pending: VecDeque<(OwnedFd, usize, bool)>,
     started: Instant,
     /// Worker 0 logs totals every `stats_secs`: (when, c2e, e2c) last time.
     last_stats: (Instant, u64, u64),
@@ -230,6 +246,13 @@ impl Worker {
                 listeners.push(Listener { fd: bind_tcp(*a)?, service: si, tls: true });
             }
         }
+        let open_key = if shared.config.services.iter().any(|s| s.password.is_none() && s.upstream.is_none()) {
+            let mut rng = rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
+                .map_err(|e| anyhow::anyhow!("cannot seed from the OS random source: {e}"))?;
+            Some(TicketKey::generate(&mut rng).map_err(|e| anyhow::anyhow!("cannot generate the RSA key: {e}"))?)
+        } else {
+            None
+        };
         let link_cfg = shared
             .config
             .services
@@ -245,6 +268,7 @@ impl Worker {
             free: (0..u32::try_from(max).unwrap_or(0)).rev().collect(),
             listeners,
             keys,
+            open_key,
             waiting_key: VecDeque::new(),
             link_cfg,
             rng: rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
@@ -252,6 +276,12 @@ impl Worker {
             draining: None,
             stopping: None,
             held: Vec::new(),
+            link_stage: VecDeque::new(),
+            evicted_quiet: 0,
+            rejected_quiet: 0,
+            reject_logged: Instant::now().checked_sub(Duration::from_secs(2)).unwrap_or_else(Instant::now),
+            pending: VecDeque::new(),
+            evict_logged: Instant::now().checked_sub(Duration::from_secs(2)).unwrap_or_else(Instant::now),
             started: Instant::now(),
             last_stats: (Instant::now(), 0, 0),
             ctl: None,
@@ -281,6 +311,9 @@ impl Worker {
             self.ring.reap(&mut comps);
             for c in comps.drain(..) {
                 self.on_completion(c);
+            }
+            if !self.pending.is_empty() {
+                self.admit_pending();
             }
             if (self.draining.is_some() || self.stopping.is_some()) && self.free.len() == self.slots.len() {
                 break;

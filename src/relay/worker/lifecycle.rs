@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// Accepted connections that may wait for a slot per worker.
+const PENDING_ACCEPTS: usize = 1024;
+
 impl Worker {
     pub(super) fn on_accept(&mut self, li: usize, c: Completion) {
         if !c.more
@@ -26,17 +29,44 @@ impl Worker {
         if self.draining.is_some() || self.stopping.is_some() {
             return;
         }
-        let peer = endpoint::peer_of(&fd);
         let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
         let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::KeepAlive, &true);
+        self.admit(fd, service, tls);
+    }
+
+    /// Slots freed since the last batch take the connections that waited
+    /// for one (oldest first).
+    pub(super) fn admit_pending(&mut self) {
+        while !self.free.is_empty() {
+            let Some((fd, service, tls)) = self.pending.pop_front() else { return };
+            if self.draining.is_some() || self.stopping.is_some() {
+                self.pending.clear();
+                return;
+            }
+            self.admit(fd, service, tls);
+        }
+    }
+
+    /// A new connection takes a slot, or waits for one: link-stage
+    /// connections closed to make room free their slots only once their
+    /// cancelled ops complete, which a burst of accepts in one batch
+    /// outruns. The wait queue is small; when it is full its oldest is
+    /// turned away.
+    fn admit(&mut self, fd: OwnedFd, service: usize, tls: bool) {
+        let peer = endpoint::peer_of(&fd);
+        let ip = shared::throttle_key(&peer);
+        self.make_link_room(ip);
+        if self.free.is_empty() {
+            if self.pending.len() >= PENDING_ACCEPTS
+                && let Some((old, s, _)) = self.pending.pop_front()
+            {
+                self.table_full(s, &endpoint::peer_of(&old));
+            }
+            self.pending.push_back((fd, service, tls));
+            return;
+        }
         let Some(slot) = self.new_conn(fd, peer.clone(), service, Stage::WaitKey, false) else {
-            self.stats().conns_rejected.fetch_add(1, Ordering::Relaxed);
-            self.shared.metrics.reject(service, Reject::TableFull);
-            warn!(
-                self.who,
-                "reject peer={peer} reason=\"connection table full ({} per worker; raise --max-conns)\"",
-                self.slots.len()
-            );
+            self.table_full(service, &peer);
             return;
         };
         if tls {
@@ -50,6 +80,7 @@ impl Worker {
             }
         }
         let generation = self.slots[slot as usize].generation;
+        self.link_stage.push_back((slot, generation, ip));
         // The failed-ticket throttle: an address that guessed wrong too
         // often waits before its link even starts (no key spent on it).
         if let Some(ip) = shared::throttle_key(&peer) {
@@ -68,14 +99,90 @@ impl Worker {
                 return;
             }
         }
-        self.waiting_key.push_back((slot, generation));
-        self.serve_key_waiters();
+        self.start_link(slot, generation);
+    }
+
+    /// Turns a connection away: the table is full of linked connections.
+    /// Logged once per second at most, with the count since.
+    fn table_full(&mut self, service: usize, peer: &str) {
+        self.stats().conns_rejected.fetch_add(1, Ordering::Relaxed);
+        self.shared.metrics.reject(service, Reject::TableFull);
+        self.rejected_quiet += 1;
+        let now = Instant::now();
+        if now.duration_since(self.reject_logged) >= Duration::from_secs(1) {
+            warn!(
+                self.who,
+                "reject peer={peer} reason=\"connection table full ({} per worker; raise --max-conns)\" rejected={} \
+                 (one line per second)",
+                self.slots.len(),
+                self.rejected_quiet
+            );
+            self.reject_logged = now;
+            self.rejected_quiet = 0;
+        }
+    }
+
+    /// Whether `(slot, generation)` is an accepted connection that has not
+    /// linked yet.
+    fn in_link_stage(&self, slot: u32, generation: u32) -> bool {
+        self.slots.get(slot as usize).filter(|s| s.generation == generation).and_then(|s| s.conn.as_ref()).is_some_and(
+            |c| c.closing.is_none() && !c.client_role && matches!(c.stage, Stage::WaitKey | Stage::Link { .. }),
+        )
+    }
+
+    /// The link-stage budget, before a new connection takes a slot: over
+    /// the per-address cap that address's oldest link-stage connection
+    /// closes; with the link-stage table full, or the slot table down to
+    /// its reserve, the oldest of all closes. The newest always gets in,
+    /// so a flood of half-open connections cannot keep a fresh client out.
+    fn make_link_room(&mut self, ip: Option<std::net::IpAddr>) {
+        let mut stage = std::mem::take(&mut self.link_stage);
+        stage.retain(|&(s, g, _)| self.in_link_stage(s, g));
+        let l = &self.shared.config.limits;
+        let per_addr = ip.map_or(0, |ip| stage.iter().filter(|e| e.2 == Some(ip)).count());
+        let reserve = (self.slots.len() / 32).max(1);
+        let victim = if ip.is_some() && per_addr >= l.max_link_stage_per_addr {
+            stage.iter().position(|e| e.2 == ip).map(|i| (i, "per-address link-stage cap (--max-link-stage-per-addr)"))
+        } else if stage.len() >= l.max_link_stage || self.free.len() <= reserve {
+            // The oldest of the address holding the most link-stage
+            // connections: a flood pays for itself, a lone client is spared.
+            let mut counts: HashMap<Option<std::net::IpAddr>, usize> = HashMap::new();
+            for e in &stage {
+                *counts.entry(e.2).or_default() += 1;
+            }
+            let heavy = counts.into_iter().max_by_key(|&(_, n)| n).map(|(a, _)| a);
+            heavy.and_then(|a| stage.iter().position(|e| e.2 == a)).map(|i| (i, "link stage full (--max-link-stage)"))
+        } else {
+            None
+        };
+        let victim = victim.and_then(|(i, why)| stage.remove(i).map(|v| (v, why)));
+        self.link_stage = stage;
+        let Some(((slot, _, vip), why)) = victim else { return };
+        self.stats().links_evicted.fetch_add(1, Ordering::Relaxed);
+        let service = self.slots[slot as usize].conn.as_ref().map_or(0, |c| c.service);
+        self.shared.metrics.reject(service, Reject::LinkStageFull);
+        // One line per second at most, with the count since the last one.
+        self.evicted_quiet += 1;
+        let now = Instant::now();
+        if now.duration_since(self.evict_logged) >= Duration::from_secs(1) {
+            let addr = vip.map_or_else(|| "?".to_string(), |a| a.to_string());
+            warn!(
+                self.who,
+                "throttle evict addr={addr} reason=\"{why}\" evicted={} (oldest link-stage connections closed to \
+                 make room for new ones; one line per second)",
+                self.evicted_quiet
+            );
+            self.evict_logged = now;
+            self.evicted_quiet = 0;
+        }
+        self.with_conn(slot, |w, conn| w.close(slot, conn, why));
     }
 
     /// Held connections whose time came start their link (one per address
     /// per delay: the gate is asked again).
     pub(super) fn release_held(&mut self, now: Instant) {
         let mut held = std::mem::take(&mut self.held);
+        let mut go = Vec::new();
         held.retain_mut(|(slot, generation, until)| {
             let Some(conn) =
                 self.slots.get(*slot as usize).filter(|s| s.generation == *generation).and_then(|s| s.conn.as_ref())
@@ -92,7 +199,7 @@ impl Worker {
                 .map_or(shared::Gate::Go, |ip| self.shared.throttle().gate(ip, now, &self.shared.config.limits));
             match gate {
                 shared::Gate::Go => {
-                    self.waiting_key.push_back((*slot, *generation));
+                    go.push((*slot, *generation));
                     false
                 }
                 shared::Gate::Wait(t) => {
@@ -102,7 +209,36 @@ impl Worker {
             }
         });
         self.held = held;
+        for (slot, generation) in go {
+            self.start_link(slot, generation);
+        }
         self.serve_key_waiters();
+    }
+
+    /// Starts the link of a new connection: at once for a service without
+    /// ticketing (the worker's one open key), else when a fresh key is
+    /// ready (FIFO).
+    pub(super) fn start_link(&mut self, slot: u32, generation: u32) {
+        let open = self.slots[slot as usize]
+            .conn
+            .as_ref()
+            .map(|c| &self.shared.config.services[c.service])
+            .is_some_and(|s| s.password.is_none() && s.upstream.is_none());
+        match self.open_key.as_ref().filter(|_| open).map(TicketKey::share) {
+            Some(key) => self.link_with(slot, key),
+            None => {
+                self.waiting_key.push_back((slot, generation));
+                self.serve_key_waiters();
+            }
+        }
+    }
+
+    fn link_with(&mut self, slot: u32, key: TicketKey) {
+        self.with_conn(slot, |w, conn| {
+            let link = ServerLink::new(&w.link_cfg[conn.service], key);
+            conn.stage = Stage::Link { link: Box::new(link), req: None, conf: None, ep: None };
+            w.pump_in(slot, conn);
+        });
     }
 
     pub(super) fn serve_key_waiters(&mut self) {
@@ -115,11 +251,7 @@ impl Worker {
             let Ok(key) = self.keys.try_recv() else { return };
             self.shared.mailboxes[self.id].keys_ready.fetch_sub(1, Ordering::Relaxed);
             self.waiting_key.pop_front();
-            self.with_conn(slot, |w, conn| {
-                let link = ServerLink::new(&w.link_cfg[conn.service], key);
-                conn.stage = Stage::Link { link: Box::new(link), req: None, conf: None, ep: None };
-                w.pump_in(slot, conn);
-            });
+            self.link_with(slot, key);
         }
     }
 
@@ -345,7 +477,7 @@ impl Worker {
         info!(
             self.who,
             "stats conns_open={} links_ok={} links_failed={} rejected={} protocol_errors={} auth_failures={} \
-             links_throttled={} links_busy={} sessions_replaced={} c2e_bytes={c2e} e2c_bytes={e2c} c2e_mib_s={:.1} \
+             links_throttled={} links_busy={} sessions_replaced={} links_evicted={} c2e_bytes={c2e} e2c_bytes={e2c} c2e_mib_s={:.1} \
              e2c_mib_s={:.1} uptime_s={}",
             sum(|s| &s.conns_open),
             sum(|s| &s.links_ok),
@@ -356,6 +488,7 @@ impl Worker {
             sum(|s| &s.links_throttled),
             sum(|s| &s.links_busy),
             sum(|s| &s.sessions_replaced),
+            sum(|s| &s.links_evicted),
             mib(c2e - c2e0) / secs,
             mib(e2c - e2c0) / secs,
             self.started.elapsed().as_secs()

@@ -316,6 +316,8 @@ pub struct WorkerStats {
     pub links_busy: AtomicU64,
     /// Sessions closed as a whole because a new session replaced them.
     pub sessions_replaced: AtomicU64,
+    /// Link-stage connections closed to make room for newer ones.
+    pub links_evicted: AtomicU64,
 }
 
 /// Why `connect` gave up for good (the exit code follows from it).
