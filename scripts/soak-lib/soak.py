@@ -9,6 +9,7 @@ scripts/bench-lib/procs.py (own process group, PDEATHSIG, killed on exit).
 import argparse
 import json
 import os
+import queue
 import random
 import re
 import selectors
@@ -186,6 +187,7 @@ class Ctx:
         self.work = work
         self.stats = Stats()
         self.stop = threading.Event()
+        self.finished = threading.Event()  # set once the end checks are done
         self.addr = None
         self.relay = None
         self.relay_log = os.path.join(work, "relay.log")
@@ -239,7 +241,12 @@ def vmcload_run(ctx, kind, argv, timeout):
         report = json.loads(out) if out.strip() else None
     except ValueError:
         pass
-    return rc, report, procs.tail(log_path, 4)
+    why = procs.tail(log_path, 4)
+    if rc != 0 and report:
+        # vmcload -q puts its reasons in the report.
+        why = f" integrity={report.get('integrity')} mismatch={report.get('mismatch')} " \
+              f"errors={report.get('error_messages', [])[:3]} timed_out={report.get('timed_out')}" + why
+    return rc, report, why
 
 
 def w_bulk(mode, channel, conn_index):
@@ -481,7 +488,8 @@ def w_garbage(ctx):
         elif ok is None:
             pass  # stopped
         else:
-            ctx.stats.fail(kind, f"{v}: the relay kept the connection open for {time.monotonic() - t0:.1f} s ({ok})")
+            what = "the relay kept the connection open" if ok == "not closed" else ok
+            ctx.stats.fail(kind, f"{v}: {what} ({time.monotonic() - t0:.1f} s)")
 
 
 def _garbage_one(ctx, v, deadline):
@@ -544,13 +552,40 @@ def _garbage_post_link(ctx, v, deadline):
     s = conn.sock
     try:
         hl = 6 if conn.mini else 18
-        if v in ("post-link-absurd", "post-link-data-absurd"):
-            t = spice.MSG_DATA if v == "post-link-data-absurd" else 104
+        if v == "post-link-absurd":
+            # A control message on main over the 64 KiB bound: the relay must close.
             size = random.choice([0xFFFFFFFF, 0x7FFFFFFF, 200 << 20])
-            hdr = struct.pack("<HI", t, size) if conn.mini else struct.pack("<QHII", 1, t, size, 0)
+            hdr = struct.pack("<HI", 104, size) if conn.mini else struct.pack("<QHII", 1, 104, size, 0)
             s.sendall(hdr + os.urandom(1024))
             closed = _expect_close(s, deadline)
             return True if closed else ("not closed" if not ctx.stop.is_set() else None)
+        if v == "post-link-data-absurd":
+            # A DATA message announcing up to 4 GiB: payload is streamed, never
+            # buffered whole, so the relay may pass it on; what the echo sends
+            # back must be exactly the bytes that followed the header.
+            size = random.choice([0xFFFFFFFF, 0x7FFFFFFF, 200 << 20])
+            payload = os.urandom(random.randint(1, 65536))
+            hdr = struct.pack("<HI", spice.MSG_DATA, size) if conn.mini else struct.pack("<QHII", 1, spice.MSG_DATA, size, 0)
+            s.sendall(hdr + payload)
+            back = bytearray()
+            s.settimeout(1.0)
+            end = time.monotonic() + 3
+            try:
+                while len(back) < len(payload) and time.monotonic() < end:
+                    try:
+                        m = conn.recv_msg()
+                    except socket.timeout:
+                        continue
+                    if m is None:
+                        break
+                    if m[0] == spice.MSG_DATA:
+                        back += m[1]
+            except (OSError, spice.SpiceError):
+                pass
+            if bytes(back) != payload[: len(back)]:
+                return f"the echo of the bytes after an absurd DATA header differs ({len(back)} B back)"
+            ctx.stats.bump("garbage_absurd_data_echoed" if len(back) == len(payload) else "garbage_absurd_data_short")
+            return True
         # Random bytes parse as messages of random types and sizes: the relay may
         # drop them, wait for a long body, or close; it must not die. Then we close.
         s.sendall(os.urandom(random.randint(hl, 2048)))
@@ -645,7 +680,7 @@ def w_endpoint_killer(ctx):
         with ctx.lock:
             ctx.endpoint_kills.append(time.monotonic())
         procs.stop(p, sig=signal.SIGKILL)
-        ctx.sleep(random.uniform(1, 3))
+        time.sleep(random.uniform(1, 3))  # the endpoint's down time, even at the stop
         try:
             p = start_restart_endpoint(ctx)
         except procs.BenchError as e:
@@ -654,6 +689,9 @@ def w_endpoint_killer(ctx):
         ctx.restart_ep = p
         ctx.endpoint_up.set()
         ctx.stats.bump("endpoint_restarts")
+    # PR_SET_PDEATHSIG fires when the *thread* that started a child ends: the
+    # endpoint this thread started must live until the end checks are done.
+    ctx.finished.wait()
 
 
 def _recently_killed(ctx, within=6.0):
@@ -729,9 +767,15 @@ def _usbredir_session(ctx, kind, sess, ch_id):
     lives = 0
     while not ctx.stop.is_set() and lives < 5:
         if ch_id is None:
-            try:
-                t, ch_id = sess.announced.get(timeout=25)
-            except Exception:  # queue.Empty
+            t = None
+            for _ in range(25):
+                try:
+                    t, ch_id = sess.announced.get(timeout=1)
+                    break
+                except queue.Empty:
+                    if ctx.stop.is_set():
+                        return
+            if t is None:
                 ctx.stats.fail(kind, "the channel was not announced again within 25 s")
                 return
             if t != CH_USBREDIR:
@@ -770,8 +814,10 @@ def _usbredir_session(ctx, kind, sess, ch_id):
                 if not _recently_killed(ctx):
                     why = f"channel error while the endpoint was up: {e}"
             if m is None:
-                if why is None and not _recently_killed(ctx):
-                    why = "channel closed while the endpoint was up"
+                if why is None and not _recently_killed(ctx) and not ctx.stop.is_set():
+                    with ctx.lock:
+                        ago = [round(time.monotonic() - t, 2) for t in ctx.endpoint_kills[-2:]]
+                    why = f"channel closed while the endpoint was up (last kills {ago} s ago)"
                 break
             if m[0] != spice.MSG_DATA:
                 continue
@@ -1246,7 +1292,7 @@ def main(argv):
     if args.half_open:
         threads.append(guarded(ctx, "half-open", w_half_open))
     if not args.no_endpoint_restart:
-        threads.append(guarded(ctx, "endpoint-restart", w_endpoint_killer))
+        guarded(ctx, "endpoint-restart", w_endpoint_killer)  # lives until ctx.finished
     threads.append(guarded(ctx, "endpoint-restart/usbredir", w_restart_usbredir))
     threads.append(guarded(ctx, "endpoint-restart/port", w_restart_port))
     threads.append(guarded(ctx, "client-kill", w_client_kill))
@@ -1278,7 +1324,8 @@ def main(argv):
         t.join(timeout=max(0.1, join_deadline - time.monotonic()))
     stuck = [t.name for t in threads if t.is_alive()]
     checks.append(("every load thread ended", not stuck, ", ".join(stuck) if stuck else ""))
-    if not ctx.endpoint_up.is_set() or (ctx.restart_ep.poll() is not None):
+    ctx.endpoint_up.wait(10)
+    if ctx.restart_ep.poll() is not None:
         try:
             ctx.restart_ep = start_restart_endpoint(ctx)
         except procs.BenchError:
@@ -1351,6 +1398,7 @@ def main(argv):
                        "checks": [{"name": n, "ok": o, "detail": d} for n, o, d in checks],
                        "rss_kib": {"cold": rss_cold, "start": rss_start, "peak": mon.rss_peak, "end": rss_end}, "fds": {"start": fds_start, "peak": mon.fds_peak, "end": fds_end},
                        "load_s": load_s, "ok": everything}, fh, indent=1)
+    ctx.finished.set()
     procs.kill_all()
     if everything and not args.keep:
         shutil.rmtree(work, ignore_errors=True)
