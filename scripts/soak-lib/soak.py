@@ -1104,8 +1104,7 @@ def fresh_session_check(ctx, total=MiB):
 # Expected WARN/ERROR lines: (name, pattern over the message, source addresses it may name).
 EXPECTED = [
     ("throttle", re.compile(r"^throttle addr=(\S+)"), {WRONG_PW}),
-    ("link timeout", re.compile(r"link to (\S+?):\d+ channel=\S+ failed: "), {GARBAGE, HALF_OPEN}),
-    ("protocol error", re.compile(r"peer=(\S+?):\d+ "), {GARBAGE, HALF_OPEN, WRONG_PW}),
+    ("protocol error", re.compile(r"^peer=(\S+?):\d+ channel=\S+ protocol error: "), {GARBAGE}),
     ("endpoint unavailable", re.compile(r"^endpoint unavailable service=\S+ channel=(?:usbredir:\d+|port:" + re.escape(RESTART_PORT) + r") endpoint=unix:(\S+) "), None),
     ("endpoint gone", re.compile(r"^endpoint gone channel=(?:usbredir:\d+|port:" + re.escape(RESTART_PORT) + r")"), None),
 ]
