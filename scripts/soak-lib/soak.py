@@ -1176,9 +1176,23 @@ class Monitor:
         self.ctx, self.t_end = ctx, t_end
         self.rss_peak = 0
         self.fds_peak = 0
+        self.samples = []  # (monotonic time, RSS KiB), one a second
         self.done = threading.Event()
         self.t = threading.Thread(target=self._run, daemon=True)
         self.t.start()
+
+    def trend_mib_per_min(self, t_from, t_to):
+        """Least-squares slope of RSS over [t_from, t_to], MiB per minute (None if too few samples)."""
+        pts = [(t, r) for t, r in self.samples if t_from <= t <= t_to]
+        if len(pts) < 10:
+            return None
+        n = len(pts)
+        mt = sum(t for t, _ in pts) / n
+        mr = sum(r for _, r in pts) / n
+        var = sum((t - mt) ** 2 for t, _ in pts)
+        if var == 0:
+            return None
+        return sum((t - mt) * (r - mr) for t, r in pts) / var * 60 / 1024
 
     def _run(self):
         ctx = self.ctx
@@ -1187,6 +1201,7 @@ class Monitor:
         t0 = ctx.stats.t0
         while not self.done.wait(1.0):
             rss, fds = proc_rss_kib(pid) or 0, proc_fds(pid) or 0
+            self.samples.append((time.monotonic(), rss))
             self.rss_peak = max(self.rss_peak, rss)
             self.fds_peak = max(self.fds_peak, fds)
             now = time.monotonic()
@@ -1427,6 +1442,8 @@ def main(argv):
                    "\n      ".join(unexpected[:10]) + (f"\n      ... {len(unexpected) - 10} more" if len(unexpected) > 10 else "")))
 
     kinds, extra = ctx.stats.snapshot()
+    t_load_end = ctx.stats.t0 + load_s
+    extra["rss_trend_second_half_mib_per_min"] = mon.trend_mib_per_min(ctx.stats.t0 + load_s / 2, t_load_end)
     for k, v in sorted(kinds.items()):
         if v["failed"]:
             checks.append((f"{k}: no failed transfer", False, f"{v['failed']} failed"))
@@ -1477,6 +1494,8 @@ def report(ctx, kinds, extra, checks, load_s, settle_s, rss_cold, rss0, rss_peak
         f"half-open           {a.half_open} held, {kinds.get('half-open', {}).get('ok', 0)} timed out by the relay, longest held {extra.get('half_open_max_held_s', 0):.1f} s",
         f"endpoint restarts   {extra.get('endpoint_restarts', 0)} (port closed/opened events {extra.get('port_closed_events', 0)}/{extra.get('port_opened_events', 0)})",
         f"RSS                 cold {rss_cold / 1024:.1f} MiB, start (after the warm-up) {rss0 / 1024:.1f} MiB, peak {rss_peak / 1024:.1f} MiB, end {(rss1 or 0) / 1024:.1f} MiB",
+        f"RSS trend           {_fmt_trend(extra.get('rss_trend_second_half_mib_per_min'))} over the second half of the load "
+        "(information: a leak climbs steadily, the arena's working set in steps)",
         f"open fds            start {fds0}, peak {fds_peak}, end {fds1}",
         f"expected log lines  " + (", ".join(f"{k} {v}" for k, v in sorted(log_counts.items())) or "none"),
         "checks:",
@@ -1485,6 +1504,10 @@ def report(ctx, kinds, extra, checks, load_s, settle_s, rss_cold, rss0, rss_peak
         lines.append(f"  {'ok  ' if ok else 'FAIL'} {name}" + (f": {detail}" if detail else ""))
     lines.append("RESULT: " + ("PASS" if all(ok for _, ok, _ in checks) else "FAIL"))
     return "\n".join(lines)
+
+
+def _fmt_trend(v):
+    return "n/a" if v is None else f"{v:+.2f} MiB/min"
 
 
 if __name__ == "__main__":
