@@ -1130,6 +1130,8 @@ def fresh_session_check(ctx, total=MiB):
 # Expected WARN/ERROR lines: (name, pattern over the message, source addresses it may name).
 EXPECTED = [
     ("throttle", re.compile(r"^throttle addr=(\S+)"), {WRONG_PW}),
+    # The link-stage budget closes the oldest half-open connections of a flooding address.
+    ("link-stage evict", re.compile(r"^throttle evict addr=(\S+)"), {HALF_OPEN, GARBAGE, WRONG_PW}),
     ("protocol error", re.compile(r"^peer=(\S+?):\d+ channel=\S+ protocol error: "), {GARBAGE}),
     ("endpoint unavailable", re.compile(r"^endpoint unavailable service=\S+ channel=(?:usbredir:\d+|port:" + re.escape(RESTART_PORT) + r") endpoint=unix:(\S+) "), None),
     ("endpoint gone", re.compile(r"^endpoint gone channel=(?:usbredir:\d+|port:" + re.escape(RESTART_PORT) + r")"), None),
