@@ -196,8 +196,9 @@ pub struct Worker {
     /// Table-full rejections since the last log line, and when it was.
     rejected_quiet: u64,
     reject_logged: Instant,
-    /// Accepted connections waiting for a slot (service, TLS listener).
-    pending: VecDeque<(OwnedFd, usize, bool)>,
+    /// Accepted connections waiting for a slot (service, TLS listener,
+    /// source address).
+    pending: VecDeque<(OwnedFd, usize, bool, Option<std::net::IpAddr>)>,
     started: Instant,
     /// Worker 0 logs totals every `stats_secs`: (when, c2e, e2c) last time.
     last_stats: (Instant, u64, u64),

@@ -38,7 +38,7 @@ impl Worker {
     /// for one (oldest first).
     pub(super) fn admit_pending(&mut self) {
         while !self.free.is_empty() {
-            let Some((fd, service, tls)) = self.pending.pop_front() else { return };
+            let Some((fd, service, tls, _)) = self.pending.pop_front() else { return };
             if self.draining.is_some() || self.stopping.is_some() {
                 self.pending.clear();
                 return;
@@ -57,12 +57,19 @@ impl Worker {
         let ip = shared::throttle_key(&peer);
         self.make_link_room(ip);
         if self.free.is_empty() {
-            if self.pending.len() >= PENDING_ACCEPTS
-                && let Some((old, s, _)) = self.pending.pop_front()
-            {
-                self.table_full(s, &endpoint::peer_of(&old));
+            if self.pending.len() >= PENDING_ACCEPTS {
+                // The oldest waiting connection of the address with the most waiting.
+                let mut counts: HashMap<Option<std::net::IpAddr>, usize> = HashMap::new();
+                for e in &self.pending {
+                    *counts.entry(e.3).or_default() += 1;
+                }
+                let heavy = counts.into_iter().max_by_key(|&(_, n)| n).map(|(a, _)| a);
+                let i = heavy.and_then(|a| self.pending.iter().position(|e| e.3 == a)).unwrap_or(0);
+                if let Some((old, s, _, _)) = self.pending.remove(i) {
+                    self.table_full(s, &endpoint::peer_of(&old));
+                }
             }
-            self.pending.push_back((fd, service, tls));
+            self.pending.push_back((fd, service, tls, ip));
             return;
         }
         let Some(slot) = self.new_conn(fd, peer.clone(), service, Stage::WaitKey, false) else {
@@ -366,6 +373,7 @@ impl Worker {
         self.stats().ticks.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let timeout = Duration::from_secs(self.shared.config.limits.link_timeout_secs);
+        let mut timed_out = (0u64, String::new());
         for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
             let late = self.slots[slot as usize].conn.as_ref().is_some_and(|c| {
                 matches!(c.stage, Stage::WaitKey | Stage::Link { .. } | Stage::CLink { .. } | Stage::ULink { .. })
@@ -384,10 +392,26 @@ impl Worker {
                         w.close(slot, conn, &why);
                     } else {
                         w.shared.metrics.reject(conn.service, Reject::LinkTimeout);
+                        if timed_out.0 == 0 {
+                            timed_out.1.clone_from(&conn.peer);
+                        }
+                        timed_out.0 += 1;
                         w.close(slot, conn, "link timeout");
                     }
                 });
             }
+        }
+        if timed_out.0 > 0 {
+            // One line per tick: a flood of half-open connections is one
+            // line per second, not one per connection.
+            info!(
+                self.who,
+                "link timeout closed={} first_peer={} (connections that did not finish the link stage within {} s; \
+                 --link-timeout-secs)",
+                timed_out.0,
+                timed_out.1,
+                timeout.as_secs()
+            );
         }
         if let Some(t) = self.stopping
             && self.draining.is_none()
