@@ -50,8 +50,9 @@ impl Worker {
     /// A new connection takes a slot, or waits for one: link-stage
     /// connections closed to make room free their slots only once their
     /// cancelled ops complete, which a burst of accepts in one batch
-    /// outruns. The wait queue is small; when it is full its oldest is
-    /// turned away.
+    /// outruns. The wait queue is bounded; when it is full the oldest
+    /// waiting connection of the address with the most waiting is turned
+    /// away.
     fn admit(&mut self, fd: OwnedFd, service: usize, tls: bool) {
         let peer = endpoint::peer_of(&fd);
         let ip = shared::throttle_key(&peer);
@@ -140,7 +141,8 @@ impl Worker {
     /// The link-stage budget, before a new connection takes a slot: over
     /// the per-address cap that address's oldest link-stage connection
     /// closes; with the link-stage table full, or the slot table down to
-    /// its reserve, the oldest of all closes. The newest always gets in,
+    /// its reserve, the oldest of the address holding the most link-stage
+    /// connections closes. The newest always gets in,
     /// so a flood of half-open connections cannot keep a fresh client out.
     fn make_link_room(&mut self, ip: Option<std::net::IpAddr>) {
         let mut stage = std::mem::take(&mut self.link_stage);
