@@ -88,6 +88,14 @@ pub struct Service {
     pub busy: Option<BusyPolicy>,
 }
 
+impl Service {
+    /// Links of this service need no fresh RSA key each: no ticketing, and
+    /// not fronting QEMU (whose ticket vmcrelay re-encrypts).
+    pub fn open_links(&self) -> bool {
+        self.password.is_none() && self.upstream.is_none()
+    }
+}
+
 /// Where a SPICE server is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerAddr {

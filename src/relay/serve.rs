@@ -222,7 +222,7 @@ pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
     }
     // Without ticketing there is no ticket to protect: such services link
     // with one key per worker and no key thread runs for them.
-    let need_keys = shared.config.services.iter().any(|s| s.password.is_some() || s.upstream.is_some());
+    let need_keys = shared.config.services.iter().any(|s| !s.open_links());
     let keys = if need_keys {
         keypool::start(workers, per_worker_keys, reuse, shared.wakers(), Arc::clone(&stop_keys))
             .map_err(|e| ServeError::Startup(format!("cannot start the key thread: {e}")))?

@@ -247,7 +247,13 @@ impl Worker {
                 listeners.push(Listener { fd: bind_tcp(*a)?, service: si, tls: true });
             }
         }
-        let open_key = if shared.config.services.iter().any(|s| s.password.is_none() && s.upstream.is_none()) {
+        // Only services that accept links need it (not `connect`'s client-side config).
+        let open_key = if shared
+            .config
+            .services
+            .iter()
+            .any(|s| s.open_links() && !(s.listen.is_empty() && s.tls_listen.is_empty()))
+        {
             let mut rng = rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
                 .map_err(|e| anyhow::anyhow!("cannot seed from the OS random source: {e}"))?;
             Some(TicketKey::generate(&mut rng).map_err(|e| anyhow::anyhow!("cannot generate the RSA key: {e}"))?)

@@ -232,7 +232,7 @@ impl Worker {
             .conn
             .as_ref()
             .map(|c| &self.shared.config.services[c.service])
-            .is_some_and(|s| s.password.is_none() && s.upstream.is_none());
+            .is_some_and(super::super::config::Service::open_links);
         match self.open_key.as_ref().filter(|_| open).map(TicketKey::share) {
             Some(key) => self.link_with(slot, key),
             None => {
