@@ -102,6 +102,51 @@ fn ca(x509: &Path) -> String {
     x509.join("ca-cert.pem").display().to_string()
 }
 
+/// Regression (CI, 2026-12-03): an echo whose last bytes come back as two
+/// DATA messages (65,536 + 4,464 bytes) must arrive whole. When TLS records
+/// were cut every 16 KiB regardless of messages, the short last message sat
+/// in the record that ended the first one; spice-gtk reads on only while
+/// the socket is readable, so it never saw it and the transfer stalled.
+#[test]
+fn gtk_tls_message_sharing_a_record_is_not_stranded() {
+    if !peers_available(&["gtk", "openssl"]) {
+        return;
+    }
+    let dir = TempDir::new("tlstail");
+    let x509 = make_x509_dir(&dir.path("x509"));
+    let app = EchoApp::start(dir.path("app.sock"));
+    let tls = free_port();
+    let ch = format!("port:com.example.echo=unix:{}", app.path.display());
+    let _relay = tls_relay(None, tls, &x509, &["--disable-ticketing", "--channel", &ch]);
+    let uri = format!("spice://127.0.0.1?tls-port={tls}");
+    let ca = ca(&x509);
+    for bytes in ["70000", "200000"] {
+        let r = gtk(
+            &[
+                "port-echo",
+                "--uri",
+                &uri,
+                "--ca-file",
+                &ca,
+                "--port-name",
+                "com.example.echo",
+                "--bytes",
+                bytes,
+                "--chunk",
+                bytes,
+                "--inflight",
+                "1",
+                "--timeout",
+                "15",
+            ],
+            Duration::from_secs(40),
+        );
+        assert_eq!(r.code, 0, "gtk port-echo of one {bytes}-byte write over TLS failed: {}\n{}", r.json, r.stderr);
+        assert_eq!(r.field("bytes_received").as_deref(), Some(bytes), "{}", r.json);
+        assert_eq!(r.field("sha256_sent"), r.field("sha256_received"));
+    }
+}
+
 /// spice-gtk over TLS only (`?tls-port=`), checked by CA and subject, with
 /// a password: 64 MiB of port echo byte-exact; every link is TLS.
 #[test]

@@ -198,6 +198,9 @@ pub(super) struct Conn {
     pub(super) tx_busy: bool,
     pub(super) tx_len: usize,
     pub(super) tx_done: usize,
+    /// `tx` holds link bytes (not SPICE-framed); under TLS they go out
+    /// alone, never in one write with framed messages.
+    pub(super) tx_raw: bool,
     pub(super) rx_len: usize,
     pub(super) rx_pos: usize,
     pub(super) ctl_q: VecDeque<(u16, Vec<u8>)>,
@@ -286,6 +289,7 @@ impl Worker {
             tx_busy: false,
             tx_len: 0,
             tx_done: 0,
+            tx_raw: false,
             rx_len: 0,
             rx_pos: 0,
             ctl_q: VecDeque::new(),

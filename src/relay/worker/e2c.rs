@@ -48,9 +48,15 @@ impl Worker {
             Stage::ULink { link, hold: false, .. } => n = link.poll_output(tx),
             _ => {}
         }
+        let tls = conn.tls.is_some();
+        let mut raw_out = n > 0;
         // Control messages, framed now so serials follow the send order.
         while n == 0 || !conn.ctl_q.is_empty() {
             let Some((t, body)) = conn.ctl_q.front() else { break };
+            if tls && n > 0 && (raw_out || *t == u16::MAX) {
+                // Under TLS link bytes go out alone (see below).
+                break;
+            }
             let need = if *t == u16::MAX { body.len() } else { hl + body.len() };
             if n + need > tx.len() {
                 break;
@@ -64,8 +70,9 @@ impl Worker {
             }
             n += need;
             let raw = *t == u16::MAX;
+            raw_out |= raw;
             conn.ctl_q.pop_front();
-            if raw && conn.tls.is_some() {
+            if raw && tls {
                 // Link bytes end their TLS record: spice-gtk reads the link
                 // result, then waits for the socket to become readable
                 // again; a first message in the same record would sit in
@@ -76,6 +83,7 @@ impl Worker {
         if n > 0 {
             conn.tx_len = n;
             conn.tx_done = 0;
+            conn.tx_raw = raw_out;
             return self.write_client(slot, conn);
         }
         if let Some(r) = conn.close_after_flush.take() {
@@ -208,6 +216,7 @@ impl Worker {
             }
             conn.tx_len = out.len();
             conn.tx_done = 0;
+            conn.tx_raw = false;
             return self.write_client_owned(slot, conn, out);
         }
         let mut off = 0;
@@ -221,6 +230,7 @@ impl Worker {
         }
         conn.tx_len = off;
         conn.tx_done = 0;
+        conn.tx_raw = false;
         self.write_client(slot, conn);
     }
 

@@ -400,6 +400,7 @@ impl Worker {
             }
             conn.tx_len = out.len();
             conn.tx_done = 0;
+            conn.tx_raw = false;
             let t = self.tok(Op::PipeWrite, slot);
             let r = self.ring.write_owned(fd, out, 0, t);
             if self.pushed(slot, conn, r) {

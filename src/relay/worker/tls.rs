@@ -7,12 +7,22 @@
 //! records are on the wire: one plaintext write in flight per connection,
 //! the same back-pressure as the plain path. No splice under TLS.
 //!
+//! Every SPICE message toward the peer ends a TLS record (the next one
+//! starts a new record). spice-gtk needs this: after each message it reads
+//! on only while the *socket* is readable, never asking OpenSSL whether
+//! decrypted bytes of the record it holds are still waiting, so the start
+//! of a message that shares a record with the end of the previous one
+//! sits unseen until more bytes arrive (at the end of a transfer: never).
+//! spice-server writes each message part with its own `SSL_write`, which
+//! gives the same cut.
+//!
 //! The handshake runs inside the link stage: its deadline (the link
 //! timeout) covers it, and a peer that sends garbage, a truncated
 //! ClientHello or a plaintext SPICE link is a logged close of that
 //! connection only.
 
 use super::*;
+use crate::proto::framing::{Deframer, Event};
 use crate::tls::{Session, SessionError, SessionErrorKind};
 
 /// Ciphertext read per op: four full TLS records.
@@ -40,6 +50,8 @@ pub(super) struct TlsConn {
     eof: bool,
     /// The handshake result was logged.
     logged: bool,
+    /// Message boundaries in the plaintext sent so far (data stage).
+    cut: Option<Deframer>,
 }
 
 impl TlsConn {
@@ -56,6 +68,7 @@ impl TlsConn {
             done: None,
             eof: false,
             logged: false,
+            cut: None,
         })
     }
 }
@@ -219,14 +232,21 @@ impl Worker {
     }
 
     /// Sends plaintext `tx[tx_done..tx_len]` (or `owned[tx_done..]`)
-    /// through TLS; the client write completes once its records are sent.
+    /// through TLS, one SPICE message at a time so that each ends a record
+    /// (module docs); the client write completes once its records are sent.
     pub(super) fn tls_write(&mut self, slot: u32, conn: &mut Conn, owned: Option<Vec<u8>>) {
         let Some(t) = conn.tls.as_mut() else { return };
-        let accepted = match &owned {
-            Some(v) => v.get(conn.tx_done..).map_or(0, |b| t.sess.write_plaintext(b)),
-            None => {
-                let tx = self.ring.arena().get(conn.tx).and_then(|b| b.get(conn.tx_done..conn.tx_len));
-                tx.map_or(0, |b| t.sess.write_plaintext(b))
+        let data = match &owned {
+            Some(v) => v.get(conn.tx_done..),
+            None => self.ring.arena().get(conn.tx).and_then(|b| b.get(conn.tx_done..conn.tx_len)),
+        };
+        let accepted = match data {
+            None => 0,
+            // Link bytes are not framed and go out alone (`pump_out`).
+            Some(b) if conn.tx_raw => t.sess.write_plaintext(b),
+            Some(b) => {
+                let cut = t.cut.get_or_insert_with(|| Deframer::new(conn.enc.kind()));
+                write_messages(&mut t.sess, cut, b)
             }
         };
         if accepted == 0 && !t.sess.wants_output() && !t.writing {
@@ -300,5 +320,98 @@ impl Worker {
         out.resize(COUT_BYTES, 0);
         t.cout = Some(out);
         self.tls_flush(slot, conn);
+    }
+}
+
+/// Hands `data` to the session message by message: each `write_plaintext`
+/// call ends its last record, so a record never holds the end of one
+/// message and the start of the next. `cut` tracks where messages end
+/// across calls (a write may stop inside a message). Returns the bytes the
+/// session accepted.
+fn write_messages(sess: &mut Session, cut: &mut Deframer, data: &[u8]) -> usize {
+    let mut done = 0;
+    while done < data.len() {
+        let mut probe = cut.clone();
+        let piece = to_message_end(&mut probe, &data[done..]);
+        let k = sess.write_plaintext(&data[done..done + piece]);
+        if k == piece {
+            *cut = probe;
+        } else {
+            // Stopped inside this message: its end lies beyond `k`.
+            to_message_end(cut, &data[done..done + k]);
+        }
+        done += k;
+        if k < piece {
+            break;
+        }
+    }
+    done
+}
+
+/// Advances `d` over `data` up to the first message end; returns the bytes
+/// consumed (all of `data` if the current message ends later).
+fn to_message_end(d: &mut Deframer, data: &[u8]) -> usize {
+    let mut i = 0;
+    loop {
+        let (used, ev) = d.advance(&data[i..]);
+        i += used;
+        match ev {
+            Some(Event::Body { last: true, .. }) => return i,
+            None if used == 0 => return i,
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::framing::{Encoder, HeaderKind};
+
+    fn framed(kind: HeaderKind, sizes: &[u32]) -> Vec<u8> {
+        let mut enc = Encoder::new(kind);
+        let mut out = Vec::new();
+        for &n in sizes {
+            let mut h = [0u8; 18];
+            let hl = enc.header(101, n, &mut h).unwrap();
+            out.extend_from_slice(&h[..hl]);
+            out.extend(std::iter::repeat_n(7u8, n as usize));
+        }
+        out
+    }
+
+    #[test]
+    fn message_ends_are_found_in_any_split() {
+        for kind in [HeaderKind::Mini, HeaderKind::Full] {
+            let sizes = [5, 0, 70_000, 1, 0, 0, 16_384];
+            let bytes = framed(kind, &sizes);
+            let mut want = Vec::new();
+            let mut off = 0;
+            for &n in &sizes {
+                off += kind.len() + n as usize;
+                want.push(off);
+            }
+            for step in [1, 3, 6, 7, 18, 4096, bytes.len()] {
+                let mut d = Deframer::new(kind);
+                let mut ends = Vec::new();
+                let mut pos = 0;
+                for chunk in bytes.chunks(step) {
+                    let mut i = 0;
+                    while i < chunk.len() {
+                        let mut probe = d.clone();
+                        let k = to_message_end(&mut probe, &chunk[i..]);
+                        assert!(k > 0);
+                        let ended = probe.at_boundary();
+                        d = probe;
+                        i += k;
+                        if ended {
+                            ends.push(pos + i);
+                        }
+                    }
+                    pos += chunk.len();
+                }
+                assert_eq!(ends, want, "kind {kind:?} step {step}");
+            }
+        }
     }
 }
