@@ -400,10 +400,14 @@ fn half_open_flood_does_not_lock_out_a_fresh_session() {
         held.len(),
         times[times.len() / 2]
     );
-    // The goal is 1 s (the FIGURES line reports it); the bound leaves room
-    // for a loaded 2-core CI machine running another test beside this one.
-    // Before the link-stage budget no fresh session linked at all.
-    assert!(max_ms < 3000.0, "a fresh session links and echoes during the flood ({max_ms:.1} ms)");
+    // The goal is 1 s (the FIGURES line reports it: 18–473 ms max over 5
+    // quiet runs). The bounds leave room for a loaded 2-core CI machine
+    // (one run beside three release builds took 3.9 s for one session out
+    // of five, 13.5 ms median). Before the link-stage budget no fresh
+    // session linked at all.
+    let median = times[times.len() / 2];
+    assert!(median < 1000.0, "a fresh session links and echoes during the flood (median {median:.1} ms)");
+    assert!(max_ms < 6000.0, "a fresh session links and echoes during the flood ({max_ms:.1} ms)");
     relay.wait_log("throttle evict addr=127.0.0.2", T);
     assert!(relay.lines("throttle evict addr=127.0.0.3").is_empty(), "the fresh source is never evicted");
     let lines = relay.lines("throttle evict");

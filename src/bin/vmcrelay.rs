@@ -630,13 +630,24 @@ struct ServeArgs {
     /// Worker threads, one io_uring each [default: all cores].
     #[arg(long)]
     workers: Option<usize>,
-    /// Client connections per worker (each holds two buffers) [default: 256].
+    /// Client connections per worker, any stage. An idle or linking connection holds no data buffer
+    /// (about 2 KiB of relay memory plus its sockets), so this can be large; the relay raises its own
+    /// open-file limit to match, or says how far it got [default: 16384].
     #[arg(long, value_name = "N")]
     max_conns: Option<usize>,
     /// Size of each registered buffer in KiB [default: 262,216 bytes ≈ 256 KiB: four 64 KiB messages with
     /// their headers].
     #[arg(long, value_name = "KIB")]
     buffer_kib: Option<usize>,
+    /// Registered buffers per worker, shared by its connections: a connection holds one per direction
+    /// only while data moves (at most buffers × buffer size is ever pinned). When all are in use, a
+    /// connection with data waits for one (counter buffer_waits) [default: 512].
+    #[arg(long, value_name = "N")]
+    buffers_per_worker: Option<usize>,
+    /// Seconds without data after which a connection's posted read gives its buffer back and waits
+    /// for data with a poll instead (counter buffers_reclaimed) [default: 2].
+    #[arg(long, value_name = "S")]
+    idle_buffer_secs: Option<u64>,
     /// A new session while another is linked: `replace` (the old session closes as a whole, as
     /// spice-server) or `refuse` (the new main link gets CHANNEL_NOT_AVAILABLE) [default: replace].
     /// A second link of a channel already linked in the same session is always refused, as spice-server.
@@ -751,6 +762,12 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     }
     if let Some(k) = a.buffer_kib {
         l.buffer_bytes = k * 1024;
+    }
+    if let Some(n) = a.buffers_per_worker {
+        l.buffers_per_worker = n;
+    }
+    if let Some(n) = a.idle_buffer_secs {
+        l.idle_buffer_secs = n;
     }
     if let Some(b) = a.busy {
         l.busy = b;

@@ -212,6 +212,9 @@ pub enum DataPath {
     Splice,
 }
 
+/// Most connections one worker may hold (the op token has 24 bits of slot).
+pub const MAX_CONNS_PER_WORKER: usize = 1 << 20;
+
 /// Engine limits and knobs, each with a default and a flag.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -219,8 +222,15 @@ pub struct Limits {
     pub workers: usize,
     /// Client connections (any stage) per worker.
     pub max_conns_per_worker: usize,
-    /// Bytes per registered buffer; each connection holds two.
+    /// Bytes per registered buffer; a connection holds one per direction
+    /// only while data moves.
     pub buffer_bytes: usize,
+    /// Registered buffers per worker, shared by its connections (a
+    /// connection moving data both ways holds two; idle ones none).
+    pub buffers_per_worker: usize,
+    /// Seconds without data after which a connection's posted read gives
+    /// its buffer back (it waits with a POLL instead).
+    pub idle_buffer_secs: u64,
     /// Largest DATA payload sent to the client.
     pub max_payload_bytes: usize,
     /// Largest control-message body accepted from a client.
@@ -278,9 +288,13 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            max_conns_per_worker: 256,
+            // An idle connection costs its `Conn` (about 2 KiB) and its
+            // sockets, no data buffer: 10,000 idle channels fit easily.
+            max_conns_per_worker: 16_384,
             // Four 64 KiB DATA messages with 18-byte headers fit in one buffer.
             buffer_bytes: 4 * (64 * 1024 + 18),
+            buffers_per_worker: 512,
+            idle_buffer_secs: 2,
             max_payload_bytes: 64 * 1024,
             max_control_bytes: 64 * 1024,
             link_timeout_secs: 10,
@@ -467,6 +481,8 @@ struct FileRelay {
     workers: Option<usize>,
     max_conns_per_worker: Option<usize>,
     buffer_kib: Option<usize>,
+    buffers_per_worker: Option<usize>,
+    idle_buffer_secs: Option<u64>,
     max_payload_kib: Option<usize>,
     link_timeout_secs: Option<u64>,
     max_link_stage: Option<usize>,
@@ -677,6 +693,8 @@ impl ServeConfig {
         if let Some(v) = r.buffer_kib {
             limits.buffer_bytes = v * 1024;
         }
+        limits.buffers_per_worker = r.buffers_per_worker.unwrap_or(limits.buffers_per_worker);
+        limits.idle_buffer_secs = r.idle_buffer_secs.unwrap_or(limits.idle_buffer_secs);
         if let Some(v) = r.max_payload_kib {
             limits.max_payload_bytes = v * 1024;
         }
@@ -824,8 +842,21 @@ impl ServeConfig {
         if l.workers == 0 || l.workers > 256 {
             return Err(format!("workers = {} must be 1..=256", l.workers));
         }
-        if l.max_conns_per_worker == 0 || l.max_conns_per_worker * 2 > crate::uring::MAX_BUFFERS {
-            return Err(format!("max-conns-per-worker = {} must be 1..=16383", l.max_conns_per_worker));
+        if l.max_conns_per_worker == 0 || l.max_conns_per_worker > MAX_CONNS_PER_WORKER {
+            return Err(format!(
+                "max-conns-per-worker = {} must be 1..={MAX_CONNS_PER_WORKER}",
+                l.max_conns_per_worker
+            ));
+        }
+        if l.buffers_per_worker < 2 || l.buffers_per_worker > crate::uring::MAX_BUFFERS {
+            return Err(format!(
+                "buffers-per-worker = {} must be 2..={} (a connection moving data both ways holds two)",
+                l.buffers_per_worker,
+                crate::uring::MAX_BUFFERS
+            ));
+        }
+        if l.idle_buffer_secs == 0 || l.idle_buffer_secs > 3600 {
+            return Err(format!("idle-buffer-secs = {} must be 1..=3600", l.idle_buffer_secs));
         }
         if l.max_link_stage == 0 || l.max_link_stage_per_addr == 0 {
             return Err("max-link-stage and max-link-stage-per-addr must be at least 1".into());

@@ -13,7 +13,7 @@ use nix::sys::stat::{Mode, umask};
 use super::config::{EndpointSpec, ServeConfig};
 use super::worker::{Shared, Worker};
 use super::{endpoint, keypool, status, systemd};
-use crate::{debug, error, info};
+use crate::{debug, error, info, warn};
 
 /// Why serve stopped with a failure; the binary maps it to an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +171,49 @@ fn reload_tls(shared: &Shared) {
 }
 
 /// Runs the relay until a signal; returns after every worker drained.
+/// Raises the open-file limit to what the connection limits can use: per
+/// connection its socket and an endpoint (two more with the splice pipe
+/// counted loosely in the slack), plus listeners and the relay's own. Says
+/// what it did, and how far short it is when the hard limit is lower.
+fn raise_fd_limit(config: &ServeConfig) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let l = &config.limits;
+    let want = u64::try_from(l.workers.saturating_mul(l.max_conns_per_worker).saturating_mul(2))
+        .unwrap_or(u64::MAX)
+        .saturating_add(256);
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    if soft >= want {
+        return;
+    }
+    let nr_open =
+        std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(hard);
+    // Raising the hard limit needs CAP_SYS_RESOURCE; try, then fall back.
+    let target = want.min(nr_open);
+    let got = if target > hard && setrlimit(Resource::RLIMIT_NOFILE, target, target).is_ok() {
+        target
+    } else if setrlimit(Resource::RLIMIT_NOFILE, want.min(hard), hard).is_ok() {
+        want.min(hard)
+    } else {
+        soft
+    };
+    if got >= want {
+        info!(
+            "main",
+            "open-file limit raised from {soft} to {got} for {} worker(s) × max-conns {}",
+            l.workers,
+            l.max_conns_per_worker
+        );
+    } else {
+        warn!(
+            "main",
+            "open-file limit is {got} (hard limit {hard}); workers × max-conns-per-worker × 2 = {want} descriptors \
+             would be needed, so about {} connections fit in all: raise LimitNOFILE= (systemd) or `ulimit -Hn`, or \
+             lower --max-conns",
+            got.saturating_sub(256) / 2
+        );
+    }
+}
+
 pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
     // Signals: SIGTERM/SIGINT go to the main thread's sigwait, never to a
     // worker (the mask is inherited by every thread spawned below).
@@ -191,6 +234,7 @@ pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
     for n in notes {
         info!("main", "{n}");
     }
+    raise_fd_limit(&config);
     let workers = config.limits.workers;
     let per_worker_keys = config.limits.key_pool_per_worker;
     for s in &config.services {

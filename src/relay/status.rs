@@ -332,7 +332,7 @@ const LINGER_BYTES: usize = 256 * 1024;
 
 /// The worker counters of `WorkerStats` as families: (name, type, help, field).
 type StatField = fn(&WorkerStats) -> &AtomicU64;
-const WORKER_FAMILIES: [(&str, &str, &str, StatField); 14] = [
+const WORKER_FAMILIES: [(&str, &str, &str, StatField); 16] = [
     ("vmcrelay_worker_links_ok_total", "counter", "Links completed.", |s| &s.links_ok),
     ("vmcrelay_worker_links_failed_total", "counter", "Links refused or failed.", |s| &s.links_failed),
     (
@@ -365,6 +365,18 @@ const WORKER_FAMILIES: [(&str, &str, &str, StatField); 14] = [
         "counter",
         "Link-stage connections closed to make room for newer ones (--max-link-stage).",
         |s| &s.links_evicted,
+    ),
+    (
+        "vmcrelay_worker_buffer_waits_total",
+        "counter",
+        "Times a connection found its worker's buffer pool empty and waited (--buffers-per-worker).",
+        |s| &s.buffer_waits,
+    ),
+    (
+        "vmcrelay_worker_buffers_reclaimed_total",
+        "counter",
+        "Idle connections whose posted read was cancelled to give its buffer back (--idle-buffer-secs).",
+        |s| &s.buffers_reclaimed,
     ),
 ];
 

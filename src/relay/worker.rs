@@ -100,9 +100,11 @@ enum Op {
     PipeWrite,
     TlsRead,
     TlsWrite,
+    ClientPoll,
+    EpPoll,
 }
 
-const OPS: [Op; 20] = [
+const OPS: [Op; 22] = [
     Op::Accept,
     Op::Mailbox,
     Op::Tick,
@@ -123,6 +125,8 @@ const OPS: [Op; 20] = [
     Op::PipeWrite,
     Op::TlsRead,
     Op::TlsWrite,
+    Op::ClientPoll,
+    Op::EpPoll,
 ];
 
 impl Op {
@@ -145,6 +149,8 @@ impl Op {
                 | Op::PipeWrite
                 | Op::TlsRead
                 | Op::TlsWrite
+                | Op::ClientPoll
+                | Op::EpPoll
         )
     }
 }
@@ -206,6 +212,8 @@ pub struct Worker {
     ctl: Option<Box<connect::ConnectCtl>>,
     /// Endpoints waited for behind live sessions.
     revive: Vec<revive::Revive>,
+    /// Connections waiting for a data buffer (slot, generation), in order.
+    buf_waiters: VecDeque<(u32, u32)>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -220,12 +228,15 @@ impl Worker {
         let l = &shared.config.limits;
         let max = l.max_conns_per_worker;
         let listeners_n: usize = shared.config.services.iter().map(|s| s.listen.len() + s.tls_listen.len()).sum();
-        // Pool sizes, written out: each connection holds 2 buffers (rx, tx);
-        // each has at most 6 ops in flight (client read + write, endpoint
-        // read + write, endpoint connect/accept, one cancel per other op
-        // while closing ≤ 5 → bounded by 12); plus one accept per listener,
-        // the mailbox read and the tick timer, and slack.
-        let buffers = max * 2;
+        // Pool sizes, written out. Buffers: `buffers_per_worker`, shared
+        // (a connection holds one per direction only while data moves).
+        // Ops: each connection has at most 6 in flight (client read or poll
+        // + write, endpoint read or poll + write, endpoint connect/accept),
+        // plus one cancel per op while closing or reclaiming → bounded by
+        // 12; plus one accept per listener, the mailbox read and the tick
+        // timer, and slack. Op records are allocated as they are first
+        // needed, so memory follows the peak in flight.
+        let buffers = l.buffers_per_worker;
         let max_ops = max * 12 + listeners_n + 16;
         let ring = Ring::new(RingConfig {
             entries: u32::try_from((max * 4).clamp(64, 4096)).unwrap_or(4096),
@@ -293,6 +304,7 @@ impl Worker {
             last_stats: (Instant::now(), 0, 0),
             ctl: None,
             revive: Vec::new(),
+            buf_waiters: VecDeque::new(),
         })
     }
 
@@ -318,6 +330,9 @@ impl Worker {
             self.ring.reap(&mut comps);
             for c in comps.drain(..) {
                 self.on_completion(c);
+            }
+            if !self.buf_waiters.is_empty() {
+                self.wake_buf_waiters();
             }
             if !self.pending.is_empty() {
                 self.admit_pending();

@@ -171,6 +171,32 @@ impl Arena {
         }
     }
 
+    /// Free, registered buffers beyond the `keep` most recently freed, the
+    /// least recently used first (the bottom of the free stack).
+    pub(crate) fn trim_candidates(&self, keep: usize, max: usize) -> Vec<BufId> {
+        let n = self.free.len().saturating_sub(keep);
+        self.free[..n].iter().map(|&i| BufId(i)).filter(|&b| self.is_registered(b)).take(max).collect()
+    }
+
+    /// Gives a free buffer's pages back to the kernel (the caller has
+    /// unregistered it); it reads as zeros when used again.
+    pub(crate) fn release_pages(&mut self, id: BufId) {
+        let i = id.index();
+        if i >= self.count || self.taken[i] || self.lent[i] {
+            return;
+        }
+        if let Some(r) = self.registered.get_mut(i) {
+            *r = false;
+        }
+        // SAFETY: buffer `i` lies inside the allocation, is on the free list
+        // (no caller holds it) and not lent (no op uses it, and it is no
+        // longer registered): nothing reads or writes these pages now, and
+        // MADV_DONTNEED on private anonymous memory only zeroes them.
+        unsafe {
+            libc::madvise(self.base.as_ptr().add(i * self.size).cast(), self.size, libc::MADV_DONTNEED);
+        }
+    }
+
     /// Whether every buffer is home (none lent, none handed out).
     pub fn all_home(&self) -> bool {
         self.free.len() == self.count && self.lent.iter().all(|l| !l)

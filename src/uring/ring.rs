@@ -108,6 +108,63 @@ struct OpRecord {
     accept: bool,
 }
 
+/// Op records in chunks allocated on first need, up to `max`: a record
+/// never moves once allocated (SQEs point into it), and memory follows the
+/// peak number of ops in flight, not the configured maximum.
+struct OpTable {
+    chunks: Vec<Box<[OpRecord]>>,
+    max: usize,
+}
+
+/// Records per chunk (about 120 KiB).
+const OP_CHUNK: usize = 256;
+
+impl OpTable {
+    fn new(max: usize) -> Self {
+        Self { chunks: Vec::new(), max: max.max(1) }
+    }
+
+    /// Records allocated so far.
+    fn allocated(&self) -> usize {
+        self.chunks.len() * OP_CHUNK
+    }
+
+    /// Adds a chunk; returns the new indices, or `None` at the maximum.
+    fn grow(&mut self) -> Option<std::ops::Range<usize>> {
+        let start = self.allocated();
+        if start >= self.max {
+            return None;
+        }
+        self.chunks.push((0..OP_CHUNK).map(|_| OpRecord::new()).collect());
+        Some(start..start + OP_CHUNK)
+    }
+
+    fn get(&self, i: usize) -> Option<&OpRecord> {
+        self.chunks.get(i / OP_CHUNK).map(|c| &c[i % OP_CHUNK])
+    }
+
+    fn get_mut(&mut self, i: usize) -> Option<&mut OpRecord> {
+        self.chunks.get_mut(i / OP_CHUNK).map(|c| &mut c[i % OP_CHUNK])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &OpRecord> {
+        self.chunks.iter().flat_map(|c| c.iter())
+    }
+}
+
+impl std::ops::Index<usize> for OpTable {
+    type Output = OpRecord;
+    fn index(&self, i: usize) -> &OpRecord {
+        &self.chunks[i / OP_CHUNK][i % OP_CHUNK]
+    }
+}
+
+impl std::ops::IndexMut<usize> for OpTable {
+    fn index_mut(&mut self, i: usize) -> &mut OpRecord {
+        &mut self.chunks[i / OP_CHUNK][i % OP_CHUNK]
+    }
+}
+
 impl OpRecord {
     fn new() -> Self {
         Self {
@@ -147,12 +204,14 @@ pub struct Ring {
     // Field order matters: the ring is dropped (and the kernel lets go of
     // every registered buffer) before the arena frees its memory.
     ring: IoUring,
-    ops: Box<[OpRecord]>,
+    ops: OpTable,
     free_ops: Vec<u32>,
     arena: Arena,
     stale_cqes: u64,
     /// Pushes that found the submission queue full (each then flushed it).
     sq_full: u64,
+    /// Id of the op taken last (see `last_op`).
+    last_ud: u64,
 }
 
 impl std::fmt::Debug for Ring {
@@ -182,9 +241,9 @@ impl Ring {
         ring.submitter()
             .register_buffers_sparse(u32::try_from(arena.count()).unwrap_or(u32::MAX))
             .map_err(|err| RingError::Register { count: arena.count(), size: arena.buf_size(), err })?;
-        let ops: Box<[OpRecord]> = (0..cfg.max_ops).map(|_| OpRecord::new()).collect();
-        let free_ops = (0..u32::try_from(cfg.max_ops).unwrap_or(u32::MAX)).rev().collect();
-        Ok(Self { ring, ops, free_ops, arena, stale_cqes: 0, sq_full: 0 })
+        let ops = OpTable::new(cfg.max_ops);
+        let free_ops = Vec::new();
+        Ok(Self { ring, ops, free_ops, arena, stale_cqes: 0, sq_full: 0, last_ud: 0 })
     }
 
     /// The buffer arena.
@@ -215,14 +274,33 @@ impl Ring {
         Some(id)
     }
 
+    /// Unregisters free buffers beyond the `keep` most recently used (at
+    /// most `max` per call) and gives their pages back, so pinned memory
+    /// follows the buffers in use, not the peak. Returns how many.
+    pub fn trim_buffers(&mut self, keep: usize, max: usize) -> usize {
+        let mut n = 0;
+        for id in self.arena.trim_candidates(keep, max) {
+            let empty = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+            // SAFETY: an empty iovec clears the sparse slot; buffer `id` is
+            // free and not lent, so no op in flight refers to that slot.
+            let r = unsafe { self.ring.submitter().register_buffers_update(u32::from(id.0), &[empty], None) };
+            if r.is_err() {
+                break;
+            }
+            self.arena.release_pages(id);
+            n += 1;
+        }
+        n
+    }
+
     /// Ops pushed and not yet completed.
     pub fn inflight(&self) -> usize {
-        self.ops.len() - self.free_ops.len()
+        self.ops.allocated() - self.free_ops.len()
     }
 
     /// Op table capacity.
     pub fn max_ops(&self) -> usize {
-        self.ops.len()
+        self.ops.max
     }
 
     /// CQEs whose user_data matched no live op (must stay 0).
@@ -238,6 +316,10 @@ impl Ring {
 
     /// Takes an op record for `token`; returns its index and user_data.
     fn take_op(&mut self, token: u64, buf: Option<BufId>) -> Result<(usize, u64), SubmitError> {
+        if self.free_ops.is_empty() {
+            let more = self.ops.grow().ok_or(SubmitError::OpsFull)?;
+            self.free_ops.extend(more.rev().map(|i| u32::try_from(i).unwrap_or(u32::MAX)));
+        }
         let i = self.free_ops.pop().ok_or(SubmitError::OpsFull)? as usize;
         let rec = &mut self.ops[i];
         rec.in_use = true;
@@ -245,7 +327,29 @@ impl Ring {
         rec.token = token;
         rec.buf = buf;
         rec.accept = false;
-        Ok((i, (u64::from(rec.generation) << 32) | i as u64))
+        let ud = (u64::from(rec.generation) << 32) | i as u64;
+        self.last_ud = ud;
+        Ok((i, ud))
+    }
+
+    /// The ring's id of the op pushed last (for [`Ring::cancel_op`]).
+    pub fn last_op(&self) -> u64 {
+        self.last_ud
+    }
+
+    /// Cancels one op by the id [`Ring::last_op`] gave right after its
+    /// push; returns whether it was still in flight (then its CQE comes,
+    /// usually with `-ECANCELED`, plus one for the cancel itself).
+    pub fn cancel_op(&mut self, op: u64, cancel_token: u64) -> Result<bool, SubmitError> {
+        let i = (op & 0xffff_ffff) as usize;
+        let live = self.ops.get(i).is_some_and(|r| r.in_use && (u64::from(r.generation) << 32 | i as u64) == op);
+        if !live {
+            return Ok(false);
+        }
+        let (ci, cud) = self.take_op(cancel_token, None)?;
+        let e = opcode::AsyncCancel::new(op).build().user_data(cud);
+        self.push(ci, e)?;
+        Ok(true)
     }
 
     /// Gives a record back when its push failed.
@@ -264,7 +368,8 @@ impl Ring {
         for _ in 0..3 {
             // SAFETY: every pointer in `entry` refers to memory owned by the
             // arena (lent until the CQE) or by op record `i`, which stays
-            // in use, unmoved (boxed slice), until its CQE is reaped.
+            // in use, unmoved (its chunk is a boxed slice, never reallocated
+            // or freed while the ring lives), until its CQE is reaped.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 return Ok(());
             }

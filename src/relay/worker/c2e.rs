@@ -20,6 +20,22 @@ impl Worker {
         if conn.tls.is_some() {
             return self.tls_read(slot, conn);
         }
+        if conn.lend.rx_polling {
+            return;
+        }
+        if !(conn.lend.rx_ready || conn.lend.rx_hot && data_stage(conn)) {
+            // Nothing flowed lately (or still linking): wait for bytes
+            // without holding a buffer.
+            self.put_rx(conn);
+            let t = self.tok(Op::ClientPoll, slot);
+            let r = self.ring.poll(conn.fd.as_raw_fd(), libc::POLLIN, t);
+            if self.pushed(slot, conn, r) {
+                conn.lend.rx_polling = true;
+                conn.c2e_busy = true;
+            }
+            return;
+        }
+        let Some(rx) = self.take_rx(slot, conn) else { return };
         let mut size = self.ring.arena().buf_size();
         if self.shared.config.limits.data_path == DataPath::Splice && matches!(conn.stage, Stage::Chan(_)) {
             // Read exactly up to the next header so payloads stay in the
@@ -32,14 +48,40 @@ impl Worker {
             };
         }
         let t = self.tok(Op::ClientRead, slot);
-        let r = self.ring.read_fixed(conn.fd.as_raw_fd(), conn.rx, 0, size, t);
+        let r = self.ring.read_fixed(conn.fd.as_raw_fd(), rx, 0, size, t);
+        let op = self.ring.last_op();
         if self.pushed(slot, conn, r) {
             conn.c2e_busy = true;
+            conn.lend.rx_reading = true;
+            conn.lend.rx_op = op;
         }
+    }
+
+    /// The client socket is readable (or in error: the read says which).
+    pub(super) fn on_client_poll(&mut self, slot: u32, conn: &mut Conn, res: i32) {
+        conn.c2e_busy = false;
+        conn.lend.rx_polling = false;
+        if res < 0 && res != -libc::ECANCELED {
+            return self.on_client_read(slot, conn, res);
+        }
+        if res == -libc::ECANCELED && self.draining.is_some() {
+            return self.maybe_drained(slot, conn);
+        }
+        conn.lend.rx_ready = res >= 0;
+        self.read_client(slot, conn);
     }
 
     pub(super) fn on_client_read(&mut self, slot: u32, conn: &mut Conn, res: i32) {
         conn.c2e_busy = false;
+        conn.lend.rx_reading = false;
+        conn.lend.rx_ready = false;
+        if res == -libc::ECANCELED && conn.lend.rx_demote && self.draining.is_none() {
+            // The tick took the buffer back from an idle side.
+            conn.lend.rx_demote = false;
+            self.stats().buffers_reclaimed.fetch_add(1, Ordering::Relaxed);
+            return self.read_client(slot, conn);
+        }
+        conn.lend.rx_demote = false;
         if res <= 0 {
             let reason = if res == 0 { "client closed".to_string() } else { errno_reason("client read", res) };
             if let Stage::Chan(ch) = &mut conn.stage {
@@ -53,6 +95,7 @@ impl Worker {
             self.close(slot, conn, &reason);
             return;
         }
+        conn.lend.rx_hot = data_stage(conn);
         conn.rx_len = usize::try_from(res).unwrap_or(0);
         conn.rx_pos = 0;
         conn.last_rx = Instant::now();
@@ -130,7 +173,7 @@ impl Worker {
         {
             return false;
         }
-        let Some(buf) = self.ring.arena().get(conn.rx) else { return false };
+        let Some(buf) = conn.rx.and_then(|b| self.ring.arena().get(b)) else { return conn.rx_pos >= conn.rx_len };
         let mut error: Option<String> = None;
         let mut control: Vec<(MsgHeader, Vec<u8>)> = Vec::new();
         let mut compressed_done = false;
@@ -359,8 +402,9 @@ impl Worker {
         let t = self.tok(Op::EpWrite, slot);
         let Stage::Chan(ch) = &conn.stage else { return };
         let Some(fd) = ch.ep.as_ref().map(AsRawFd::as_raw_fd) else { return };
+        let Some(rx) = conn.rx else { return };
         // The ring copies the ranges into its own iovec array: no clone needed.
-        let r = self.ring.writev(fd, conn.rx, &ch.ranges, t);
+        let r = self.ring.writev(fd, rx, &ch.ranges, t);
         if self.pushed(slot, conn, r) {
             conn.c2e_busy = true;
         }
@@ -458,4 +502,9 @@ impl Worker {
             _ => {}
         }
     }
+}
+
+/// Stages whose reads may keep a buffer posted (linking never does).
+pub(super) fn data_stage(conn: &Conn) -> bool {
+    matches!(conn.stage, Stage::Main { .. } | Stage::CMain | Stage::Chan(_) | Stage::Pipe(_))
 }

@@ -187,8 +187,14 @@ pub(super) struct Conn {
     pub(super) peer: String,
     pub(super) service: usize,
     pub(super) since: Instant,
-    pub(super) rx: BufId,
-    pub(super) tx: BufId,
+    /// Client → endpoint bytes; held only while an op uses it or it holds
+    /// bytes not yet consumed (see [`Lend`]).
+    pub(super) rx: Option<BufId>,
+    /// Endpoint → client bytes (and link output, control messages); held
+    /// likewise.
+    pub(super) tx: Option<BufId>,
+    /// How reads are posted on each side.
+    pub(super) lend: Lend,
     pub(super) inflight: u32,
     pub(super) closing: Option<String>,
     pub(super) close_after_flush: Option<String>,
@@ -230,6 +236,65 @@ pub(super) struct Conn {
     pub(super) tls: Option<Box<super::tls::TlsConn>>,
 }
 
+/// Buffers belong to traffic, not to connections. A side whose data
+/// flowed lately posts its read with a buffer (the fast path: no extra
+/// round trip per message); a side that is new, in the link stage, or idle
+/// for `idle_buffer_secs` posts a POLL instead and takes a buffer only once
+/// the socket is readable. The tick demotes an idle side by cancelling its
+/// posted read, which gives the buffer back. A connection that finds the
+/// worker's pool empty waits in a queue and is woken when one comes back.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Lend {
+    /// Client socket: post reads with a buffer.
+    pub(super) rx_hot: bool,
+    /// Client socket: a POLL said readable; the next read needs no POLL.
+    pub(super) rx_ready: bool,
+    /// A ClientRead (with `rx`) is in flight.
+    pub(super) rx_reading: bool,
+    /// The tick cancelled that read to take `rx` back.
+    pub(super) rx_demote: bool,
+    /// A POLL on the client socket is in flight.
+    pub(super) rx_polling: bool,
+    /// Endpoint: post reads with a buffer.
+    pub(super) tx_hot: bool,
+    /// Endpoint: a POLL said readable.
+    pub(super) tx_ready: bool,
+    /// An EpRead (into `tx`) is in flight.
+    pub(super) ep_reading: bool,
+    /// The tick cancelled that read to take `tx` back.
+    pub(super) tx_demote: bool,
+    /// A POLL on the endpoint is in flight.
+    pub(super) ep_polling: bool,
+    /// When the endpoint last gave bytes.
+    pub(super) last_ep: Instant,
+    /// Ring ids of the posted client read and endpoint read or poll.
+    pub(super) rx_op: u64,
+    pub(super) ep_op: u64,
+    /// Queued for a buffer (`Worker::buf_waiters`).
+    pub(super) waiting: bool,
+}
+
+impl Lend {
+    fn new() -> Self {
+        Self {
+            rx_hot: false,
+            rx_ready: false,
+            rx_reading: false,
+            rx_demote: false,
+            rx_polling: false,
+            tx_hot: false,
+            tx_ready: false,
+            ep_reading: false,
+            tx_demote: false,
+            ep_polling: false,
+            last_ep: Instant::now(),
+            rx_op: 0,
+            ep_op: 0,
+            waiting: false,
+        }
+    }
+}
+
 /// Smallest DATA body remainder worth splicing (below it, one read is cheaper).
 pub(super) const SPLICE_MIN_BYTES: u32 = 16 * 1024;
 /// Pipe capacity asked for the splice path.
@@ -252,7 +317,7 @@ pub(super) struct Listener {
 }
 
 impl Worker {
-    /// Puts a new connection in a free slot with two buffers.
+    /// Puts a new connection in a free slot (no buffer yet: see [`Lend`]).
     pub(super) fn new_conn(
         &mut self,
         fd: OwnedFd,
@@ -262,17 +327,6 @@ impl Worker {
         client_role: bool,
     ) -> Option<u32> {
         let slot = self.free.pop()?;
-        let Some(rx) = self.ring.alloc_buf() else {
-            // The arena holds two buffers per slot; only a failed buffer
-            // registration (locked-memory limit) gets here.
-            self.free.push(slot);
-            return None;
-        };
-        let Some(tx) = self.ring.alloc_buf() else {
-            self.ring.arena_mut().free(rx);
-            self.free.push(slot);
-            return None;
-        };
         let conn = Conn {
             fd,
             pair: None,
@@ -280,8 +334,9 @@ impl Worker {
             peer,
             service,
             since: Instant::now(),
-            rx,
-            tx,
+            rx: None,
+            tx: None,
+            lend: Lend::new(),
             inflight: 0,
             closing: None,
             close_after_flush: None,
@@ -359,6 +414,8 @@ impl Worker {
                 Op::PipeWrite => w.proxy_on_write(slot, conn, c.result, c.owned),
                 Op::TlsRead => w.on_tls_read(slot, conn, c.result, c.owned),
                 Op::TlsWrite => w.on_tls_write(slot, conn, c.result, c.owned),
+                Op::ClientPoll => w.on_client_poll(slot, conn, c.result),
+                Op::EpPoll => w.on_ep_poll(slot, conn, c.result),
                 _ => {}
             }
         });
@@ -476,13 +533,137 @@ impl Worker {
             self.ctl_on_closed(slot, &mut conn, &reason);
         }
         let arena = self.ring.arena_mut();
-        arena.free(conn.rx);
-        arena.free(conn.tx);
+        for b in [conn.rx.take(), conn.tx.take()].into_iter().flatten() {
+            arena.free(b);
+        }
         drop(conn);
         self.stats().conns_open.fetch_sub(1, Ordering::Relaxed);
         let s = &mut self.slots[slot as usize];
         s.generation = s.generation.wrapping_add(1);
         self.free.push(slot);
+    }
+
+    /// `rx`, taken from the pool if the connection holds none; `None` (and
+    /// the connection queued for a buffer) when the pool is empty.
+    pub(super) fn take_rx(&mut self, slot: u32, conn: &mut Conn) -> Option<BufId> {
+        if conn.rx.is_none() {
+            conn.rx = self.take_buf(slot, conn);
+        }
+        conn.rx
+    }
+
+    /// `tx`, likewise.
+    pub(super) fn take_tx(&mut self, slot: u32, conn: &mut Conn) -> Option<BufId> {
+        if conn.tx.is_none() {
+            conn.tx = self.take_buf(slot, conn);
+        }
+        conn.tx
+    }
+
+    fn take_buf(&mut self, slot: u32, conn: &mut Conn) -> Option<BufId> {
+        if let Some(b) = self.ring.alloc_buf() {
+            return Some(b);
+        }
+        self.stats().buffer_waits.fetch_add(1, Ordering::Relaxed);
+        if !conn.lend.waiting {
+            conn.lend.waiting = true;
+            let generation = self.slots[slot as usize].generation;
+            self.buf_waiters.push_back((slot, generation));
+        }
+        None
+    }
+
+    /// Gives `rx` back when it holds nothing unconsumed and no op uses it.
+    pub(super) fn put_rx(&mut self, conn: &mut Conn) {
+        let idle = conn.rx_pos >= conn.rx_len
+            && !conn.c2e_busy
+            && match &conn.stage {
+                Stage::Chan(ch) => ch.ranges.is_empty(),
+                _ => true,
+            };
+        if idle && let Some(b) = conn.rx.take() {
+            if self.ring.arena().is_lent(b) {
+                conn.rx = Some(b);
+                return;
+            }
+            conn.rx_len = 0;
+            conn.rx_pos = 0;
+            self.ring.arena_mut().free(b);
+        }
+    }
+
+    /// Gives `tx` back when nothing waits in it and no op uses it.
+    pub(super) fn put_tx(&mut self, conn: &mut Conn) {
+        if conn.tx_busy || conn.tx_done < conn.tx_len {
+            return;
+        }
+        if let Some(b) = conn.tx.take() {
+            if self.ring.arena().is_lent(b) {
+                conn.tx = Some(b);
+                return;
+            }
+            self.ring.arena_mut().free(b);
+        }
+    }
+
+    /// The tick: an idle side whose read holds a buffer gets that read
+    /// cancelled; its completion gives the buffer back and posts a POLL.
+    pub(super) fn reclaim_idle(&mut self, slot: u32, conn: &mut Conn, now: Instant, idle: Duration) {
+        if conn.closing.is_some() || conn.tls.is_some() {
+            return;
+        }
+        let cancel = token(Op::Cancel, slot, self.slots[slot as usize].generation);
+        let l = &mut conn.lend;
+        if l.rx_reading
+            && !l.rx_demote
+            && now.duration_since(conn.last_rx) >= idle
+            && let Ok(true) = self.ring.cancel_op(l.rx_op, cancel)
+        {
+            l.rx_demote = true;
+            l.rx_hot = false;
+            conn.inflight += 1;
+        }
+        let l = &mut conn.lend;
+        if l.ep_reading
+            && !l.tx_demote
+            && now.duration_since(l.last_ep) >= idle
+            && let Ok(true) = self.ring.cancel_op(l.ep_op, cancel)
+        {
+            l.tx_demote = true;
+            l.tx_hot = false;
+            conn.inflight += 1;
+        }
+    }
+
+    /// An endpoint POLL still posted on an endpoint that is gone is
+    /// cancelled, so the next endpoint arms its own.
+    pub(super) fn cancel_ep_poll(&mut self, slot: u32, conn: &mut Conn) {
+        if !conn.lend.ep_polling {
+            return;
+        }
+        conn.lend.ep_polling = false;
+        let cancel = token(Op::Cancel, slot, self.slots[slot as usize].generation);
+        if let Ok(true) = self.ring.cancel_op(conn.lend.ep_op, cancel) {
+            conn.inflight += 1;
+        }
+    }
+
+    /// Wakes connections that waited for a buffer, while buffers are free.
+    pub(super) fn wake_buf_waiters(&mut self) {
+        while self.ring.arena().free_count() > 0 {
+            let Some((slot, generation)) = self.buf_waiters.pop_front() else { return };
+            if self.slots.get(slot as usize).is_none_or(|s| s.generation != generation || s.conn.is_none()) {
+                continue;
+            }
+            self.with_conn(slot, |w, conn| {
+                conn.lend.waiting = false;
+                if conn.closing.is_some() {
+                    return;
+                }
+                w.pump_out(slot, conn);
+                w.pump_in(slot, conn);
+            });
+        }
     }
 
     pub(super) fn service_name(&self, service: usize) -> &str {

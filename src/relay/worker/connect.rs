@@ -317,7 +317,11 @@ impl Worker {
     /// Client link stage. Returns whether more input is wanted now.
     pub(super) fn pump_clink(&mut self, slot: u32, conn: &mut Conn) -> bool {
         let Stage::CLink { link, .. } = &mut conn.stage else { return true };
-        let input = self.ring.arena().get(conn.rx).and_then(|b| b.get(conn.rx_pos..conn.rx_len)).unwrap_or_default();
+        let input = conn
+            .rx
+            .and_then(|b| self.ring.arena().get(b))
+            .and_then(|b| b.get(conn.rx_pos..conn.rx_len))
+            .unwrap_or_default();
         conn.rx_pos += link.handle_input(input);
         match link.poll_action() {
             // `Reply` comes only with `defer_ticket`, which `connect` never sets.
@@ -448,6 +452,7 @@ impl Worker {
         let ci = ch.conf;
         ch.drop_endpoint();
         let port = ch.kind.port_messages;
+        self.cancel_ep_poll(slot, conn);
         let listen = matches!(self.ctl_conf(ci).map(|c| &c.endpoint), Some(EndpointSpec::UnixListen(_)));
         info!(
             self.who,

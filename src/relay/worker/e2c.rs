@@ -40,7 +40,20 @@ impl Worker {
             return;
         }
         let hl = conn.enc.header_len();
-        let Some(tx) = self.ring.arena_mut().get_mut(conn.tx) else { return };
+        let linking = matches!(conn.stage, Stage::Link { .. } | Stage::CLink { .. } | Stage::ULink { hold: false, .. });
+        if !linking && conn.ctl_q.is_empty() {
+            // Nothing to send: the buffer goes back until data comes.
+            self.put_tx(conn);
+            if let Some(r) = conn.close_after_flush.take() {
+                return self.close(slot, conn, &r);
+            }
+            if self.draining.is_some() {
+                return self.maybe_drained(slot, conn);
+            }
+            return self.read_endpoint(slot, conn);
+        }
+        let Some(txb) = self.take_tx(slot, conn) else { return };
+        let Some(tx) = self.ring.arena_mut().get_mut(txb) else { return };
         let mut n = 0;
         match &mut conn.stage {
             Stage::Link { link, .. } => n = link.poll_output(tx),
@@ -86,6 +99,7 @@ impl Worker {
             conn.tx_raw = raw_out;
             return self.write_client(slot, conn);
         }
+        self.put_tx(conn);
         if let Some(r) = conn.close_after_flush.take() {
             return self.close(slot, conn, &r);
         }
@@ -99,8 +113,9 @@ impl Worker {
         if conn.tls.is_some() {
             return self.tls_write(slot, conn, None);
         }
+        let Some(tx) = conn.tx else { return };
         let t = self.tok(Op::ClientWrite, slot);
-        let r = self.ring.write_fixed(conn.fd.as_raw_fd(), conn.tx, conn.tx_done, conn.tx_len - conn.tx_done, t);
+        let r = self.ring.write_fixed(conn.fd.as_raw_fd(), tx, conn.tx_done, conn.tx_len - conn.tx_done, t);
         if self.pushed(slot, conn, r) {
             conn.tx_busy = true;
         }
@@ -141,6 +156,23 @@ impl Worker {
             return;
         }
         let Some(fd) = ch.ep.as_ref().map(AsRawFd::as_raw_fd) else { return };
+        if conn.lend.ep_polling {
+            return;
+        }
+        if !conn.lend.tx_ready && !conn.lend.tx_hot {
+            // Quiet endpoint: wait for bytes without holding a buffer.
+            self.put_tx(conn);
+            let t = self.tok(Op::EpPoll, slot);
+            let r = self.ring.poll(fd, libc::POLLIN, t);
+            let op = self.ring.last_op();
+            if self.pushed(slot, conn, r) {
+                conn.lend.ep_polling = true;
+                conn.lend.ep_op = op;
+            }
+            return;
+        }
+        let Some(txb) = self.take_tx(slot, conn) else { return };
+        let Stage::Chan(ch) = &mut conn.stage else { return };
         let hl = conn.enc.header_len();
         let size = self.ring.arena().buf_size();
         let chunk = self.shared.config.limits.max_payload_bytes.min(size - hl);
@@ -155,14 +187,41 @@ impl Worker {
             k += 1;
         }
         let t = self.tok(Op::EpRead, slot);
-        let r = self.ring.readv(fd, conn.tx, &ranges[..k], t);
+        let r = self.ring.readv(fd, txb, &ranges[..k], t);
+        let op = self.ring.last_op();
         if self.pushed(slot, conn, r) {
             conn.tx_busy = true;
+            conn.lend.ep_reading = true;
+            conn.lend.ep_op = op;
         }
+    }
+
+    /// The endpoint is readable (or in error: the read says which).
+    pub(super) fn on_ep_poll(&mut self, slot: u32, conn: &mut Conn, res: i32) {
+        conn.lend.ep_polling = false;
+        if res == -libc::ECANCELED {
+            if self.draining.is_some() {
+                return self.maybe_drained(slot, conn);
+            }
+            // Cancelled with its endpoint (dropped or replaced): the next
+            // endpoint arms its own.
+            return;
+        }
+        conn.lend.tx_ready = true;
+        self.pump_out(slot, conn);
     }
 
     pub(super) fn on_ep_read(&mut self, slot: u32, conn: &mut Conn, res: i32) {
         conn.tx_busy = false;
+        conn.lend.ep_reading = false;
+        conn.lend.tx_ready = false;
+        if res == -libc::ECANCELED && conn.lend.tx_demote && self.draining.is_none() {
+            // The tick took the buffer back from an idle endpoint.
+            conn.lend.tx_demote = false;
+            self.stats().buffers_reclaimed.fetch_add(1, Ordering::Relaxed);
+            return self.pump_out(slot, conn);
+        }
+        conn.lend.tx_demote = false;
         if res <= 0 {
             if res == -libc::EAGAIN || res == -libc::EINTR {
                 return self.pump_out(slot, conn);
@@ -182,7 +241,9 @@ impl Worker {
         let mut n = usize::try_from(res).unwrap_or(0);
         conn.st.e2c_bytes += n as u64;
         self.stats().e2c_bytes.fetch_add(n as u64, Ordering::Relaxed);
-        let Some(tx) = self.ring.arena_mut().get_mut(conn.tx) else { return };
+        conn.lend.tx_hot = true;
+        conn.lend.last_ep = Instant::now();
+        let Some(tx) = conn.tx.and_then(|b| self.ring.arena_mut().get_mut(b)) else { return };
         if let (Some(comp), Some(mut out)) = (ch.lz4_send.as_mut(), ch.lz4_tx.take()) {
             // Compressing: frame into a separate vector (LZ4 reads every
             // byte anyway); chunks that do not shrink go as DATA.
@@ -258,6 +319,7 @@ impl Worker {
         if ch.kind.port_messages {
             // The port stays linked; its endpoint is reopened behind it.
             ch.drop_endpoint();
+            self.cancel_ep_poll(slot, conn);
             warn!(
                 self.who,
                 "endpoint gone channel={label} reason=\"{reason}\": port closed for the client, reopening it every \

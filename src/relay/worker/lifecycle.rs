@@ -7,6 +7,9 @@ use super::*;
 /// Accepted connections that may wait for a slot per worker.
 const PENDING_ACCEPTS: usize = 1024;
 
+/// Free buffers a worker keeps registered (and their pages) between bursts.
+const BUFFERS_KEPT: usize = 8;
+
 impl Worker {
     pub(super) fn on_accept(&mut self, li: usize, c: Completion) {
         if !c.more
@@ -401,6 +404,19 @@ impl Worker {
                         w.close(slot, conn, "link timeout");
                     }
                 });
+            }
+        }
+        // Pinned buffer memory follows the buffers in use: a few stay
+        // registered for the next burst, the rest go back to the kernel.
+        self.ring.trim_buffers(BUFFERS_KEPT, 64);
+        let idle = Duration::from_secs(self.shared.config.limits.idle_buffer_secs);
+        for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
+            let reclaim = self.slots[slot as usize].conn.as_ref().is_some_and(|c| {
+                (c.lend.rx_reading && now.duration_since(c.last_rx) >= idle)
+                    || (c.lend.ep_reading && now.duration_since(c.lend.last_ep) >= idle)
+            });
+            if reclaim {
+                self.with_conn(slot, |w, conn| w.reclaim_idle(slot, conn, now, idle));
             }
         }
         if timed_out.0 > 0 {

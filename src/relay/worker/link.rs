@@ -10,8 +10,11 @@ impl Worker {
     pub(super) fn pump_link(&mut self, slot: u32, conn: &mut Conn) -> bool {
         loop {
             let Stage::Link { link, .. } = &mut conn.stage else { return true };
-            let input =
-                self.ring.arena().get(conn.rx).and_then(|b| b.get(conn.rx_pos..conn.rx_len)).unwrap_or_default();
+            let input = conn
+                .rx
+                .and_then(|b| self.ring.arena().get(b))
+                .and_then(|b| b.get(conn.rx_pos..conn.rx_len))
+                .unwrap_or_default();
             let used = link.handle_input(input);
             conn.rx_pos += used;
             let Some(action) = link.poll_action() else {

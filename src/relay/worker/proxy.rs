@@ -133,7 +133,11 @@ impl Worker {
     /// Upstream link stage. Returns whether more input is wanted now.
     pub(super) fn proxy_pump_ulink(&mut self, slot: u32, conn: &mut Conn) -> bool {
         let Stage::ULink { link, .. } = &mut conn.stage else { return true };
-        let input = self.ring.arena().get(conn.rx).and_then(|b| b.get(conn.rx_pos..conn.rx_len)).unwrap_or_default();
+        let input = conn
+            .rx
+            .and_then(|b| self.ring.arena().get(b))
+            .and_then(|b| b.get(conn.rx_pos..conn.rx_len))
+            .unwrap_or_default();
         conn.rx_pos += link.handle_input(input);
         let action = link.poll_action();
         let client = match &conn.stage {
@@ -375,8 +379,11 @@ impl Worker {
         if let Some(filter) = p.filter.as_mut() {
             let Some(mut out) = p.out.take() else { return false };
             out.clear();
-            let input =
-                self.ring.arena().get(conn.rx).and_then(|b| b.get(conn.rx_pos..conn.rx_len)).unwrap_or_default();
+            let input = conn
+                .rx
+                .and_then(|b| self.ring.arena().get(b))
+                .and_then(|b| b.get(conn.rx_pos..conn.rx_len))
+                .unwrap_or_default();
             let r = filter.feed(input, &mut out);
             conn.rx_pos = conn.rx_len;
             if let Err(e) = r {
@@ -408,8 +415,9 @@ impl Worker {
             }
             return false;
         }
+        let Some(rx) = conn.rx else { return false };
         let t = self.tok(Op::PipeWrite, slot);
-        let r = self.ring.write_fixed(fd, conn.rx, conn.rx_pos, conn.rx_len - conn.rx_pos, t);
+        let r = self.ring.write_fixed(fd, rx, conn.rx_pos, conn.rx_len - conn.rx_pos, t);
         if self.pushed(slot, conn, r) {
             conn.c2e_busy = true;
         }

@@ -318,6 +318,10 @@ pub struct WorkerStats {
     pub sessions_replaced: AtomicU64,
     /// Link-stage connections closed to make room for newer ones.
     pub links_evicted: AtomicU64,
+    /// Times a connection found the buffer pool empty and waited.
+    pub buffer_waits: AtomicU64,
+    /// Idle sides whose posted read was cancelled to take its buffer back.
+    pub buffers_reclaimed: AtomicU64,
 }
 
 /// Why `connect` gave up for good (the exit code follows from it).

@@ -131,8 +131,12 @@ impl Worker {
     /// moves plaintext into `rx` for the SPICE code. Returns whether the
     /// connection went on (plaintext delivered, EOF handled, or closed).
     fn tls_deliver(&mut self, slot: u32, conn: &mut Conn) -> bool {
+        if conn.tls.is_none() {
+            return true;
+        }
+        let Some(rxb) = self.take_rx(slot, conn) else { return true };
         let Some(t) = conn.tls.as_mut() else { return true };
-        let Some(rx) = self.ring.arena_mut().get_mut(conn.rx) else { return true };
+        let Some(rx) = self.ring.arena_mut().get_mut(rxb) else { return true };
         let mut filled = 0;
         let mut failed: Option<SessionError> = None;
         loop {
@@ -238,7 +242,7 @@ impl Worker {
         let Some(t) = conn.tls.as_mut() else { return };
         let data = match &owned {
             Some(v) => v.get(conn.tx_done..),
-            None => self.ring.arena().get(conn.tx).and_then(|b| b.get(conn.tx_done..conn.tx_len)),
+            None => conn.tx.and_then(|b| self.ring.arena().get(b)).and_then(|b| b.get(conn.tx_done..conn.tx_len)),
         };
         let accepted = match data {
             None => 0,
