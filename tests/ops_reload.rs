@@ -210,3 +210,43 @@ fn sighup_without_a_file_says_so() {
     open_echo(&s, 128, 9);
     assert_eq!(relay.stop(), Some(0));
 }
+
+/// A reload that adds the first service with a password starts the RSA
+/// key thread (none ran: every service was open) and hands each worker its
+/// key queue: the right password links, a wrong one is refused.
+#[test]
+fn sighup_adds_a_ticketed_service_to_an_open_relay() {
+    let dir = TempDir::new("reload-keys");
+    let (p1, p3) = (free_port(), free_port());
+    let file = dir.path("vmcrelay.toml");
+    let pass = dir.path("vm3.pass");
+    std::fs::write(&pass, "s3cret\n").expect("password file");
+    let base = config(p1, None, 2, "\"128=echo:\"");
+    write_config(&file, &base);
+    let relay = Relay::start(&["--config".into(), file.display().to_string()]);
+    relay.wait_log("ticketing off on every service", T);
+    write_config(
+        &file,
+        &format!(
+            "{base}\n[[service]]\nname = \"vm3\"\nlisten = [\"127.0.0.1:{p3}\"]\npassword-file = \"{}\"\nchannels = \
+             [\"129=echo:\"]\n",
+            pass.display()
+        ),
+    );
+    let done = hup_and_wait(&relay, "reload: done", 1);
+    assert!(done.contains("changes=1") && done.contains("workers_updated=2/2"), "{done}");
+    relay.wait_log("reload: a service with ticketing: RSA key thread started", T);
+    let vm3 = format!("127.0.0.1:{p3}");
+    // Several sessions, so both workers' key queues are used.
+    for seed in 0..4 {
+        let s = Session::connect(&vm3, b"s3cret", T).expect("vm3 session with the password");
+        assert_eq!(s.channels, [(129, 0)]);
+        open_echo(&s, 129, 20 + seed);
+        s.close();
+    }
+    assert!(Session::connect(&vm3, b"wrong", T).is_err(), "a wrong password is refused");
+    // vm1 stays open.
+    let s = Session::connect(&format!("127.0.0.1:{p1}"), b"", T).expect("vm1 session");
+    open_echo(&s, 128, 30);
+    assert_eq!(relay.stop(), Some(0));
+}
