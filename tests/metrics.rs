@@ -356,8 +356,11 @@ fn metrics_families_and_exact_counters() {
 
     let s = Session::connect(&relay.addr(), b"s3cret", T).expect("session");
     let mut ch = s.open(128, 0, false).expect("link 128");
-    let linked = scrape_until(&maddr, "one linked channel", |x| {
+    // Each worker publishes its snapshot at its own tick: wait until both
+    // the main (linked first, maybe on the other worker) and the channel show.
+    let linked = scrape_until(&maddr, "one linked main and channel", |x| {
         value(x, "vmcrelay_connections", &[("service", "vm1"), ("stage", "channel")]) == Some(1.0)
+            && value(x, "vmcrelay_connections", &[("service", "vm1"), ("stage", "main")]) == Some(1.0)
     });
     assert_eq!(value(&linked, "vmcrelay_connections", &[("service", "vm1"), ("stage", "main")]), Some(1.0));
     assert_eq!(value(&linked, "vmcrelay_sessions", &[("service", "vm1")]), Some(1.0));

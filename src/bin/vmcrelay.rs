@@ -388,6 +388,7 @@ fn connect_config(a: &ConnectArgs) -> Result<(ServeConfig, ConnectOptions), Stri
             channels,
             upstream: None,
             busy: None,
+            removed: false,
         }],
         limits: Limits { workers: 1, max_conns_per_worker: 64, stats_secs: a.stats_secs, ..Limits::default() },
     };
@@ -521,6 +522,7 @@ fn demo_config(a: &DemoArgs) -> Result<ServeConfig, String> {
             channels,
             upstream: None,
             busy: None,
+            removed: false,
         }],
         limits: Limits { workers: 1, max_conns_per_worker: 64, ..Limits::default() },
     };
@@ -570,13 +572,20 @@ EXAMPLES
 
 Logs go to stderr, one line per link and per close (grep `link ` / `close `).
 SIGTERM or SIGINT: stop accepting, flush accepted data, close, exit 0.
+SIGHUP (systemctl reload): read --config FILE again, with the flags over
+it: new services and channels start, removed ones drain, changed endpoints
+apply to the next link, linked sessions are untouched; a bad file is
+refused (FILE:LINE logged) and the running configuration keeps serving.
+workers, max-conns-per-worker, buffer-kib, max-payload-kib, data-path,
+key-reuse, log-format and metrics need a restart. TLS certificates are
+read again either way.
 Exit codes: 0 stopped by a signal, 1 runtime failure, 2 usage or
 configuration error, 3 start-up failure (address in use, io_uring, an
 endpoint socket).";
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// TOML file with [relay] knobs and one [[service]] per VM (see README).
+    /// TOML file with [relay] knobs and one [[service]] per VM (see README); SIGHUP reads it again.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["listen", "channel", "tls_listen", "x509_dir", "tls_cert", "tls_key", "tls_ca", "tls_channel", "plaintext_channel"])]
     config: Option<PathBuf>,
     /// Address to listen on (repeatable), e.g. 127.0.0.1:5930. Under systemd socket activation
@@ -748,6 +757,7 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
                     channels,
                     upstream,
                     busy: None,
+                    removed: false,
                 }],
                 limits: Limits::default(),
             }
@@ -825,9 +835,20 @@ fn main() -> ExitCode {
     if let Some(f) = cli.log_format {
         log::set_format(f);
     }
+    let mut reload = None;
     let cfg = match cli.cmd {
         c @ (Cmd::Man(_) | Cmd::Completions(_)) => return ops_main(c),
-        Cmd::Serve(a) => build_config(&a),
+        Cmd::Serve(a) => {
+            let cfg = build_config(&a);
+            if let Some(path) = a.config.clone() {
+                // SIGHUP reads the file again, with the same flags over it.
+                reload = Some(serve::Reload {
+                    origin: path.display().to_string(),
+                    load: Box::new(move || build_config(&a)),
+                });
+            }
+            cfg
+        }
         Cmd::Demo(a) => {
             let cfg = demo_config(&a);
             if let (Ok(c), true) = (&cfg, a.drive_secs > 0) {
@@ -855,7 +876,7 @@ fn main() -> ExitCode {
     if let (None, Some(f)) = (cli.log_format, cfg.limits.log_format) {
         log::set_format(f);
     }
-    match serve::run(cfg) {
+    match serve::run_with_reload(cfg, reload) {
         Ok(()) => ExitCode::SUCCESS,
         Err(serve::ServeError::Startup(e)) => {
             log::fatal(&format!("cannot start: {e}"));

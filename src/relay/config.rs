@@ -52,6 +52,9 @@ pub struct ChannelConf {
     pub port_name: Option<String>,
     /// Where the bytes go.
     pub endpoint: EndpointSpec,
+    /// Dropped by a reload (a tombstone): kept so that the links on it keep
+    /// their index until they end; never announced, never linked anew.
+    pub removed: bool,
 }
 
 impl ChannelConf {
@@ -86,6 +89,9 @@ pub struct Service {
     pub upstream: Option<ServerAddr>,
     /// This service's busy policy (`None`: the relay's, `Limits::busy`).
     pub busy: Option<BusyPolicy>,
+    /// Dropped by a reload (a tombstone): its listeners are closed, its
+    /// sessions run until they end; indexes of the others stay put.
+    pub removed: bool,
 }
 
 impl Service {
@@ -93,6 +99,17 @@ impl Service {
     /// not fronting QEMU (whose ticket vmcrelay re-encrypts).
     pub fn open_links(&self) -> bool {
         self.password.is_none() && self.upstream.is_none()
+    }
+
+    /// Whether channel `(channel_type, id)` is configured and not removed
+    /// by a reload: the channels a new link may take.
+    pub fn live_channel(&self, channel_type: u8, id: u8) -> Option<usize> {
+        self.channels.iter().position(|c| !c.removed && c.kind.channel_type == channel_type && c.id == id)
+    }
+
+    /// The channels not removed by a reload, with their indexes.
+    pub fn live_channels(&self) -> impl Iterator<Item = (usize, &ChannelConf)> {
+        self.channels.iter().enumerate().filter(|(_, c)| !c.removed)
     }
 }
 
@@ -415,7 +432,7 @@ pub fn parse_channel(spec: &str, next_id: &mut dyn FnMut(u8) -> u8) -> Result<Ch
         };
         (id, name)
     };
-    Ok(ChannelConf { kind, id, port_name, endpoint })
+    Ok(ChannelConf { kind, id, port_name, endpoint, removed: false })
 }
 
 /// Builds a channel list, assigning ids and refusing duplicates.
@@ -790,6 +807,7 @@ impl ServeConfig {
                 channels,
                 upstream,
                 busy: s.busy,
+                removed: false,
             });
         }
         let cfg = Self { services, limits };
@@ -799,12 +817,19 @@ impl ServeConfig {
 
     /// Cross-service checks and limit sanity.
     pub fn validate(&self) -> Result<(), String> {
-        if self.services.is_empty() {
+        if self.services.iter().all(|s| s.removed) {
             return Err("no service configured: add a [[service]] table".into());
         }
         let mut seen: Vec<SocketAddr> = Vec::new();
-        for s in &self.services {
+        let mut names: Vec<&str> = Vec::new();
+        for s in self.services.iter().filter(|s| !s.removed) {
             let svc = &s.name;
+            if names.contains(&svc.as_str()) {
+                return Err(format!(
+                    "service name {svc} is used twice: give each [[service]] its own name (a reload matches services                      by name)"
+                ));
+            }
+            names.push(svc);
             if !s.tls_listen.is_empty() && s.tls.is_none() {
                 return Err(format!(
                     "service {svc}: tls-listen needs a certificate: --x509-dir DIR (QEMU's layout) or --tls-cert \

@@ -146,17 +146,30 @@ impl Histogram {
     }
 }
 
+/// Where one service's counter sets are in the flat list.
+#[derive(Debug, Clone, Default)]
+struct Layout {
+    /// Flat index of each configured channel's set, by channel index.
+    channels: Vec<usize>,
+    /// Flat indexes of the main, proxy and other sets.
+    extra: [usize; EXTRA_SETS],
+}
+
 /// Everything `--metrics` counts, shared by the workers.
+///
+/// A reload builds the next `Counters` with [`Counters::grown`]: the sets
+/// of what was configured are shared (their counts go on) and keep their
+/// flat index; sets of new services and channels are appended.
 #[derive(Debug)]
 pub struct Counters {
     /// Flat counter sets; see the module docs for the layout.
-    channels: Box<[ChannelCounters]>,
-    /// Per service: (first index in `channels`, number of configured channels).
-    runs: Vec<(usize, usize)>,
+    channels: Vec<std::sync::Arc<ChannelCounters>>,
+    /// Per service: where its sets are.
+    runs: Vec<Layout>,
     /// Per service: rejections by [`Reject`].
-    rejected: Box<[[AtomicU64; 5]]>,
+    rejected: Vec<std::sync::Arc<[AtomicU64; 5]>>,
     /// Accept to link OK, every service and channel.
-    pub link_duration: Histogram,
+    pub link_duration: std::sync::Arc<Histogram>,
 }
 
 /// Counter sets per service beyond its configured channels: main, proxy, other.
@@ -165,35 +178,60 @@ const EXTRA_SETS: usize = 3;
 impl Counters {
     /// Counter sets for every service and channel of `config`.
     pub fn new(config: &ServeConfig) -> Self {
+        let empty = Self {
+            channels: Vec::new(),
+            runs: Vec::new(),
+            rejected: Vec::new(),
+            link_duration: std::sync::Arc::default(),
+        };
+        empty.grown(config)
+    }
+
+    /// The counters for `config`, a reload of the configuration these
+    /// count: services and channels (by index) already counted share their
+    /// sets; the others get new ones at the end of the flat list.
+    pub fn grown(&self, config: &ServeConfig) -> Self {
+        let mut channels = self.channels.clone();
+        let mut fresh = || {
+            channels.push(std::sync::Arc::default());
+            channels.len() - 1
+        };
         let mut runs = Vec::new();
-        let mut n = 0;
-        for s in &config.services {
-            runs.push((n, s.channels.len()));
-            n += s.channels.len() + EXTRA_SETS;
+        for (si, s) in config.services.iter().enumerate() {
+            let old = self.runs.get(si);
+            let (mut ch, extra) = match old {
+                Some(l) => (l.channels.clone(), l.extra),
+                None => {
+                    // Channels first, then main, proxy, other: the layout of
+                    // the module docs for the services configured at start.
+                    let ch: Vec<usize> = (0..s.channels.len()).map(|_| fresh()).collect();
+                    (ch, [fresh(), fresh(), fresh()])
+                }
+            };
+            while ch.len() < s.channels.len() {
+                ch.push(fresh());
+            }
+            runs.push(Layout { channels: ch, extra });
         }
-        Self {
-            channels: (0..n).map(|_| ChannelCounters::default()).collect(),
-            runs,
-            rejected: (0..config.services.len()).map(|_| Default::default()).collect(),
-            link_duration: Histogram::default(),
-        }
+        let mut rejected = self.rejected.clone();
+        rejected.resize_with(config.services.len().max(rejected.len()), std::sync::Arc::default);
+        Self { channels, runs, rejected, link_duration: std::sync::Arc::clone(&self.link_duration) }
     }
 
     /// The flat index of `which` in `service`.
     pub fn index(&self, service: usize, which: Which) -> Option<usize> {
-        let &(start, len) = self.runs.get(service)?;
+        let l = self.runs.get(service)?;
         Some(match which {
-            Which::Channel(i) if i < len => start + i,
-            Which::Channel(_) => return None,
-            Which::Main => start + len,
-            Which::Proxy => start + len + 1,
-            Which::Other => start + len + 2,
+            Which::Channel(i) => *l.channels.get(i)?,
+            Which::Main => l.extra[0],
+            Which::Proxy => l.extra[1],
+            Which::Other => l.extra[2],
         })
     }
 
     /// The counter set at flat index `i`.
     pub fn at(&self, i: usize) -> Option<&ChannelCounters> {
-        self.channels.get(i)
+        self.channels.get(i).map(|c| &**c)
     }
 
     /// The counter set of `which` in `service`.
@@ -219,7 +257,7 @@ impl Counters {
     pub fn rejected(&self, service: usize) -> [u64; 5] {
         let mut out = [0; 5];
         if let Some(r) = self.rejected.get(service) {
-            for (o, a) in out.iter_mut().zip(r) {
+            for (o, a) in out.iter_mut().zip(r.iter()) {
                 *o = a.load(Ordering::Relaxed);
             }
         }
@@ -238,8 +276,8 @@ impl Counters {
 
     /// Every counter set of `service` with its [`Which`].
     pub fn sets_of(&self, service: usize) -> Vec<(Which, usize)> {
-        let Some(&(_, len)) = self.runs.get(service) else { return Vec::new() };
-        (0..len)
+        let Some(l) = self.runs.get(service) else { return Vec::new() };
+        (0..l.channels.len())
             .map(Which::Channel)
             .chain([Which::Main, Which::Proxy, Which::Other])
             .filter_map(|w| Some((w, self.index(service, w)?)))
@@ -397,5 +435,30 @@ mod tests {
         assert_eq!(c.index(2, Which::Main), None);
         assert_eq!(c.sets_of(1).len(), 4);
         assert_eq!(which_label(&cfg, 0, Which::Channel(1)), "129:0");
+    }
+
+    #[test]
+    fn grown_keeps_counts_and_indexes() {
+        let text = "[[service]]\nlisten = [\"127.0.0.1:1\"]\ndisable-ticketing = true\nchannels = [\"128=echo:\"]\n";
+        let mut cfg = ServeConfig::from_toml(text, "t").expect("config");
+        let c = Counters::new(&cfg);
+        c.link(0, Which::Channel(0), LinkResult::Ok);
+        c.reject(0, Reject::TableFull);
+        let mut more = cfg.services[0].channels[0].clone();
+        more.id = 1;
+        cfg.services[0].channels.push(more);
+        let mut second = cfg.services[0].clone();
+        second.name = "b".into();
+        cfg.services.push(second);
+        let g = c.grown(&cfg);
+        assert_eq!(g.index(0, Which::Channel(0)), Some(0), "kept sets keep their flat index");
+        assert_eq!(g.index(0, Which::Main), c.index(0, Which::Main));
+        assert_eq!(g.index(0, Which::Channel(1)), Some(4), "a new channel is appended");
+        assert_eq!(g.index(1, Which::Channel(0)), Some(5));
+        assert_eq!(g.len(), 4 + 1 + 2 + 3);
+        assert_eq!(g.get(0, Which::Channel(0)).map(|s| s.links[0].load(Ordering::Relaxed)), Some(1));
+        assert_eq!(g.rejected(0)[0], 1);
+        g.link(0, Which::Channel(0), LinkResult::Ok);
+        assert_eq!(c.get(0, Which::Channel(0)).map(|s| s.links[0].load(Ordering::Relaxed)), Some(2), "shared");
     }
 }

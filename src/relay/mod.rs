@@ -7,6 +7,7 @@ pub mod endpoint;
 pub mod keypool;
 pub mod log;
 pub mod metrics;
+pub mod reload;
 pub mod serve;
 pub mod status;
 pub mod sync_client;

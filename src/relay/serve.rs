@@ -1,6 +1,7 @@
 //! `vmcrelay serve`: starts the key pool and one worker per core, waits
 //! for SIGTERM/SIGINT, drains and exits.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -11,8 +12,8 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use nix::sys::stat::{Mode, umask};
 
 use super::config::{EndpointSpec, ServeConfig};
-use super::worker::{Shared, Worker};
-use super::{endpoint, keypool, status, systemd};
+use super::worker::{Live, Shared, Worker};
+use super::{endpoint, keypool, reload, status, systemd};
 use crate::{debug, error, info, warn};
 
 /// Why serve stopped with a failure; the binary maps it to an exit code.
@@ -35,42 +36,50 @@ pub enum ServeError {
 /// Makes sure nobody holds a listen address before the workers bind it
 /// with SO_REUSEPORT (which would otherwise share the port with another
 /// vmcrelay of the same user in silence). Returns one exclusive abstract
-/// unix socket per address, to hold for the process's lifetime: two
+/// unix socket per address, to hold while the address is configured: two
 /// vmcrelays starting at once cannot both pass the probe.
 /// Addresses systemd passed as sockets are skipped: they are ours already.
-fn claim_listen_addrs(config: &ServeConfig, activated: &systemd::Activated) -> Result<Vec<OwnedFd>, ServeError> {
+fn claim_listen_addrs(
+    config: &ServeConfig,
+    activated: &systemd::Activated,
+) -> Result<HashMap<SocketAddr, OwnedFd>, ServeError> {
+    let mut locks = HashMap::new();
+    for addr in config.services.iter().flat_map(|s| &s.listen) {
+        if addr.port() == 0 || activated.keys().any(|(_, a)| a == addr) || locks.contains_key(addr) {
+            continue;
+        }
+        locks.insert(*addr, claim_listen_addr(*addr)?);
+    }
+    Ok(locks)
+}
+
+/// The lock and probe of one address (see [`claim_listen_addrs`]).
+fn claim_listen_addr(addr: SocketAddr) -> Result<OwnedFd, ServeError> {
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr, bind, setsockopt, socket};
-    let in_use = |addr: &SocketAddr, who: &str| {
+    let in_use = |who: &str| {
         ServeError::Startup(format!(
             "cannot listen on {addr}: address in use ({who}; `ss -ltnp 'sport = :{}'` shows which process)",
             addr.port()
         ))
     };
-    let mut locks = Vec::new();
-    for addr in config.services.iter().flat_map(|s| &s.listen) {
-        if addr.port() == 0 || activated.keys().any(|(_, a)| a == addr) {
-            continue;
-        }
-        let other = |e: nix::Error| ServeError::Startup(format!("cannot listen on {addr}: {e}"));
-        let lock = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(other)?;
-        let name = UnixAddr::new_abstract(format!("vmcrelay-listen-{addr}").as_bytes()).map_err(other)?;
-        match bind(lock.as_raw_fd(), &name) {
-            Ok(()) => locks.push(lock),
-            Err(nix::Error::EADDRINUSE) => return Err(in_use(addr, "another vmcrelay holds it")),
-            Err(e) => return Err(other(e)),
-        }
-        // The probe: SO_REUSEADDR (TIME_WAIT leftovers do not count) but no
-        // SO_REUSEPORT, so any listener on the port refuses it.
-        let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-        let probe = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(other)?;
-        setsockopt(&probe, nix::sys::socket::sockopt::ReuseAddr, &true).map_err(other)?;
-        match bind(probe.as_raw_fd(), &SockaddrStorage::from(*addr)) {
-            Ok(()) => {}
-            Err(nix::Error::EADDRINUSE) => return Err(in_use(addr, "another process holds it")),
-            Err(e) => return Err(other(e)),
-        }
+    let other = |e: nix::Error| ServeError::Startup(format!("cannot listen on {addr}: {e}"));
+    let lock = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(other)?;
+    let name = UnixAddr::new_abstract(format!("vmcrelay-listen-{addr}").as_bytes()).map_err(other)?;
+    match bind(lock.as_raw_fd(), &name) {
+        Ok(()) => {}
+        Err(nix::Error::EADDRINUSE) => return Err(in_use("another vmcrelay holds it")),
+        Err(e) => return Err(other(e)),
     }
-    Ok(locks)
+    // The probe: SO_REUSEADDR (TIME_WAIT leftovers do not count) but no
+    // SO_REUSEPORT, so any listener on the port refuses it.
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let probe = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(other)?;
+    setsockopt(&probe, nix::sys::socket::sockopt::ReuseAddr, &true).map_err(other)?;
+    match bind(probe.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        Ok(()) => Ok(lock),
+        Err(nix::Error::EADDRINUSE) => Err(in_use("another process holds it")),
+        Err(e) => Err(other(e)),
+    }
 }
 
 /// The `unix-listen` socket files this process created; each is removed
@@ -143,13 +152,15 @@ fn make_shared(config: ServeConfig, activated: systemd::Activated) -> Result<(Ar
     Ok((shared, own))
 }
 
-/// SIGHUP: every TLS service reads its certificate, key and CA again; new
-/// connections use them, linked ones keep theirs. A file that does not
-/// load leaves the running configuration in force.
-fn reload_tls(shared: &Shared) {
+/// SIGHUP: every TLS service (of `only`, or all) reads its certificate,
+/// key and CA again; new connections use them, linked ones keep theirs. A
+/// file that does not load leaves the running certificate in force.
+/// Returns whether there was any TLS service.
+fn reload_tls(shared: &Shared, only: Option<&[usize]>) -> bool {
+    let live = shared.live();
     let mut any = false;
-    for (s, tls) in shared.config.services.iter().zip(&shared.server_tls) {
-        let Some(tls) = tls else { continue };
+    for (si, (s, tls)) in live.config.services.iter().zip(&live.server_tls).enumerate() {
+        let Some(tls) = tls.as_ref().filter(|_| !s.removed && only.is_none_or(|o| o.contains(&si))) else { continue };
         any = true;
         match tls.reload() {
             Ok(generation) => info!(
@@ -165,12 +176,254 @@ fn reload_tls(shared: &Shared) {
             ),
         }
     }
-    if !any {
-        info!("main", "SIGHUP: nothing to reload (no TLS service; configuration reload is not implemented)");
+    any
+}
+
+/// Where SIGHUP reads the configuration again (`serve --config FILE`).
+pub struct Reload {
+    /// The file, for log lines.
+    pub origin: String,
+    /// Reads and checks it as at start (the file, then the flags given
+    /// with it); an error names FILE:LINE and what is wrong.
+    pub load: Box<dyn Fn() -> Result<ServeConfig, String> + Send>,
+}
+
+impl std::fmt::Debug for Reload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reload").field("origin", &self.origin).finish_non_exhaustive()
     }
 }
 
-/// Runs the relay until a signal; returns after every worker drained.
+/// What the main thread keeps for reloads.
+struct Reloading {
+    source: Option<Reload>,
+    /// Listen-address locks by address (see [`claim_listen_addrs`]).
+    locks: HashMap<SocketAddr, OwnedFd>,
+    own: OwnSockets,
+    keys_started: bool,
+    stop_keys: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A `unix-listen` socket a reload bound.
+struct Bound {
+    key: (usize, usize),
+    fd: OwnedFd,
+    path: PathBuf,
+    id: endpoint::FileId,
+}
+
+/// Binds a `unix-listen` socket as at start: directories first, the bind
+/// under a restrictive umask, then owner, group and mode.
+fn bind_unix_listen(
+    p: &std::path::Path,
+    perms: &super::config::SocketPerms,
+) -> Result<(OwnedFd, endpoint::FileId), String> {
+    let what = |e: std::io::Error| format!("unix-listen:{}: {e}", p.display());
+    for d in endpoint::create_parent_dirs(p).map_err(what)? {
+        info!("main", "created directory {} (mode 0755) for unix-listen:{}", d.display(), p.display());
+    }
+    // Workers create no files, so the process-wide umask is briefly ours.
+    let old_mask = umask(Mode::from_bits_truncate(0o177));
+    let fd = endpoint::bind_listener(p);
+    umask(old_mask);
+    let fd = fd.map_err(what)?;
+    let id =
+        endpoint::socket_file_id(p).ok_or_else(|| format!("unix-listen:{}: the socket file vanished", p.display()))?;
+    if let Err(e) = endpoint::apply_socket_perms(p, perms) {
+        endpoint::remove_socket_if_ours(p, id);
+        return Err(e.to_string());
+    }
+    info!("main", "unix-listen:{} mode={:04o}", p.display(), perms.mode);
+    Ok((fd, id))
+}
+
+/// What a reload prepared before it publishes: nothing of it is in force
+/// yet, and dropping it undoes it.
+struct Prepared {
+    locks: Vec<(SocketAddr, OwnedFd)>,
+    bound: Vec<Bound>,
+    server_tls: Vec<Option<Arc<crate::tls::ServerTls>>>,
+    /// Services whose TLS files did not change: their certificates are read again.
+    tls_again: Vec<usize>,
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        for b in self.bound.drain(..) {
+            endpoint::remove_socket_if_ours(&b.path, b.id);
+        }
+    }
+}
+
+/// Binds, claims and loads what `next` needs that `live` does not have.
+fn prepare(shared: &Shared, st: &mut Reloading, live: &Live, next: &ServeConfig) -> Result<Prepared, String> {
+    let mut p = Prepared { locks: Vec::new(), bound: Vec::new(), server_tls: Vec::new(), tls_again: Vec::new() };
+    for (si, s) in next.services.iter().enumerate().filter(|(_, s)| !s.removed) {
+        if s.listen.is_empty() && s.tls_listen.is_empty() {
+            return Err(format!(
+                "service {} has no listen address: a socket from systemd socket activation cannot be added by \
+                 reload (add it to the .socket unit and restart, or give the service listen = [...])",
+                s.name
+            ));
+        }
+        for a in &s.listen {
+            if a.port() == 0
+                || shared.is_activated(si, *a)
+                || st.locks.contains_key(a)
+                || p.locks.iter().any(|l| l.0 == *a)
+            {
+                continue;
+            }
+            p.locks.push((*a, claim_listen_addr(*a).map_err(|e| format!("service {}: {e}", s.name))?));
+        }
+        for (ci, c) in s.live_channels() {
+            let EndpointSpec::UnixListen(path) = &c.endpoint else { continue };
+            let was = live.config.services.get(si).and_then(|o| o.channels.get(ci)).map(|o| &o.endpoint);
+            if was == Some(&c.endpoint) && live.listen_eps.contains_key(&(si, ci)) {
+                continue;
+            }
+            let (fd, id) =
+                bind_unix_listen(path, &next.limits.socket).map_err(|e| format!("service {}: {e}", s.name))?;
+            p.bound.push(Bound { key: (si, ci), fd, path: path.clone(), id });
+        }
+    }
+    for (si, s) in next.services.iter().enumerate() {
+        let old = live.server_tls.get(si).cloned().flatten();
+        let was = live.config.services.get(si).and_then(|o| o.tls.as_ref());
+        p.server_tls.push(match &s.tls {
+            _ if s.removed => old,
+            None => None,
+            Some(files) if was == Some(files) && old.is_some() => {
+                p.tls_again.push(si);
+                old
+            }
+            Some(files) => Some(Arc::new(
+                crate::tls::ServerTls::load(files.clone(), crate::tls::Limits::default())
+                    .map_err(|e| format!("service {}: TLS: {e}", s.name))?,
+            )),
+        });
+    }
+    if !st.keys_started && next.services.iter().any(|s| !s.removed && !s.open_links()) {
+        let l = &live.config.limits;
+        let keys =
+            keypool::start(l.workers, l.key_pool_per_worker, l.key_reuse, shared.wakers(), Arc::clone(&st.stop_keys))
+                .map_err(|e| format!("cannot start the key thread: {e}"))?;
+        shared.give_keys(keys);
+        st.keys_started = true;
+        info!("main", "reload: a service with ticketing: RSA key thread started");
+    }
+    Ok(p)
+}
+
+/// SIGHUP with `--config`: reads the file again and applies what changed
+/// (see [`reload`]); a file that does not load or check changes nothing.
+fn reload_config(shared: &Shared, st: &mut Reloading) {
+    let Some(src) = &st.source else {
+        info!(
+            "main",
+            "SIGHUP: no configuration file to reload (started without --config); reloading TLS certificates only"
+        );
+        if !reload_tls(shared, None) {
+            info!("main", "SIGHUP: nothing to reload (no TLS service)");
+        }
+        return;
+    };
+    let origin = src.origin.clone();
+    info!("main", "SIGHUP: reloading {origin}");
+    let refuse = |why: &str| {
+        crate::warn!("main", "reload refused: {why}; the running configuration keeps serving (nothing changed)");
+    };
+    let file = match (src.load)() {
+        Ok(c) => c,
+        Err(e) => return refuse(&e),
+    };
+    let live = shared.live();
+    let activated = shared.activated_services();
+    let (sessions, links) = shared.linked_counts();
+    let running = reload::Running {
+        activated: &|i| activated.contains(&i),
+        sessions: &|i| sessions.get(&i).copied().unwrap_or(0),
+        links: &|s, c| links.get(&(s, c)).copied().unwrap_or(0),
+    };
+    let plan = reload::plan(&live.config, file, &running);
+    if let Err(e) = plan.merged.validate() {
+        return refuse(&format!("{origin}: {e}"));
+    }
+    let mut prep = match prepare(shared, st, &live, &plan.merged) {
+        Ok(p) => p,
+        Err(e) => return refuse(&e),
+    };
+    let mut listen_eps = live.listen_eps.clone();
+    let mut replaced = Vec::new();
+    for b in std::mem::take(&mut prep.bound) {
+        if let Some(EndpointSpec::UnixListen(old)) =
+            live.config.services.get(b.key.0).and_then(|s| s.channels.get(b.key.1)).map(|c| &c.endpoint)
+            && *old != b.path
+        {
+            replaced.push(old.clone());
+        }
+        listen_eps.insert(b.key, Arc::new(b.fd));
+        st.own.0.push((b.path, b.id));
+    }
+    let next = Live {
+        generation: 0,
+        metrics: live.metrics.grown(&plan.merged),
+        server_tls: std::mem::take(&mut prep.server_tls),
+        listen_eps,
+        config: plan.merged,
+    };
+    let published = shared.publish(next);
+    // Now in force: the locks of new addresses are kept, those of
+    // addresses no longer configured go; replaced socket files go.
+    st.locks.extend(prep.locks.drain(..));
+    let used: Vec<SocketAddr> =
+        published.config.services.iter().filter(|s| !s.removed).flat_map(|s| s.listen.iter().copied()).collect();
+    st.locks.retain(|a, _| used.contains(a));
+    for old in replaced {
+        if let Some(i) = st.own.0.iter().position(|(p, _)| *p == old) {
+            let (p, id) = st.own.0.swap_remove(i);
+            if endpoint::remove_socket_if_ours(&p, id) {
+                debug!("main", "removed unix-listen:{} (its channel has a new endpoint)", p.display());
+            }
+        }
+    }
+    for (si, s) in published.config.services.iter().enumerate() {
+        let Some(o) = live.config.services.get(si) else { continue };
+        if o.upstream != s.upstream {
+            shared.forget_caps(si);
+        }
+        for (ci, (oc, c)) in o.channels.iter().zip(&s.channels).enumerate() {
+            if oc.endpoint != c.endpoint || c.removed || s.removed {
+                shared.forget_parked(si, ci);
+            }
+        }
+    }
+    for line in &plan.changes {
+        info!("main", "{line}");
+    }
+    for line in &plan.restart {
+        crate::warn!("main", "{line}");
+    }
+    reload_tls(shared, Some(&prep.tls_again));
+    // The workers take it at their next wake (the publish pokes them);
+    // "done" says when every one has, so what the lines say is in force.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let taken =
+        || shared.stats.iter().filter(|s| s.config_generation.load(Ordering::Acquire) >= published.generation).count();
+    while taken() < shared.stats.len() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    info!(
+        "main",
+        "reload: done from {origin} generation={} changes={} needs_restart={} workers_updated={}/{}",
+        published.generation,
+        plan.changes.len(),
+        plan.restart.len(),
+        taken(),
+        shared.stats.len()
+    );
+}
+
 /// Raises the open-file limit to what the connection limits can use: per
 /// connection its socket and an endpoint (two more with the splice pipe
 /// counted loosely in the slack), plus listeners and the relay's own. Says
@@ -214,13 +467,20 @@ fn raise_fd_limit(config: &ServeConfig) {
     }
 }
 
-pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
+/// Runs the relay until a signal; returns after every worker drained.
+/// SIGHUP reloads TLS certificates only (see [`run_with_reload`]).
+pub fn run(config: ServeConfig) -> Result<(), ServeError> {
+    run_with_reload(config, None)
+}
+
+/// [`run`], where SIGHUP also reads the configuration from `source` again.
+pub fn run_with_reload(mut config: ServeConfig, source: Option<Reload>) -> Result<(), ServeError> {
     // Signals: SIGTERM/SIGINT go to the main thread's sigwait, never to a
     // worker (the mask is inherited by every thread spawned below).
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
-    // SIGHUP: reload the TLS certificates for new connections.
+    // SIGHUP: read the configuration file again, reload the TLS certificates.
     set.add(Signal::SIGHUP);
     // A peer that goes away must give EPIPE, not kill the relay: SIGPIPE
     // stays blocked (pending, never delivered) in every thread.
@@ -249,14 +509,14 @@ pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
             chans.join(" ")
         );
     }
-    let _listen_locks = claim_listen_addrs(&config, &activated)?;
+    let listen_locks = claim_listen_addrs(&config, &activated)?;
     let metrics_listener = match config.limits.metrics {
         Some(a) => Some((a, status::bind(a).map_err(|e| ServeError::Startup(e.to_string()))?)),
         None => None,
     };
-    let (shared, _own_sockets) = make_shared(config, activated)?;
+    let (shared, own_sockets) = make_shared(config, activated)?;
     let stop_keys = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reuse = shared.config.limits.key_reuse;
+    let reuse = shared.live().config.limits.key_reuse;
     if reuse > 1 {
         crate::warn!(
             "main",
@@ -266,7 +526,7 @@ pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
     }
     // Without ticketing there is no ticket to protect: such services link
     // with one key per worker and no key thread runs for them.
-    let need_keys = shared.config.services.iter().any(|s| !s.open_links());
+    let need_keys = shared.live().config.services.iter().any(|s| !s.open_links());
     let keys = if need_keys {
         keypool::start(workers, per_worker_keys, reuse, shared.wakers(), Arc::clone(&stop_keys))
             .map_err(|e| ServeError::Startup(format!("cannot start the key thread: {e}")))?
@@ -327,19 +587,26 @@ pub fn run(mut config: ServeConfig) -> Result<(), ServeError> {
         }
     }
     info!("main", "ready workers={workers} pid={}", std::process::id());
-    let services = shared.config.services.len();
+    let services = shared.live().config.services.len();
     if systemd::notify(&format!("READY=1\nSTATUS=serving {services} service(s) on {workers} worker(s)")) {
         debug!("main", "sd_notify READY=1 sent");
     }
     let watchdog = start_watchdog(&shared);
 
     // Wait for SIGTERM/SIGINT, or for a worker to die; SIGHUP reloads.
+    let mut reloading = Reloading {
+        source,
+        locks: listen_locks,
+        own: own_sockets,
+        keys_started: need_keys,
+        stop_keys: Arc::clone(&stop_keys),
+    };
     let sig = loop {
         let sig = set.wait();
         if sig != Ok(Signal::SIGHUP) {
             break sig;
         }
-        reload_tls(&shared);
+        reload_config(&shared, &mut reloading);
     };
     info!("main", "{} received: draining", sig.map_or("signal".to_string(), |s| s.as_str().to_string()));
     systemd::notify("STOPPING=1\nSTATUS=draining");

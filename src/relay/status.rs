@@ -118,7 +118,8 @@ impl Server {
     }
 
     fn sample(&self) {
-        let m = &self.shared.metrics;
+        let live = self.shared.live();
+        let m = &live.metrics;
         let totals = (0..m.len())
             .filter_map(|i| m.at(i))
             .map(|c| (c.c2e_bytes.load(Ordering::Relaxed), c.e2c_bytes.load(Ordering::Relaxed)))
@@ -382,8 +383,9 @@ const WORKER_FAMILIES: [(&str, &str, &str, StatField); 16] = [
 
 fn render_metrics(server: &Server) -> String {
     let shared = &server.shared;
-    let cfg = &shared.config;
-    let m = &shared.metrics;
+    let live = shared.live();
+    let cfg = &live.config;
+    let m = &live.metrics;
     let snaps = server.snapshots();
     let mut e = Exposition::default();
     e.family("vmcrelay_build_info", "gauge", "Always 1; the version is a label.");
@@ -558,8 +560,9 @@ struct LinkedView {
 
 fn status_view(server: &Server) -> StatusView {
     let shared = &server.shared;
-    let cfg = &shared.config;
-    let m = &shared.metrics;
+    let live = shared.live();
+    let cfg = &live.config;
+    let m = &live.metrics;
     let snaps = server.snapshots();
     let conns: Vec<_> = snaps.iter().flat_map(|s| &s.conns).collect();
     let history = server.history();
@@ -595,7 +598,17 @@ fn status_view(server: &Server) -> StatusView {
                 })
                 .map(|(w, i)| {
                     let endpoint = match w {
-                        Which::Channel(ci) => s.channels.get(ci).map(|c| c.endpoint.to_string()).unwrap_or_default(),
+                        Which::Channel(ci) => s
+                            .channels
+                            .get(ci)
+                            .map(|c| {
+                                if c.removed {
+                                    format!("{} (removed by reload)", c.endpoint)
+                                } else {
+                                    c.endpoint.to_string()
+                                }
+                            })
+                            .unwrap_or_default(),
                         _ => upstream.clone().unwrap_or_default(),
                     };
                     let linked = mine
@@ -625,7 +638,7 @@ fn status_view(server: &Server) -> StatusView {
                 })
                 .collect();
             ServiceView {
-                name: s.name.clone(),
+                name: if s.removed { format!("{} (removed by reload)", s.name) } else { s.name.clone() },
                 listen: s.listen.iter().chain(&s.tls_listen).map(ToString::to_string).collect(),
                 upstream,
                 sessions,

@@ -245,6 +245,7 @@ mod tests {
             channels: Vec::new(),
             upstream: None,
             busy: None,
+            removed: false,
         }
     }
 

@@ -61,6 +61,7 @@ mod e2c;
 mod lifecycle;
 mod link;
 mod proxy;
+mod reload;
 mod revive;
 mod shared;
 mod splice;
@@ -69,7 +70,7 @@ mod tls;
 use conn::*;
 use lifecycle::bind_tcp;
 use shared::{Cmd, Owner, Place, SessionEntry, hung_up};
-pub use shared::{FatalKind, Mailbox, Registry, Shared, WorkerStats};
+pub use shared::{FatalKind, Live, Mailbox, Registry, Shared, WorkerStats};
 
 pub use connect::{ConnectOptions, DEFAULT_LINGER, ServerAddr, run_connect_worker};
 
@@ -173,10 +174,15 @@ pub struct Worker {
     id: usize,
     who: String,
     shared: Arc<Shared>,
+    /// This worker's copy of the running configuration; a reload replaces
+    /// it at a safe point (see `reload`).
+    live: Arc<Live>,
     ring: Ring,
     slots: Vec<Slot>,
     free: Vec<u32>,
-    listeners: Vec<Listener>,
+    /// By listener index (the accept token's slot); `None`: closed by a
+    /// reload (indexes are never reused).
+    listeners: Vec<Option<Listener>>,
     keys: Receiver<TicketKey>,
     /// Services without ticketing (and not fronting QEMU) link with this
     /// one key: there is no ticket to protect, so no key is generated per
@@ -225,19 +231,21 @@ impl std::fmt::Debug for Worker {
 impl Worker {
     /// Sets up worker `id`: ring, arena, listeners.
     pub fn new(id: usize, shared: Arc<Shared>, keys: Receiver<TicketKey>) -> anyhow::Result<Self> {
-        let l = &shared.config.limits;
+        let live = shared.live();
+        let l = &live.config.limits;
         let max = l.max_conns_per_worker;
-        let listeners_n: usize = shared.config.services.iter().map(|s| s.listen.len() + s.tls_listen.len()).sum();
+        let listeners_n: usize = live.config.services.iter().map(|s| s.listen.len() + s.tls_listen.len()).sum();
         // Pool sizes, written out. Buffers: `buffers_per_worker`, shared
         // (a connection holds one per direction only while data moves).
         // Ops: each connection has at most 6 in flight (client read or poll
         // + write, endpoint read or poll + write, endpoint connect/accept),
         // plus one cancel per op while closing or reclaiming → bounded by
         // 12; plus one accept per listener, the mailbox read and the tick
-        // timer, and slack. Op records are allocated as they are first
-        // needed, so memory follows the peak in flight.
+        // timer, and slack (listeners a reload adds:
+        // `reload::MAX_ADDED_LISTENERS`). Op records are allocated as they
+        // are first needed, so memory follows the peak in flight.
         let buffers = l.buffers_per_worker;
-        let max_ops = max * 12 + listeners_n + 16;
+        let max_ops = max * 12 + listeners_n + reload::MAX_ADDED_LISTENERS + 16;
         let ring = Ring::new(RingConfig {
             entries: u32::try_from((max * 4).clamp(64, 4096)).unwrap_or(4096),
             buffers,
@@ -246,41 +254,25 @@ impl Worker {
             defer_taskrun: true,
         })?;
         let mut listeners = Vec::new();
-        for (si, s) in shared.config.services.iter().enumerate() {
+        for (si, s) in live.config.services.iter().enumerate() {
             for a in &s.listen {
                 let fd = match shared.activated.get(&(si, *a)) {
                     Some(inherited) => inherited.try_clone()?,
                     None => bind_tcp(*a)?,
                 };
-                listeners.push(Listener { fd, service: si, tls: false });
+                listeners.push(Some(Listener { fd, service: si, tls: false, addr: *a }));
             }
             for a in &s.tls_listen {
-                listeners.push(Listener { fd: bind_tcp(*a)?, service: si, tls: true });
+                listeners.push(Some(Listener { fd: bind_tcp(*a)?, service: si, tls: true, addr: *a }));
             }
         }
-        // Only services that accept links need it (not `connect`'s client-side config).
-        let open_key = if shared
-            .config
-            .services
-            .iter()
-            .any(|s| s.open_links() && !(s.listen.is_empty() && s.tls_listen.is_empty()))
-        {
-            let mut rng = rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
-                .map_err(|e| anyhow::anyhow!("cannot seed from the OS random source: {e}"))?;
-            Some(TicketKey::generate(&mut rng).map_err(|e| anyhow::anyhow!("cannot generate the RSA key: {e}"))?)
-        } else {
-            None
-        };
-        let link_cfg = shared
-            .config
-            .services
-            .iter()
-            .map(|s| ServerLinkConfig { password: s.password.clone(), mini_header: true })
-            .collect();
+        let open_key = if reload::needs_open_key(&live.config) { Some(reload::open_key()?) } else { None };
+        let link_cfg = reload::link_cfg(&live.config);
         Ok(Self {
             id,
             who: format!("w{id}"),
             shared,
+            live,
             ring,
             slots: (0..max).map(|_| Slot { generation: 0, conn: None }).collect(),
             free: (0..u32::try_from(max).unwrap_or(0)).rev().collect(),
@@ -315,7 +307,7 @@ impl Worker {
     /// Runs until shutdown has drained every connection.
     pub fn run(mut self) -> anyhow::Result<()> {
         for i in 0..self.listeners.len() {
-            let fd = self.listeners[i].fd.as_raw_fd();
+            let Some(fd) = self.listeners[i].as_ref().map(|l| l.fd.as_raw_fd()) else { continue };
             self.ring.accept_multi(fd, token(Op::Accept, u32::try_from(i).unwrap_or(0), 0))?;
         }
         let mfd = self.shared.mailboxes[self.id].fd.as_raw_fd();

@@ -37,7 +37,7 @@ impl Worker {
         }
         let Some(rx) = self.take_rx(slot, conn) else { return };
         let mut size = self.ring.arena().buf_size();
-        if self.shared.config.limits.data_path == DataPath::Splice && matches!(conn.stage, Stage::Chan(_)) {
+        if self.live.config.limits.data_path == DataPath::Splice && matches!(conn.stage, Stage::Chan(_)) {
             // Read exactly up to the next header so payloads stay in the
             // socket for splice; a small body is read whole.
             let hl = conn.enc.header_len();
@@ -160,7 +160,7 @@ impl Worker {
 
     /// Data stage: deframes client bytes. Returns whether more input is wanted now.
     pub(super) fn pump_data(&mut self, slot: u32, conn: &mut Conn) -> bool {
-        let limits = &self.shared.config.limits;
+        let limits = &self.live.config.limits;
         let (max_ctl, max_lz4) = (limits.max_control_bytes, limits.max_lz4_bytes);
         let kind = match &conn.stage {
             Stage::Main { .. } | Stage::CMain => ChannelKind::of(CH_MAIN),
@@ -368,7 +368,7 @@ impl Worker {
             self.write_ranges(slot, conn);
             return false;
         }
-        if self.shared.config.limits.data_path == DataPath::Splice
+        if self.live.config.limits.data_path == DataPath::Splice
             && conn.tls.is_none()
             && conn.cur == Cur::Data
             && conn.rx_pos >= conn.rx_len
@@ -481,10 +481,9 @@ impl Worker {
         };
         match msg {
             ClientMsg::AttachChannels => {
-                let entries: Vec<[u8; 2]> = self.shared.config.services[conn.service]
-                    .channels
-                    .iter()
-                    .map(|c| [c.kind.channel_type, c.id])
+                let entries: Vec<[u8; 2]> = self.live.config.services[conn.service]
+                    .live_channels()
+                    .map(|(_, c)| [c.kind.channel_type, c.id])
                     .collect();
                 self.queue(slot, conn, &ServerMsg::ChannelsList(ChannelsList { entries: &entries }));
             }

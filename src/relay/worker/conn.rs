@@ -314,6 +314,8 @@ pub(super) struct Listener {
     pub(super) service: usize,
     /// Connections accepted here speak TLS first.
     pub(super) tls: bool,
+    /// The address it listens on.
+    pub(super) addr: std::net::SocketAddr,
 }
 
 impl Worker {
@@ -492,13 +494,13 @@ impl Worker {
         for p in to_close {
             self.shared.tell(p, "session closed");
         }
-        fold_counters(&self.shared.metrics, &mut conn);
+        fold_counters(&self.live.metrics, &mut conn);
         let mut linked = false;
         let mut dropped = 0;
         if let Stage::Chan(ch) = &mut conn.stage {
             linked = true;
             dropped = ch.dropped;
-            let keep = self.shared.config.limits.keep_listen_endpoint
+            let keep = self.live.config.limits.keep_listen_endpoint
                 && ch.ep_state == EpState::Open
                 && reason == "client closed"
                 && matches!(self.conf(service, ch.conf).map(|c| &c.endpoint), Some(EndpointSpec::UnixListen(_)));
@@ -667,11 +669,11 @@ impl Worker {
     }
 
     pub(super) fn service_name(&self, service: usize) -> &str {
-        self.shared.config.services.get(service).map_or("?", |s| s.name.as_str())
+        self.live.config.services.get(service).map_or("?", |s| s.name.as_str())
     }
 
     pub(super) fn conf(&self, service: usize, ci: usize) -> Option<&ChannelConf> {
-        self.shared.config.services.get(service)?.channels.get(ci)
+        self.live.config.services.get(service)?.channels.get(ci)
     }
 }
 

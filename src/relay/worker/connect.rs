@@ -118,7 +118,7 @@ pub fn run_connect_worker(shared: Arc<Shared>, opts: ConnectOptions) -> anyhow::
     // No ticket keys are needed on the client side.
     let (_tx, rx) = std::sync::mpsc::sync_channel(1);
     let mut w = Worker::new(0, Arc::clone(&shared), rx)?;
-    let n = shared.config.services.first().map_or(0, |s| s.channels.len());
+    let n = w.live.config.services.first().map_or(0, |s| s.channels.len());
     w.ctl = Some(Box::new(ConnectCtl {
         opts,
         main: None,
@@ -161,7 +161,7 @@ pub(super) fn server_socket(addr: &ServerAddr) -> std::io::Result<(OwnedFd, Sock
 
 impl Worker {
     fn ctl_conf(&self, ci: usize) -> Option<&ChannelConf> {
-        self.shared.config.services.first()?.channels.get(ci)
+        self.live.config.services.first()?.channels.get(ci)
     }
 
     /// Whether spec `ci` links only once its local app is there.
@@ -181,7 +181,7 @@ impl Worker {
             if !idle || !self.ctl_lazy(ci) || self.draining.is_some() {
                 continue;
             }
-            let Some(lfd) = self.shared.listen_eps.get(&(0, ci)).map(AsRawFd::as_raw_fd) else { continue };
+            let Some(lfd) = self.live.listen_eps.get(&(0, ci)).map(AsRawFd::as_raw_fd) else { continue };
             let t = token(Op::LocalAccept, u32::try_from(ci).unwrap_or(0), 0);
             match self.ring.accept(lfd, t) {
                 Ok(()) => {

@@ -175,7 +175,7 @@ impl Worker {
         let Stage::Chan(ch) = &mut conn.stage else { return };
         let hl = conn.enc.header_len();
         let size = self.ring.arena().buf_size();
-        let chunk = self.shared.config.limits.max_payload_bytes.min(size - hl);
+        let chunk = self.live.config.limits.max_payload_bytes.min(size - hl);
         ch.e2c_chunk = chunk;
         let mut ranges = [(0usize, 0usize); MAX_IOV];
         let mut k = 0;

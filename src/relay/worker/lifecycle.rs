@@ -14,7 +14,7 @@ impl Worker {
     pub(super) fn on_accept(&mut self, li: usize, c: Completion) {
         if !c.more
             && self.draining.is_none()
-            && let Some(l) = self.listeners.get(li)
+            && let Some(l) = self.listeners.get(li).and_then(Option::as_ref)
         {
             let fd = l.fd.as_raw_fd();
             if let Err(e) = self.ring.accept_multi(fd, token(Op::Accept, u32::try_from(li).unwrap_or(0), 0)) {
@@ -28,7 +28,9 @@ impl Worker {
             return;
         }
         let Some(fd) = c.fd else { return };
-        let Some((service, tls)) = self.listeners.get(li).map(|l| (l.service, l.tls)) else { return };
+        let Some((service, tls)) = self.listeners.get(li).and_then(Option::as_ref).map(|l| (l.service, l.tls)) else {
+            return;
+        };
         if self.draining.is_some() || self.stopping.is_some() {
             return;
         }
@@ -82,7 +84,7 @@ impl Worker {
         };
         if tls {
             let Some(t) = self.tls_accepted(service, &peer) else {
-                self.shared.metrics.reject(service, Reject::Tls);
+                self.live.metrics.reject(service, Reject::Tls);
                 self.with_conn(slot, |w, conn| w.close(slot, conn, "no TLS session"));
                 return;
             };
@@ -96,11 +98,11 @@ impl Worker {
         // often waits before its link even starts (no key spent on it).
         if let Some(ip) = shared::throttle_key(&peer) {
             let mut t = self.shared.throttle();
-            if let shared::Gate::Wait(until) = t.gate(ip, Instant::now(), &self.shared.config.limits) {
+            if let shared::Gate::Wait(until) = t.gate(ip, Instant::now(), &self.live.config.limits) {
                 t.held(ip);
                 drop(t);
                 self.stats().links_throttled.fetch_add(1, Ordering::Relaxed);
-                self.shared.metrics.reject(service, Reject::Throttled);
+                self.live.metrics.reject(service, Reject::Throttled);
                 debug!(
                     self.who,
                     "throttle peer={peer} held for {} ms",
@@ -117,7 +119,7 @@ impl Worker {
     /// Logged once per second at most, with the count since.
     fn table_full(&mut self, service: usize, peer: &str) {
         self.stats().conns_rejected.fetch_add(1, Ordering::Relaxed);
-        self.shared.metrics.reject(service, Reject::TableFull);
+        self.live.metrics.reject(service, Reject::TableFull);
         self.rejected_quiet += 1;
         let now = Instant::now();
         if now.duration_since(self.reject_logged) >= Duration::from_secs(1) {
@@ -150,7 +152,7 @@ impl Worker {
     fn make_link_room(&mut self, ip: Option<std::net::IpAddr>) {
         let mut stage = std::mem::take(&mut self.link_stage);
         stage.retain(|&(s, g, _)| self.in_link_stage(s, g));
-        let l = &self.shared.config.limits;
+        let l = &self.live.config.limits;
         let per_addr = ip.map_or(0, |ip| stage.iter().filter(|e| e.2 == Some(ip)).count());
         let reserve = (self.slots.len() / 32).max(1);
         let victim = if ip.is_some() && per_addr >= l.max_link_stage_per_addr {
@@ -172,7 +174,7 @@ impl Worker {
         let Some(((slot, _, vip), why)) = victim else { return };
         self.stats().links_evicted.fetch_add(1, Ordering::Relaxed);
         let service = self.slots[slot as usize].conn.as_ref().map_or(0, |c| c.service);
-        self.shared.metrics.reject(service, Reject::LinkStageFull);
+        self.live.metrics.reject(service, Reject::LinkStageFull);
         // One line per second at most, with the count since the last one.
         self.evicted_quiet += 1;
         let now = Instant::now();
@@ -208,7 +210,7 @@ impl Worker {
                 return true;
             }
             let gate = shared::throttle_key(&conn.peer)
-                .map_or(shared::Gate::Go, |ip| self.shared.throttle().gate(ip, now, &self.shared.config.limits));
+                .map_or(shared::Gate::Go, |ip| self.shared.throttle().gate(ip, now, &self.live.config.limits));
             match gate {
                 shared::Gate::Go => {
                     go.push((*slot, *generation));
@@ -234,7 +236,7 @@ impl Worker {
         let open = self.slots[slot as usize]
             .conn
             .as_ref()
-            .map(|c| &self.shared.config.services[c.service])
+            .map(|c| &self.live.config.services[c.service])
             .is_some_and(super::super::config::Service::open_links);
         match self.open_key.as_ref().filter(|_| open).map(TicketKey::share) {
             Some(key) => self.link_with(slot, key),
@@ -268,6 +270,7 @@ impl Worker {
     }
 
     pub(super) fn on_mailbox(&mut self) {
+        self.pick_up_live();
         let mfd = self.shared.mailboxes[self.id].fd.as_raw_fd();
         let cmds: Vec<Cmd> = match self.shared.mailboxes[self.id].cmds.lock() {
             Ok(mut q) => std::mem::take(&mut *q),
@@ -285,7 +288,7 @@ impl Worker {
         }
         self.serve_key_waiters();
         if self.shared.shutdown.load(Ordering::SeqCst) && self.draining.is_none() && self.stopping.is_none() {
-            if self.ctl.is_some() || self.shared.config.limits.drain_secs == 0 {
+            if self.ctl.is_some() || self.live.config.limits.drain_secs == 0 {
                 self.start_drain();
             } else {
                 self.start_stop();
@@ -305,7 +308,7 @@ impl Worker {
         info!(
             self.who,
             "stopping: no new connections; serving linked channels until they end, {} s at most (--drain-secs)",
-            self.shared.config.limits.drain_secs
+            self.live.config.limits.drain_secs
         );
         let _ =
             self.ring.cancel_where(|t| decode(t).is_some_and(|d| d.0 == Op::Accept), token(Op::Cancel, 0xff_ffff, 0));
@@ -375,9 +378,10 @@ impl Worker {
     }
 
     pub(super) fn on_tick(&mut self) {
+        self.pick_up_live();
         self.stats().ticks.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        let timeout = Duration::from_secs(self.shared.config.limits.link_timeout_secs);
+        let timeout = Duration::from_secs(self.live.config.limits.link_timeout_secs);
         let mut timed_out = (0u64, String::new());
         for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
             let late = self.slots[slot as usize].conn.as_ref().is_some_and(|c| {
@@ -396,7 +400,7 @@ impl Worker {
                         warn!(w.who, "link to {} channel={} failed: {why}", conn.peer, conn.label);
                         w.close(slot, conn, &why);
                     } else {
-                        w.shared.metrics.reject(conn.service, Reject::LinkTimeout);
+                        w.live.metrics.reject(conn.service, Reject::LinkTimeout);
                         if timed_out.0 == 0 {
                             timed_out.1.clone_from(&conn.peer);
                         }
@@ -409,7 +413,7 @@ impl Worker {
         // Pinned buffer memory follows the buffers in use: a few stay
         // registered for the next burst, the rest go back to the kernel.
         self.ring.trim_buffers(BUFFERS_KEPT, 64);
-        let idle = Duration::from_secs(self.shared.config.limits.idle_buffer_secs);
+        let idle = Duration::from_secs(self.live.config.limits.idle_buffer_secs);
         for slot in 0..u32::try_from(self.slots.len()).unwrap_or(0) {
             let reclaim = self.slots[slot as usize].conn.as_ref().is_some_and(|c| {
                 (c.lend.rx_reading && now.duration_since(c.last_rx) >= idle)
@@ -435,7 +439,7 @@ impl Worker {
             && self.draining.is_none()
         {
             // The last second of --drain-secs flushes what was accepted.
-            let serve = Duration::from_secs(self.shared.config.limits.drain_secs.saturating_sub(1));
+            let serve = Duration::from_secs(self.live.config.limits.drain_secs.saturating_sub(1));
             if now.duration_since(t) >= serve {
                 self.start_drain();
             } else {
@@ -462,13 +466,13 @@ impl Worker {
     /// Folds every connection's counters into the shared ones and, with
     /// `--metrics`, publishes this worker's snapshot for the metrics thread.
     pub(super) fn publish_counters(&mut self, now: Instant) {
-        let metrics = &self.shared.metrics;
+        let metrics = &self.live.metrics;
         for s in &mut self.slots {
             if let Some(conn) = s.conn.as_mut() {
                 fold_counters(metrics, conn);
             }
         }
-        if self.shared.config.limits.metrics.is_none() {
+        if self.live.config.limits.metrics.is_none() {
             return;
         }
         let conns = self
@@ -504,7 +508,7 @@ impl Worker {
 
     /// Worker 0: one line of live totals across workers, when anything moved.
     pub(super) fn log_stats(&mut self, now: Instant) {
-        let every = self.shared.config.limits.stats_secs;
+        let every = self.live.config.limits.stats_secs;
         let (then, c2e0, e2c0) = self.last_stats;
         if self.id != 0 || every == 0 || now.duration_since(then) < Duration::from_secs(every) {
             return;

@@ -23,7 +23,7 @@ impl Worker {
                 return !done;
             };
             match action {
-                Action::Request(req) if self.shared.config.services[conn.service].upstream.is_some() => {
+                Action::Request(req) if self.live.config.services[conn.service].upstream.is_some() => {
                     self.proxy_on_request(slot, conn, req)
                 }
                 Action::Request(req) => self.on_link_request(conn, req),
@@ -51,7 +51,7 @@ impl Worker {
                         LinkResult::Failed
                     };
                     let which = self.link_which(conn);
-                    self.shared.metrics.link(conn.service, which, result);
+                    self.live.metrics.link(conn.service, which, result);
                     self.on_ticket_verdict(conn, Some(&f));
                     let svc = self.service_name(conn.service).to_string();
                     let what = match &conn.stage {
@@ -76,15 +76,14 @@ impl Worker {
     pub(super) fn on_link_request(&mut self, conn: &mut Conn, req: LinkRequest) {
         let service = conn.service;
         let secure = conn.tls.is_some();
-        let decision = if let Some(code) = self.shared.config.services[service].security.check(req.channel_type, secure)
-        {
+        let decision = if let Some(code) = self.live.config.services[service].security.check(req.channel_type, secure) {
             // As spice-server: before the channel lookup and any reply.
             Decision::Refuse(code)
         } else if req.channel_type == CH_MAIN {
             if req.connection_id != 0 {
                 // spice-server would treat this as a migration target; we do not migrate.
                 Decision::BadConnectionId
-            } else if self.shared.busy(service) == BusyPolicy::Refuse && self.live_session(service).is_some() {
+            } else if self.busy(service) == BusyPolicy::Refuse && self.live_session(service).is_some() {
                 self.stats().links_busy.fetch_add(1, Ordering::Relaxed);
                 conn.busy_refused = true;
                 info!(
@@ -99,14 +98,13 @@ impl Worker {
                 Decision::Accept { channel_caps: Caps::EMPTY }
             }
         } else {
-            let found = self.shared.config.services[service]
-                .channels
-                .iter()
-                .position(|c| c.kind.channel_type == req.channel_type && c.id == req.channel_id)
+            let found = self.live.config.services[service]
+                .live_channel(req.channel_type, req.channel_id)
                 .or_else(|| {
                     let key = (req.connection_id, req.channel_type, req.channel_id);
                     self.shared.registry().aliases.get(&key).copied()
-                });
+                })
+                .filter(|&ci| ci < self.live.config.services[service].channels.len());
             match found {
                 None => Decision::Unknown,
                 Some(ci) => {
@@ -119,7 +117,7 @@ impl Worker {
                     }
                     let refuse = match claim {
                         Claim::SameSession => true,
-                        Claim::OtherSession(_) => self.shared.busy(service) == BusyPolicy::Refuse,
+                        Claim::OtherSession(_) => self.busy(service) == BusyPolicy::Refuse,
                         Claim::Free | Claim::Stale(_) => false,
                     };
                     if !session_ok {
@@ -129,9 +127,9 @@ impl Worker {
                         self.log_busy(conn, &req, claim);
                         Decision::FailAfterAuth(LinkErrorCode::ChannelNotAvailable)
                     } else {
-                        let kind = self.shared.config.services[service].channels[ci].kind;
+                        let kind = self.live.config.services[service].channels[ci].kind;
                         let channel_caps = kind.channel_caps(true);
-                        if self.shared.config.services[service].upstream.is_some() {
+                        if self.live.config.services[service].upstream.is_some() {
                             // The ticket is judged against the session's (QEMU's) one.
                             Decision::Forward { channel_caps }
                         } else {
@@ -154,7 +152,7 @@ impl Worker {
         if conn.pair.is_some() {
             return self.proxy_on_authenticated(conn);
         }
-        if self.shared.config.services[service].upstream.is_some() {
+        if self.live.config.services[service].upstream.is_some() {
             // One of our channels in a whole-VM session: the ticket must be
             // the one QEMU accepted on this session's main link.
             let ticket = match &mut conn.stage {
@@ -181,7 +179,7 @@ impl Worker {
         // (the first keeps working); a link of a new session replaces the
         // old session as a whole (unless `--busy refuse`); a previous link
         // whose client already hung up counts as free.
-        let policy = self.shared.busy(service);
+        let policy = self.busy(service);
         let (claim, to_close) = {
             let mut reg = self.shared.registry();
             if reg.sessions.get(&req.connection_id).is_none_or(|s| s.service != service) {
@@ -324,9 +322,9 @@ impl Worker {
         self.stats().links_ok.fetch_add(1, Ordering::Relaxed);
         let which = if l.channel_type == CH_MAIN { Some(Which::Main) } else { self.link_which_conf(conn) };
         if let Some(which) = which {
-            self.shared.metrics.link(conn.service, which, LinkResult::Ok);
+            self.live.metrics.link(conn.service, which, LinkResult::Ok);
         }
-        self.shared.metrics.link_duration.observe(conn.since.elapsed());
+        self.live.metrics.link_duration.observe(conn.since.elapsed());
         conn.enc = Encoder::new(l.header_kind);
         conn.deframer = Deframer::new(l.header_kind);
         // Flush the link result before anything of the data stage.
@@ -363,14 +361,14 @@ impl Worker {
                 None => (None, EpState::Accepting),
             };
             let opened = ep_state == EpState::Open;
-            let lz4_send = self.shared.config.limits.lz4_to_client
+            let lz4_send = self.live.config.limits.lz4_to_client
                 && cc.kind.lz4
                 && l.peer_channel_caps.has(SPICEVMC_CAP_DATA_COMPRESS_LZ4);
             let mut ch = Chan::new(ci, cc.kind, false, lz4_send);
             ch.ep = ep_fd;
             ch.ep_state = ep_state;
             conn.stage = Stage::Chan(Box::new(ch));
-            let window = self.shared.config.limits.ack_window;
+            let window = self.live.config.limits.ack_window;
             if window > 0
                 && let Stage::Chan(ch) = &mut conn.stage
             {
@@ -399,7 +397,7 @@ impl Worker {
     }
 
     pub(super) fn accept_endpoint(&mut self, slot: u32, conn: &mut Conn, ci: usize) {
-        let Some(lfd) = self.shared.listen_eps.get(&(conn.service, ci)).map(AsRawFd::as_raw_fd) else {
+        let Some(lfd) = self.live.listen_eps.get(&(conn.service, ci)).map(AsRawFd::as_raw_fd) else {
             return self.close(slot, conn, "internal: no unix-listen socket");
         };
         let t = self.tok(Op::EpAccept, slot);
@@ -490,7 +488,7 @@ impl Worker {
             }
         } else if bad_ticket(failure) {
             self.stats().auth_failures.fetch_add(1, Ordering::Relaxed);
-            let line = self.shared.throttle().failed(ip, Instant::now(), &self.shared.config.limits);
+            let line = self.shared.throttle().failed(ip, Instant::now(), &self.live.config.limits);
             if let Some(line) = line {
                 warn!(self.who, "{line}");
             }
@@ -514,7 +512,7 @@ impl Worker {
         }
         match &conn.stage {
             Stage::Link { req: Some(r), .. } if r.channel_type == CH_MAIN => Which::Main,
-            _ if self.shared.config.services.get(conn.service).is_some_and(|s| s.upstream.is_some()) => Which::Proxy,
+            _ if self.live.config.services.get(conn.service).is_some_and(|s| s.upstream.is_some()) => Which::Proxy,
             _ => Which::Other,
         }
     }

@@ -42,10 +42,7 @@ impl Worker {
     /// A client link on a whole-VM service: served by us, or proxied.
     pub(super) fn proxy_on_request(&mut self, slot: u32, conn: &mut Conn, req: LinkRequest) {
         let service = conn.service;
-        let served = self.shared.config.services[service]
-            .channels
-            .iter()
-            .any(|c| c.kind.channel_type == req.channel_type && c.id == req.channel_id);
+        let served = self.live.config.services[service].live_channel(req.channel_type, req.channel_id).is_some();
         if served && req.channel_type != CH_MAIN {
             return self.on_link_request(conn, req);
         }
@@ -64,7 +61,7 @@ impl Worker {
             *r = Some(req);
         }
         conn.label = format!("{}:{}", kind_name(req.channel_type), req.channel_id);
-        let Some(upstream) = self.shared.config.services[service].upstream.clone() else { return };
+        let Some(upstream) = self.live.config.services[service].upstream.clone() else { return };
         let refuse = |w: &mut Self, conn: &mut Conn, why: String| {
             warn!(w.who, "upstream {upstream} unavailable for channel={} peer={}: {why}", conn.label, conn.peer);
             if let Stage::Link { link, .. } = &mut conn.stage {
@@ -181,10 +178,9 @@ impl Worker {
                 };
                 let main = conn.chan_type() == CH_MAIN;
                 let filter = main.then(|| {
-                    let served: Vec<(u8, u8)> = self.shared.config.services[conn.service]
-                        .channels
-                        .iter()
-                        .map(|c| (c.kind.channel_type, c.id))
+                    let served: Vec<(u8, u8)> = self.live.config.services[conn.service]
+                        .live_channels()
+                        .map(|(_, c)| (c.kind.channel_type, c.id))
                         .collect();
                     Box::new(MainFilter::new(l.header_kind, served.clone(), served))
                 });
@@ -322,8 +318,8 @@ impl Worker {
     pub(super) fn proxy_on_client_linked(&mut self, slot: u32, conn: &mut Conn, l: Linked, link: &mut ServerLink) {
         self.stats().links_ok.fetch_add(1, Ordering::Relaxed);
         let which = if l.channel_type == CH_MAIN { Which::Main } else { Which::Proxy };
-        self.shared.metrics.link(conn.service, which, LinkResult::Ok);
-        self.shared.metrics.link_duration.observe(conn.since.elapsed());
+        self.live.metrics.link(conn.service, which, LinkResult::Ok);
+        self.live.metrics.link_duration.observe(conn.since.elapsed());
         let mut tmp = [0u8; 8];
         let n = link.poll_output(&mut tmp);
         conn.chan = (l.channel_type, l.channel_id);
@@ -332,8 +328,7 @@ impl Worker {
         conn.deframer = Deframer::new(l.header_kind);
         conn.enc = Encoder::new(l.header_kind);
         let svc = self.service_name(conn.service).to_string();
-        let up =
-            self.shared.config.services[conn.service].upstream.as_ref().map(ToString::to_string).unwrap_or_default();
+        let up = self.live.config.services[conn.service].upstream.as_ref().map(ToString::to_string).unwrap_or_default();
         info!(
             self.who,
             "link peer={} service={svc} channel={} session={:#010x} header={:?} upstream={up} result=ok",

@@ -58,7 +58,7 @@ impl Worker {
         // In a whole-VM session the main channel is QEMU's stream: nothing
         // can be announced on it (the next session links the channel again).
         if matches!(then, Then::Announce)
-            && self.shared.config.services.get(service).is_some_and(|s| s.upstream.is_some())
+            && self.live.config.services.get(service).is_some_and(|s| s.upstream.is_some())
         {
             return;
         }
@@ -118,7 +118,7 @@ impl Worker {
         };
         match spec {
             EndpointSpec::UnixListen(_) => {
-                let Some(l) = self.shared.listen_eps.get(&(r.service, r.ci)) else {
+                let Some(l) = self.live.listen_eps.get(&(r.service, r.ci)) else {
                     return Err(std::io::Error::other("no unix-listen socket"));
                 };
                 // A dup shares the listener's O_NONBLOCK: accept never blocks.
@@ -164,7 +164,7 @@ impl Worker {
             }
             Then::Announce => {
                 let Some(t) = self.conf(r.service, r.ci).map(|c| c.kind.channel_type) else { return };
-                let configured: Vec<u8> = self.shared.config.services[r.service]
+                let configured: Vec<u8> = self.live.config.services[r.service]
                     .channels
                     .iter()
                     .filter(|c| c.kind.channel_type == t)

@@ -298,6 +298,8 @@ pub struct WorkerStats {
     pub conns_open: AtomicU64,
     /// Ticks of the worker's 1 s timer: its liveness for the watchdog.
     pub ticks: AtomicU64,
+    /// The configuration generation the worker uses (see [`Live`]).
+    pub config_generation: AtomicU64,
     /// Payload bytes client → endpoint.
     pub c2e_bytes: AtomicU64,
     /// Payload bytes endpoint → client.
@@ -333,17 +335,38 @@ pub enum FatalKind {
     TlsVerify,
 }
 
+/// What a reload may change, published as one `Arc`: each worker takes
+/// the newest at a safe point (mailbox wake or tick) and uses its own copy
+/// in between, without a lock. Services and channels keep their index
+/// across reloads (removed ones stay as tombstones, new ones are
+/// appended), so a connection's `service` and channel index stay valid.
+#[derive(Debug)]
+pub struct Live {
+    /// Bumped by every publish (0: the configuration at start).
+    pub generation: u64,
+    /// Configuration.
+    pub config: ServeConfig,
+    /// `--metrics` counters per service and channel.
+    pub metrics: crate::relay::metrics::Counters,
+    /// TLS configuration of each service with TLS listeners (reloadable).
+    pub server_tls: Vec<Option<Arc<crate::tls::ServerTls>>>,
+    /// `unix-listen` sockets by (service, channel index).
+    pub listen_eps: HashMap<(usize, usize), Arc<OwnedFd>>,
+}
+
 /// Everything the workers share.
 #[derive(Debug)]
 pub struct Shared {
-    /// Configuration.
-    pub config: ServeConfig,
+    /// The running configuration and what follows it (see [`Live`]).
+    live: Mutex<Arc<Live>>,
+    /// `live`'s generation, read without the lock by the workers' check.
+    live_generation: AtomicU64,
+    /// Key queues for the workers when a reload started the key thread.
+    pub(super) new_keys: Mutex<Vec<Option<Receiver<TicketKey>>>>,
     pub(super) registry: Mutex<Registry>,
     pub(super) mailboxes: Vec<Arc<Mailbox>>,
     /// Set on SIGTERM/SIGINT.
     pub shutdown: AtomicBool,
-    /// `unix-listen` sockets by (service, channel index).
-    pub(super) listen_eps: HashMap<(usize, usize), OwnedFd>,
     /// Listening sockets from systemd by (service, address): every
     /// worker accepts on a duplicate instead of binding its own.
     pub(super) activated: crate::relay::systemd::Activated,
@@ -359,10 +382,6 @@ pub struct Shared {
     /// Set by a worker that hit an error retrying cannot fix (e.g. a
     /// wrong password in `connect`); the main thread exits with it.
     pub fatal: Mutex<Option<(FatalKind, String)>>,
-    /// TLS configuration of each service with TLS listeners (reloadable).
-    pub server_tls: Vec<Option<crate::tls::ServerTls>>,
-    /// `--metrics` counters per service and channel.
-    pub metrics: crate::relay::metrics::Counters,
     /// What each worker published at its last tick (only with `--metrics`).
     pub snapshots: Vec<Mutex<crate::relay::metrics::WorkerSnapshot>>,
 }
@@ -383,10 +402,10 @@ impl Shared {
         let mut server_tls = Vec::new();
         for s in &config.services {
             server_tls.push(match &s.tls {
-                Some(files) => Some(
+                Some(files) => Some(Arc::new(
                     crate::tls::ServerTls::load(files.clone(), crate::tls::Limits::default())
                         .map_err(|e| std::io::Error::other(format!("service {}: TLS: {e}", s.name)))?,
-                ),
+                )),
                 None => None,
             });
         }
@@ -394,27 +413,60 @@ impl Shared {
         for (si, s) in config.services.iter().enumerate() {
             for (ci, c) in s.channels.iter().enumerate() {
                 if let EndpointSpec::UnixListen(p) = &c.endpoint {
-                    listen_eps.insert((si, ci), endpoint::bind_listener(p)?);
+                    listen_eps.insert((si, ci), Arc::new(endpoint::bind_listener(p)?));
                 }
             }
         }
         let metrics = crate::relay::metrics::Counters::new(&config);
+        let live = Live { generation: 0, config, metrics, server_tls, listen_eps };
         Ok(Arc::new(Self {
-            metrics,
             snapshots: (0..n).map(|_| Mutex::new(Default::default())).collect(),
-            config,
+            live: Mutex::new(Arc::new(live)),
+            live_generation: AtomicU64::new(0),
+            new_keys: Mutex::new((0..n).map(|_| None).collect()),
             registry: Mutex::new(Registry::default()),
             mailboxes,
             shutdown: AtomicBool::new(false),
-            listen_eps,
             activated,
             caps_cache: Mutex::new(HashMap::new()),
             parked: Mutex::new(HashMap::new()),
             throttle: Mutex::new(Throttle::default()),
             stats: (0..n).map(|_| WorkerStats::default()).collect(),
             fatal: Mutex::new(None),
-            server_tls,
         }))
+    }
+
+    /// The running configuration (and what follows it): the newest published.
+    pub fn live(&self) -> Arc<Live> {
+        Arc::clone(&self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// The generation of the newest published [`Live`].
+    pub fn live_generation(&self) -> u64 {
+        self.live_generation.load(Ordering::Acquire)
+    }
+
+    /// Publishes `next` (its generation is set here) and wakes every
+    /// worker to take it. Only the main thread publishes.
+    pub fn publish(&self, mut next: Live) -> Arc<Live> {
+        let mut cur = self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        next.generation = cur.generation + 1;
+        let next = Arc::new(next);
+        *cur = Arc::clone(&next);
+        self.live_generation.store(next.generation, Ordering::Release);
+        drop(cur);
+        for m in &self.mailboxes {
+            m.poke();
+        }
+        next
+    }
+
+    /// Hands worker `i` the key queue of a key thread a reload started.
+    pub fn give_keys(&self, keys: Vec<Receiver<TicketKey>>) {
+        let mut q = self.new_keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (slot, k) in q.iter_mut().zip(keys) {
+            *slot = Some(k);
+        }
     }
 
     /// Wakers for the key pool.
@@ -440,6 +492,50 @@ impl Shared {
         self.snapshots.get(i).and_then(|m| m.lock().unwrap_or_else(std::sync::PoisonError::into_inner).at)
     }
 
+    /// Services listening on sockets from systemd socket activation.
+    pub fn activated_services(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = self.activated.keys().map(|(si, _)| *si).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Whether `(service, addr)` is a socket from systemd socket activation.
+    pub fn is_activated(&self, service: usize, addr: std::net::SocketAddr) -> bool {
+        self.activated.contains_key(&(service, addr))
+    }
+
+    /// Linked sessions per service, and linked connections per (service,
+    /// channel index), from the registry.
+    pub fn linked_counts(&self) -> (HashMap<usize, usize>, HashMap<(usize, usize), usize>) {
+        let reg = self.registry();
+        let mut sessions = HashMap::new();
+        for s in reg.sessions.values() {
+            *sessions.entry(s.service).or_insert(0) += 1;
+        }
+        let mut links = HashMap::new();
+        for k in reg.channels.keys() {
+            *links.entry(*k).or_insert(0) += 1;
+        }
+        (sessions, links)
+    }
+
+    /// Forgets what QEMU said about its channels for `service` (its
+    /// upstream changed).
+    pub fn forget_caps(&self, service: usize) {
+        if let Ok(mut c) = self.caps_cache.lock() {
+            c.retain(|k, _| k.0 != service);
+        }
+    }
+
+    /// Drops the kept `unix-listen` endpoint connection of `(service,
+    /// channel)` (its endpoint changed or it was removed).
+    pub fn forget_parked(&self, service: usize, channel: usize) {
+        if let Ok(mut p) = self.parked.lock() {
+            p.remove(&(service, channel));
+        }
+    }
+
     /// Asks every worker to drain and stop.
     pub fn stop(&self) {
         self.shutdown.store(true, Ordering::SeqCst);
@@ -456,11 +552,6 @@ impl Shared {
 
     pub(super) fn throttle(&self) -> std::sync::MutexGuard<'_, Throttle> {
         self.throttle.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The busy policy of `service`.
-    pub(super) fn busy(&self, service: usize) -> BusyPolicy {
-        self.config.services.get(service).and_then(|s| s.busy).unwrap_or(self.config.limits.busy)
     }
 
     pub(super) fn tell(&self, place: Place, reason: &'static str) {

@@ -76,7 +76,7 @@ impl TlsConn {
 impl Worker {
     /// A server session for a connection accepted on a TLS listener.
     pub(super) fn tls_accepted(&mut self, service: usize, peer: &str) -> Option<Box<TlsConn>> {
-        let tls = self.shared.server_tls.get(service).and_then(Option::as_ref)?;
+        let tls = self.live.server_tls.get(service).and_then(Option::as_ref)?;
         match tls.session() {
             Ok(s) => Some(TlsConn::new(s)),
             Err(e) => {
