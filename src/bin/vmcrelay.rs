@@ -653,6 +653,14 @@ struct ServeArgs {
     /// connection with data waits for one (counter buffer_waits) [default: 512].
     #[arg(long, value_name = "N")]
     buffers_per_worker: Option<usize>,
+    /// RSA ticket keys kept ready per worker (each link with a password takes a fresh one): the pool
+    /// absorbs a burst of links; key threads refill it at idle priority [default: 128].
+    #[arg(long, value_name = "N")]
+    key_pool: Option<usize>,
+    /// Threads generating RSA keys at nice 10 (below the workers and the rest of the host)
+    /// [default: one per core].
+    #[arg(long, value_name = "N")]
+    key_threads: Option<usize>,
     /// Seconds without data after which a connection's posted read gives its buffer back and waits
     /// for data with a poll instead (counter buffers_reclaimed) [default: 2].
     #[arg(long, value_name = "S")]
@@ -778,6 +786,12 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     }
     if let Some(n) = a.idle_buffer_secs {
         l.idle_buffer_secs = n;
+    }
+    if let Some(n) = a.key_pool {
+        l.key_pool_per_worker = n;
+    }
+    if let Some(n) = a.key_threads {
+        l.key_threads = n;
     }
     if let Some(b) = a.busy {
         l.busy = b;

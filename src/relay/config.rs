@@ -229,6 +229,17 @@ pub enum DataPath {
     Splice,
 }
 
+impl Limits {
+    /// Key threads to start (`key_threads`, or one per core).
+    pub fn key_threads(&self) -> usize {
+        if self.key_threads > 0 {
+            self.key_threads
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
 /// Most connections one worker may hold (the op token has 24 bits of slot).
 pub const MAX_CONNS_PER_WORKER: usize = 1 << 20;
 
@@ -275,8 +286,10 @@ pub struct Limits {
     pub busy: BusyPolicy,
     /// Keep a `unix-listen` endpoint connection open when the client goes.
     pub keep_listen_endpoint: bool,
-    /// RSA keys kept ready per worker.
+    /// RSA keys kept ready per worker: what absorbs a burst of links.
     pub key_pool_per_worker: usize,
+    /// Key threads filling the pools at idle priority (0: one per core).
+    pub key_threads: usize,
     /// Largest decompressed COMPRESSED_DATA payload accepted.
     pub max_lz4_bytes: usize,
     /// Send LZ4 COMPRESSED_DATA (payloads over 1000 bytes that shrink) to
@@ -323,7 +336,10 @@ impl Default for Limits {
             auth_fail_max_delay_secs: 8,
             busy: BusyPolicy::Replace,
             keep_listen_endpoint: false,
-            key_pool_per_worker: 8,
+            // A burst of 100 sessions (200 links) spread over the workers
+            // finds its keys ready; filling it takes ~1 s of idle CPU.
+            key_pool_per_worker: 128,
+            key_threads: 0,
             max_lz4_bytes: 1024 * 1024,
             lz4_to_client: false,
             ack_window: 0,
@@ -500,6 +516,8 @@ struct FileRelay {
     buffer_kib: Option<usize>,
     buffers_per_worker: Option<usize>,
     idle_buffer_secs: Option<u64>,
+    key_pool_per_worker: Option<usize>,
+    key_threads: Option<usize>,
     max_payload_kib: Option<usize>,
     link_timeout_secs: Option<u64>,
     max_link_stage: Option<usize>,
@@ -712,6 +730,8 @@ impl ServeConfig {
         }
         limits.buffers_per_worker = r.buffers_per_worker.unwrap_or(limits.buffers_per_worker);
         limits.idle_buffer_secs = r.idle_buffer_secs.unwrap_or(limits.idle_buffer_secs);
+        limits.key_pool_per_worker = r.key_pool_per_worker.unwrap_or(limits.key_pool_per_worker);
+        limits.key_threads = r.key_threads.unwrap_or(limits.key_threads);
         if let Some(v) = r.max_payload_kib {
             limits.max_payload_bytes = v * 1024;
         }
@@ -879,6 +899,12 @@ impl ServeConfig {
                 l.buffers_per_worker,
                 crate::uring::MAX_BUFFERS
             ));
+        }
+        if l.key_pool_per_worker == 0 || l.key_pool_per_worker > 65_536 {
+            return Err(format!("key-pool-per-worker = {} must be 1..=65536", l.key_pool_per_worker));
+        }
+        if l.key_threads > 1024 {
+            return Err(format!("key-threads = {} must be 0..=1024 (0: one per core)", l.key_threads));
         }
         if l.idle_buffer_secs == 0 || l.idle_buffer_secs > 3600 {
             return Err(format!("idle-buffer-secs = {} must be 1..=3600", l.idle_buffer_secs));

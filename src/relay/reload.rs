@@ -251,6 +251,7 @@ fn merge_limits(run: &mut Limits, file: &Limits, changes: &mut Vec<String>, rest
     knob!("max-control-bytes", max_control_bytes, restart);
     knob!("max-lz4-bytes", max_lz4_bytes, restart);
     knob!("key-pool-per-worker", key_pool_per_worker, restart);
+    knob!("key-threads", key_threads, restart);
     knob!("key-reuse", key_reuse, restart);
     knob!("data-path", data_path, restart);
     knob!("log-format", log_format, restart);

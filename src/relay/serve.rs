@@ -14,7 +14,7 @@ use nix::sys::stat::{Mode, umask};
 use super::config::{EndpointSpec, ServeConfig};
 use super::worker::{Live, Shared, Worker};
 use super::{endpoint, keypool, reload, status, systemd};
-use crate::{debug, error, info, warn};
+use crate::{debug, error, info};
 
 /// Why serve stopped with a failure; the binary maps it to an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -305,9 +305,15 @@ fn prepare(shared: &Shared, st: &mut Reloading, live: &Live, next: &ServeConfig)
     }
     if !st.keys_started && next.services.iter().any(|s| !s.removed && !s.open_links()) {
         let l = &live.config.limits;
-        let keys =
-            keypool::start(l.workers, l.key_pool_per_worker, l.key_reuse, shared.wakers(), Arc::clone(&st.stop_keys))
-                .map_err(|e| format!("cannot start the key thread: {e}"))?;
+        let keys = keypool::start(
+            l.workers,
+            l.key_pool_per_worker,
+            l.key_reuse,
+            l.key_threads(),
+            shared.wakers(),
+            Arc::clone(&st.stop_keys),
+        )
+        .map_err(|e| format!("cannot start the key thread: {e}"))?;
         shared.give_keys(keys);
         st.keys_started = true;
         info!("main", "reload: a service with ticketing: RSA key thread started");
@@ -457,7 +463,9 @@ fn raise_fd_limit(config: &ServeConfig) {
             l.max_conns_per_worker
         );
     } else {
-        warn!(
+        // Info, not a warning: max-conns is a ceiling, not a need; the
+        // line says what fits so a sysadmin can raise the limit.
+        info!(
             "main",
             "open-file limit is {got} (hard limit {hard}); workers × max-conns-per-worker × 2 = {want} descriptors \
              would be needed, so about {} connections fit in all: raise LimitNOFILE= (systemd) or `ulimit -Hn`, or \
@@ -497,6 +505,7 @@ pub fn run_with_reload(mut config: ServeConfig, source: Option<Reload>) -> Resul
     raise_fd_limit(&config);
     let workers = config.limits.workers;
     let per_worker_keys = config.limits.key_pool_per_worker;
+    let key_threads = config.limits.key_threads();
     for s in &config.services {
         let chans: Vec<String> = s.channels.iter().map(|c| format!("{}={}", c.label(), c.endpoint)).collect();
         let addrs: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
@@ -528,7 +537,7 @@ pub fn run_with_reload(mut config: ServeConfig, source: Option<Reload>) -> Resul
     // with one key per worker and no key thread runs for them.
     let need_keys = shared.live().config.services.iter().any(|s| !s.open_links());
     let keys = if need_keys {
-        keypool::start(workers, per_worker_keys, reuse, shared.wakers(), Arc::clone(&stop_keys))
+        keypool::start(workers, per_worker_keys, reuse, key_threads, shared.wakers(), Arc::clone(&stop_keys))
             .map_err(|e| ServeError::Startup(format!("cannot start the key thread: {e}")))?
     } else {
         info!("main", "ticketing off on every service: one RSA key per worker, no per-link key generation");
