@@ -215,6 +215,9 @@ struct IdleArgs {
     /// Main-link timeout.
     #[arg(long, default_value = "10", value_name = "S")]
     connect_timeout: String,
+    /// Stop linking once N links failed (then hold and check what is linked).
+    #[arg(long, value_name = "N")]
+    max_failed: Option<u64>,
     /// Write the report as JSON (`-`: stdout), once linked and at the end.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -492,6 +495,7 @@ fn cmd_idle(a: IdleArgs) -> anyhow::Result<bool> {
         connect_timeout,
         echo_sample: a.echo_sample,
         echo_bytes,
+        max_failed: a.max_failed.filter(|&m| m > 0),
         progress: !a.quiet,
     };
     let stop = stop_on_signals()?;

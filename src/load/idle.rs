@@ -34,6 +34,9 @@ pub const FDS_PER_SESSION: u64 = 3;
 pub const FDS_SLACK: u64 = 64;
 /// Time each sampled channel has to echo its bytes.
 const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time the whole echo check may take (a stuck server must not hold the
+/// run for sample × timeout); channels not reached count as failed.
+const ECHO_DEADLINE: Duration = Duration::from_secs(20);
 /// Distinct error messages kept in the report.
 const MAX_ERRORS: usize = 10;
 
@@ -62,6 +65,8 @@ pub struct IdleConfig {
     pub echo_sample: usize,
     /// Bytes each sampled channel sends and must get back.
     pub echo_bytes: usize,
+    /// Stop linking once this many links failed (`None`: never).
+    pub max_failed: Option<u64>,
     /// Progress lines on stderr.
     pub progress: bool,
 }
@@ -222,6 +227,8 @@ pub struct IdleParams {
     pub echo_sample: usize,
     /// Bytes per echo.
     pub echo_bytes: usize,
+    /// Linking stops after this many failed links.
+    pub max_failed: Option<u64>,
 }
 
 /// The echo check at the end.
@@ -270,6 +277,8 @@ pub struct IdleReport {
     pub session_link_us: SetupStats,
     /// SIGINT/SIGTERM came before every session was linked.
     pub interrupted: bool,
+    /// Linking stopped at `max_failed` failed links.
+    pub gave_up: bool,
     /// Seconds held idle.
     pub held_s: f64,
     /// Sessions whose main channel the server closed while held.
@@ -314,7 +323,13 @@ impl IdleReport {
             self.sessions_linked,
             p.sessions,
             self.channels_linked,
-            if self.interrupted { "  (interrupted)" } else { "" }
+            if self.interrupted {
+                "  (interrupted)"
+            } else if self.gave_up {
+                "  (gave up at --max-failed)"
+            } else {
+                ""
+            }
         );
         let st = &self.session_link_us;
         let _ = writeln!(
@@ -368,10 +383,20 @@ struct Shared {
     sessions_done: AtomicUsize,
     links_ok: AtomicU64,
     links_failed: AtomicU64,
+    gave_up: AtomicBool,
     errors: Mutex<Vec<String>>,
 }
 
 impl Shared {
+    /// Records a failed link; true when linking should stop (`max_failed`).
+    fn failed(&self, max: Option<u64>) -> bool {
+        let n = self.links_failed.fetch_add(1, Ordering::Relaxed) + 1;
+        if max.is_some_and(|m| n >= m) {
+            self.gave_up.store(true, Ordering::Relaxed);
+        }
+        self.gave_up.load(Ordering::Relaxed)
+    }
+
     fn error(&self, m: String) {
         if let Ok(mut e) = self.errors.lock()
             && e.len() < MAX_ERRORS
@@ -390,7 +415,7 @@ fn link_session(cfg: &IdleConfig, i: usize, sh: &Shared, stop: &AtomicBool) -> (
     let session = match Session::connect(addr, &cfg.password, cfg.connect_timeout) {
         Ok(s) => s,
         Err(e) => {
-            sh.links_failed.fetch_add(1, Ordering::Relaxed);
+            sh.failed(cfg.max_failed);
             sh.error(format!("{addr}: main: {e}"));
             return (None, None);
         }
@@ -399,7 +424,7 @@ fn link_session(cfg: &IdleConfig, i: usize, sh: &Shared, stop: &AtomicBool) -> (
     let mut held = Held { session, channels: Vec::with_capacity(cfg.channels), index: i };
     let mut complete = true;
     for k in 0..cfg.channels {
-        if stop.load(Ordering::Relaxed) {
+        if stop.load(Ordering::Relaxed) || sh.gave_up.load(Ordering::Relaxed) {
             complete = false;
             break;
         }
@@ -409,7 +434,7 @@ fn link_session(cfg: &IdleConfig, i: usize, sh: &Shared, stop: &AtomicBool) -> (
         };
         let t = cfg.channel_type;
         if !held.session.channels.contains(&(t, id)) {
-            sh.links_failed.fetch_add(1, Ordering::Relaxed);
+            sh.failed(cfg.max_failed);
             sh.error(format!(
                 "{addr}: does not offer channel {t}:{id} (it announces {} channels)",
                 held.session.channels.len()
@@ -423,7 +448,7 @@ fn link_session(cfg: &IdleConfig, i: usize, sh: &Shared, stop: &AtomicBool) -> (
                 held.channels.push((id, Some(ch)));
             }
             Err(e) => {
-                sh.links_failed.fetch_add(1, Ordering::Relaxed);
+                sh.failed(cfg.max_failed);
                 sh.error(format!("{addr}: channel {t}:{id}: {e}"));
                 complete = false;
             }
@@ -545,7 +570,7 @@ pub fn idle(
                 move || {
                     let mut mine = Vec::new();
                     loop {
-                        if stop.load(Ordering::Relaxed) {
+                        if stop.load(Ordering::Relaxed) || sh.gave_up.load(Ordering::Relaxed) {
                             break;
                         }
                         let i = sh.next.fetch_add(1, Ordering::Relaxed);
@@ -624,6 +649,7 @@ pub fn idle(
             password: !cfg.password.is_empty(),
             echo_sample: cfg.echo_sample,
             echo_bytes: cfg.echo_bytes,
+            max_failed: cfg.max_failed,
         },
         fd_limit,
         links_wanted: wanted,
@@ -635,6 +661,7 @@ pub fn idle(
         links_per_s: round3(per_sec(links_ok, link_elapsed)),
         session_link_us: SetupStats::from_samples(session_us),
         interrupted,
+        gave_up: sh.gave_up.load(Ordering::Relaxed),
         held_s: 0.0,
         sessions_closed: 0,
         channels_closed: 0,
@@ -645,7 +672,13 @@ pub fn idle(
         "linked {links_ok}/{wanted} links ({} failed) in {link_elapsed:.1} s, {:.1} links/s{}",
         rep.links_failed,
         rep.links_per_s,
-        if interrupted { " (interrupted)" } else { "" }
+        if interrupted {
+            " (interrupted)"
+        } else if rep.gave_up {
+            " (gave up: --max-failed)"
+        } else {
+            ""
+        }
     ));
     on_linked(&rep);
 
@@ -684,7 +717,14 @@ pub fn idle(
     }
     let n = cfg.echo_sample.min(all.len());
     let mut rtt = Vec::with_capacity(n);
+    let echo_end = Instant::now() + ECHO_DEADLINE;
     for k in 0..n {
+        if Instant::now() > echo_end {
+            rep.echo.failed += n - k;
+            rep.echo.sampled += n - k;
+            rep.echo.errors.push(format!("{} channels not tried: the echo check ran past {ECHO_DEADLINE:?}", n - k));
+            break;
+        }
         let Some(&(hi, ci)) = all.get(k * all.len() / n) else { continue };
         let Some(h) = held.get_mut(hi) else { continue };
         let Some((id, slot)) = h.channels.get_mut(ci) else { continue };
@@ -715,6 +755,7 @@ pub fn idle(
     rep.ok = rep.links_ok == wanted
         && rep.links_failed == 0
         && !interrupted
+        && !rep.gave_up
         && rep.sessions_closed == 0
         && rep.channels_closed == 0
         && rep.echo.failed == 0
