@@ -40,6 +40,9 @@ W6_SIZES = {"small": (40, 24), "large": (400, 24)}
 # relay that needs more memory than the machine has is measured up to there,
 # not killed by the OOM killer with everything else on the machine.
 W6_MEM_RESERVE_GIB = 6.0
+# Largest max-conns-per-worker the relay starts with (2 registered buffers per
+# connection, 16384 per io_uring).
+W6_MAX_CONNS_PER_WORKER = 8192
 # vmcrelay's channels for W1–W3: one per endpoint mode.
 RELAY_CHANNEL = {"sink": "usbredir:0", "source": "usbredir:1", "echo": "usbredir:2"}
 # Offered aggregate load in W4, bytes/s, above what the best contender carries
@@ -825,31 +828,45 @@ def _smaps_top(pid, top=6):
 
 # What stops a relay from holding more: log needles → a short name.
 _W6_LOG_NEEDLES = [
-    ("EMFILE (Too many open files)", ("Too many open files", "os error 24")),
-    ("ENFILE (file table full)", ("os error 23",)),
+    ("EMFILE", ("Too many open files", "os error 24")),
+    ("ENFILE", ("os error 23",)),
     ("ENOMEM", ("Cannot allocate memory", "os error 12", "out of memory")),
     ("connection table full", ("connection table full",)),
-    ("thread spawn failed", ("Resource temporarily unavailable", "os error 11")),
+    ("EAGAIN (threads?)", ("Resource temporarily unavailable", "os error 11")),
 ]
 
 
-def _relay_log_problems(path):
-    """Counts and first lines of what the relay logged about running out of something,
-    and its first distinct WARN/ERROR messages."""
-    lines = _read(path).decode(errors="replace").splitlines()
-    found = {}
-    warns = []
-    for line in lines:
-        for name, needles in _W6_LOG_NEEDLES:
-            if any(n in line for n in needles):
-                f = found.setdefault(name, {"count": 0, "first": line.strip()[:300]})
-                f["count"] += 1
-        if " WARN " in line or " ERROR " in line:
-            msg = line.split("] ", 1)[-1][:200]
-            if msg not in warns and len(warns) < 5:
-                warns.append(msg)
-    return {"exhausted": found, "warnings": warns,
-            "warn_lines": sum(1 for l in lines if " WARN " in l or " ERROR " in l)}
+def _relay_log_problems(path, keep=8):
+    """The relay's WARN/ERROR lines grouped by message (digits folded, so one
+    line per kind), in order of first appearance, with counts; and which
+    resource each kind ran out of. Streams the file: a relay that spins on
+    an error can write hundreds of MB."""
+    import re
+
+    digits = re.compile(r"[0-9]+")
+    kinds = {}
+    total = 0
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                if b" WARN " not in raw and b" ERROR " not in raw:
+                    continue
+                total += 1
+                line = raw.decode(errors="replace").strip()
+                msg = line.split(" ", 1)[-1]
+                key = digits.sub("#", msg)[:160]
+                k = kinds.get(key)
+                if k is None:
+                    if len(kinds) >= 200:
+                        continue
+                    res = next((n for n, needles in _W6_LOG_NEEDLES if any(x in line for x in needles)), None)
+                    k = kinds[key] = {"count": 0, "first": line[:300], "exhausted": res}
+                k["count"] += 1
+    except OSError:
+        pass
+    groups = list(kinds.values())
+    return {"warn_lines": total, "kinds": groups[:keep],
+            "exhausted": [g for g in groups if g["exhausted"]][:keep]}
 
 
 def _w6_toml(ctx, key, ports, channels, max_conns):
@@ -880,10 +897,17 @@ def w6_size(ctx, c, label, vms, channels, budget):
     drops under the reserve; what the relay logged about running out of
     fds, memory or slots is reported as the reason it could not hold more."""
     conns = vms * (channels + 1)
-    max_conns = min(16383, conns + 64)
+    # The relay's config check allows 16383, but each connection holds 2
+    # registered buffers and the kernel registers at most 16384 per ring
+    # (IORING_MAX_REG_BUFFERS): above 8192 serve fails at start (EINVAL).
+    max_conns = min(W6_MAX_CONNS_PER_WORKER, conns + 64)
     rec = {"ok": False, "label": label, "vms": vms, "channels_per_vm": channels, "connections_wanted": conns,
            "channels_wanted": vms * channels, "max_conns_per_worker": max_conns, "hold_s": ctx.w6_hold,
            "concurrency": ctx.w6_conc, "error_messages": []}
+    if max_conns < conns + 64:
+        rec["note"] = (f"max-conns-per-worker capped at {max_conns} (2 registered buffers per connection, the kernel "
+                       f"registers ≤ 16384 per ring; serve's check allows 16383 but fails at start above 8192); "
+                       f"{c.workers} workers share the connections by SO_REUSEPORT")
     reserve_kib = int(ctx.w6_reserve_gib * 1024 * 1024)
     ports = [procs.free_port() for _ in range(vms)]
     cfg = _w6_toml(ctx, c.key, ports, channels, max_conns)
@@ -998,13 +1022,15 @@ def w6_size(ctx, c, label, vms, channels, budget):
             rec["ok"] = bool(rep.get("ok")) and load.returncode == 0 and not rec.get("stopped_by")
             if not rep.get("ok"):
                 rec["error_messages"] += (rep.get("errors") or [])[:3] + ((rep.get("echo") or {}).get("errors") or [])[:2]
+        # The log is complete once the relay is gone (and may keep growing until then).
+        c.stop()
         problems = _relay_log_problems(c.log)
         rec["relay_log"] = problems
         if not rec.get("stopped_by") and rec.get("links_ok") is not None and rec["links_ok"] < conns:
             ex = problems["exhausted"]
             if ex:
-                name, f = next(iter(ex.items()))
-                rec["stopped_by"] = f"relay: {name} ×{f['count']}, first: {f['first']}"
+                rec["stopped_by"] = "relay: " + "; then ".join(
+                    f"{g['exhausted']} ×{g['count']:,} (first: {g['first'].split(' ', 1)[-1][:160]})" for g in ex[:3])
             elif rec.get("link_errors"):
                 rec["stopped_by"] = f"client: {rec['link_errors'][0]}"
             else:
