@@ -869,9 +869,9 @@ def _relay_log_problems(path, keep=8):
             "exhausted": [g for g in groups if g["exhausted"]][:keep]}
 
 
-def _w6_toml(ctx, key, ports, channels, max_conns):
+def _w6_toml(ctx, key, ports, channels, max_conns, endpoint="echo:"):
     path = os.path.join(ctx.work, f"w6-{key}-{len(ports)}.toml")
-    chans = ", ".join(f'"128:{i}=echo:"' for i in range(channels))
+    chans = ", ".join(f'"128:{i}={endpoint}"' for i in range(channels))
     with open(path, "w") as fh:
         fh.write(f"[relay]\nmax-conns-per-worker = {max_conns}\n")
         for v, port in enumerate(ports):
@@ -910,7 +910,16 @@ def w6_size(ctx, c, label, vms, channels, budget):
                        f"{c.workers} workers share the connections by SO_REUSEPORT")
     reserve_kib = int(ctx.w6_reserve_gib * 1024 * 1024)
     ports = [procs.free_port() for _ in range(vms)]
-    cfg = _w6_toml(ctx, c.key, ports, channels, max_conns)
+    ep = None
+    if ctx.w6_endpoint == "unix":
+        # One `vmcload endpoint --mode echo` process for every channel (a thread
+        # per connection there): the relay's side of each endpoint is one socket.
+        ep = Endpoint(ctx, f"w6-{label}-echo", "echo", verify=False)
+        rec["endpoint"] = f"unix:{ep.path} (vmcload endpoint --mode echo)"
+        cfg = _w6_toml(ctx, c.key, ports, channels, max_conns, f"unix:{ep.path}")
+    else:
+        rec["endpoint"] = "echo: (built in)"
+        cfg = _w6_toml(ctx, c.key, ports, channels, max_conns)
     c.port = ports[0]
     jpath = os.path.join(ctx.work, f"w6-{label}.json")
     llog = os.path.join(ctx.logs, f"w6-{label}.vmcload.log")
@@ -1043,6 +1052,8 @@ def w6_size(ctx, c, label, vms, channels, budget):
         if load is not None and load.poll() is None:
             procs.stop(load, timeout=5, sig=signal.SIGINT)
         c.stop()
+        if ep is not None:
+            ep.stop()
 
 
 def phase_w6(ctx, results, budget, nproc):
@@ -1054,7 +1065,7 @@ def phase_w6(ctx, results, budget, nproc):
         sizes = ctx.w6_sizes
     results["W6_params"] = {"sizes": {s: {"vms": W6_SIZES[s][0], "channels_per_vm": W6_SIZES[s][1],
                                           "connections": W6_SIZES[s][0] * (W6_SIZES[s][1] + 1)} for s in sizes},
-                            "hold_s": ctx.w6_hold, "concurrency": ctx.w6_conc, "mem_reserve_gib": ctx.w6_reserve_gib,
+                            "hold_s": ctx.w6_hold, "concurrency": ctx.w6_conc, "endpoint": ctx.w6_endpoint, "mem_reserve_gib": ctx.w6_reserve_gib,
                             "bench_nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
                             "mem_total_kib": _meminfo_kib("MemTotal"), "contender": c.key}
     cell = results["W6"].setdefault(c.key, {"runs": []})
@@ -1136,6 +1147,8 @@ def main():
     ap.add_argument("--w6-sizes", metavar="small,large", help="W6 sizes (small: 40 VMs × 24, large: 400 × 24); "
                     "default both, quick small")
     ap.add_argument("--w6-hold", type=float, help="W6 seconds to hold the idle channels; default 10, quick 3")
+    ap.add_argument("--w6-endpoint", choices=("echo", "unix"), default="echo",
+                    help="W6 channels' endpoint: the relay's built-in echo: (default) or unix: to one vmcload echo endpoint")
     ap.add_argument("--w6-concurrency", type=int, default=8, help="W6 sessions linking at once (default 8)")
     ap.add_argument("--w6-mem-reserve-gib", type=float, default=W6_MEM_RESERVE_GIB,
                     help=f"W6 stops linking when MemAvailable drops below this (default {W6_MEM_RESERVE_GIB})")
@@ -1160,6 +1173,7 @@ def main():
     ctx.w5_conc = 32 if args.quick else 100
     ctx.w6_hold = int(args.w6_hold) if args.w6_hold is not None else (3 if args.quick else 10)
     ctx.w6_conc = args.w6_concurrency
+    ctx.w6_endpoint = args.w6_endpoint
     ctx.w6_reserve_gib = args.w6_mem_reserve_gib
     ctx.w6_max_failed = 48
     ctx.w6_timeout = 900

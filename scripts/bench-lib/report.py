@@ -218,8 +218,10 @@ def markdown(out, order):
         p = r.get("W6_params", {})
         L.append(f"### W6: {out['titles']['W6']}")
         L.append("")
+        epd = ("`128:i=echo:` channels each (the relay's built-in echo)" if p.get("endpoint", "echo") == "echo" else
+               "`128:i=unix:PATH` channels each, all to one `vmcload endpoint --mode echo`")
         L.append("One relay (`vmcrelay serve --config`, all workers, default settings except `max-conns-per-worker` = "
-                 "connections + 64), V `[[service]]`s on their own 127.0.0.1 ports with C `128:i=echo:` channels each; "
+                 f"connections + 64, at most 8192), V `[[service]]`s on their own 127.0.0.1 ports with C {epd}; "
                  "one `vmcload idle` session per VM links its main and C channels "
                  f"({p.get('concurrency')} sessions at once), holds them {p.get('hold_s')} s with no traffic, then checks "
                  "every session and channel is still open and 64 sampled channels echo 64 B. Relay VmRSS, fds and threads "
