@@ -408,3 +408,85 @@ fn demo_runs_and_passes_its_checks() {
     assert!(text.contains("all checks passed"), "{text}");
     assert!(text.contains("rr p50 / p99"), "{text}");
 }
+
+/// `vmcload idle`: 3 VMs (services) × 4 `echo:` channels behind one relay.
+/// Every link is made, the `holding` report appears while the channels are
+/// held, nothing closes meanwhile and every channel echoes at the end. Then
+/// the same run with one channel too many per session fails with exit 1
+/// and names the missing channel.
+#[test]
+fn idle_sessions_link_hold_and_echo() {
+    let dir = TempDir::new("idle");
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut toml = String::from("[relay]\nworkers = 2\nmax-conns-per-worker = 64\n");
+    for (v, p) in ports.iter().enumerate() {
+        toml.push_str(&format!(
+            "\n[[service]]\nname = \"vm{v}\"\nlisten = [\"127.0.0.1:{p}\"]\ndisable-ticketing = true\nchannels = [{}]\n",
+            (0..4).map(|i| format!("\"128:{i}=echo:\"")).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let cfg = dir.path("idle.toml");
+    std::fs::write(&cfg, toml).expect("config");
+    let relay = Relay::start(&["--config".to_string(), cfg.to_str().expect("utf8").to_string()]);
+    let targets = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let json = dir.path("idle.json");
+    let js = json.to_str().expect("utf8");
+
+    // While it holds, the first report is there with every link made.
+    let args = ["idle", "--target", &targets, "--channels", "4", "--hold", "2", "--echo-sample", "12", "--json", js];
+    let watcher = {
+        let json = json.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Some(v) = read_json(&json)
+                    && v["phase"] == "holding"
+                {
+                    return Some(v);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            None
+        })
+    };
+    let (code, out) = vmcload(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(code, 0, "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
+    let holding = watcher.join().expect("watcher").expect("a `holding` report while the channels were held");
+    assert_eq!(u(&holding, "links_ok"), 15, "{holding:#}");
+    assert_eq!(holding["held_s"].as_f64(), Some(0.0));
+
+    let v = read_json(&json).expect("final report");
+    assert_eq!(v["phase"], "done");
+    assert_eq!(v["ok"], true, "{v:#}");
+    assert_eq!(u(&v, "links_wanted"), 15);
+    assert_eq!(u(&v, "links_ok"), 15);
+    assert_eq!(u(&v, "links_failed"), 0);
+    assert_eq!(u(&v, "sessions_linked"), 3);
+    assert_eq!(u(&v, "channels_linked"), 12);
+    assert_eq!(u(&v["session_link_us"], "count"), 3);
+    assert!(u(&v["session_link_us"], "p50") > 0);
+    assert!(v["links_per_s"].as_f64().is_some_and(|r| r > 0.0), "{v:#}");
+    assert!(v["held_s"].as_f64().is_some_and(|h| h >= 2.0), "{v:#}");
+    assert_eq!(u(&v, "sessions_closed"), 0);
+    assert_eq!(u(&v, "channels_closed"), 0);
+    assert_eq!(u(&v["echo"], "sampled"), 12);
+    assert_eq!(u(&v["echo"], "ok"), 12, "{v:#}");
+    assert_eq!(u(&v["echo"], "failed"), 0);
+    assert!(v["fd_limit"]["soft"].as_u64().is_some_and(|s| s >= u(&v["fd_limit"], "need")));
+    assert!(stdout.contains("12/12 sampled channels echoed"), "{stdout}");
+
+    // The relay offers 4 channels per VM: asking for 5 fails, and says which.
+    let (code, out) = vmcload(&["idle", "--target", &targets, "--channels", "5", "--hold", "0", "--json", js]);
+    assert_eq!(code, 1, "{}", String::from_utf8_lossy(&out.stdout));
+    let v = read_json(&json).expect("report");
+    assert_eq!(v["ok"], false);
+    assert_eq!(u(&v, "links_ok"), 15, "{v:#}");
+    assert_eq!(u(&v, "links_failed"), 3);
+    assert_eq!(u(&v, "sessions_linked"), 0);
+    assert!(v["errors"].to_string().contains("does not offer channel 128:4"), "{v:#}");
+    // More sessions than targets is a usage error.
+    let (code, _) = vmcload(&["idle", "--target", &targets, "--sessions", "4", "--channels", "1"]);
+    assert_eq!(code, 2);
+    drop(relay);
+}

@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import sys
@@ -32,6 +33,16 @@ WORKLOADS = {
 }
 W4_TITLE = "many channels at a moderate rate each, 64 KiB messages client → endpoint"
 W5_TITLE = "link set-up with a ticket (session + channel)"
+W6_TITLE = "idle scale: V VMs × C idle `echo:` channels (+ V mains) linked and held open; relay RSS per idle channel"
+# W6 sizes: (VMs, user channels per VM); connections = VMs × (channels + 1).
+W6_SIZES = {"small": (40, 24), "large": (400, 24)}
+# W6 stops linking (SIGINT to vmcload) when MemAvailable falls below this, so a
+# relay that needs more memory than the machine has is measured up to there,
+# not killed by the OOM killer with everything else on the machine.
+W6_MEM_RESERVE_GIB = 6.0
+# Largest max-conns-per-worker the relay starts with (2 registered buffers per
+# connection, 16384 per io_uring).
+W6_MAX_CONNS_PER_WORKER = 8192
 # vmcrelay's channels for W1–W3: one per endpoint mode.
 RELAY_CHANNEL = {"sink": "usbredir:0", "source": "usbredir:1", "echo": "usbredir:2"}
 # Offered aggregate load in W4, bytes/s, above what the best contender carries
@@ -741,6 +752,337 @@ def phase_iperf(ctx, results, budget):
         procs.stop(srv)
 
 
+# ---------------------------------------------------------------- W6
+
+
+def _meminfo_kib(field):
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _nofile_limit(pid):
+    """(soft, hard) 'Max open files' of pid, from /proc/PID/limits."""
+    try:
+        with open(f"/proc/{pid}/limits") as fh:
+            for line in fh:
+                if line.startswith("Max open files"):
+                    f = line.split()
+                    return [int(x) if x.isdigit() else x for x in f[3:5]]
+    except OSError:
+        pass
+    return None
+
+
+def _fd_count(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def _snapshot(pid):
+    """What the relay holds right now: VmRSS and its parts, page tables, threads, fds."""
+    snap = {k: procs.status_kib(pid, f) for k, f in (("rss_kib", "VmRSS"), ("rss_anon_kib", "RssAnon"),
+                                                      ("rss_file_kib", "RssFile"), ("pte_kib", "VmPTE"),
+                                                      ("hwm_kib", "VmHWM"), ("threads", "Threads"))}
+    snap["fds"] = _fd_count(pid)
+    snap["mem_available_kib"] = _meminfo_kib("MemAvailable")
+    snap["t"] = round(time.monotonic() - T0, 2)
+    return snap
+
+
+def _smaps_top(pid, top=6):
+    """Resident memory by mapping shape: groups of (size, name) summed over
+    /proc/PID/smaps, largest Rss first (thread stacks, the buffer arena and
+    the heap each show up as their own group)."""
+    groups = {}
+    try:
+        with open(f"/proc/{pid}/smaps") as fh:
+            cur = None
+            for line in fh:
+                parts = line.split()
+                if not parts:
+                    continue
+                if "-" in parts[0] and not parts[0].endswith(":"):
+                    name = parts[5] if len(parts) > 5 else "[anon]"
+                    cur = [name, 0, 0]
+                elif parts[0] == "Size:" and cur is not None:
+                    cur[1] = int(parts[1])
+                elif parts[0] == "Rss:" and cur is not None:
+                    key = (cur[1], os.path.basename(cur[0]))
+                    g = groups.setdefault(key, [0, 0])
+                    g[0] += 1
+                    g[1] += int(parts[1])
+    except OSError:
+        return []
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    return [{"mappings": n, "size_kib_each": size, "name": name, "rss_mib": round(rss / 1024, 1)}
+            for (size, name), (n, rss) in rows]
+
+
+# What stops a relay from holding more: log needles → a short name.
+_W6_LOG_NEEDLES = [
+    ("EMFILE", ("Too many open files", "os error 24")),
+    ("ENFILE", ("os error 23",)),
+    ("ENOMEM", ("Cannot allocate memory", "os error 12", "out of memory")),
+    ("connection table full", ("connection table full",)),
+    ("EAGAIN (threads?)", ("Resource temporarily unavailable", "os error 11")),
+]
+
+
+def _relay_log_problems(path, keep=8):
+    """The relay's WARN/ERROR lines grouped by message (digits folded, so one
+    line per kind), in order of first appearance, with counts; and which
+    resource each kind ran out of. Streams the file: a relay that spins on
+    an error can write hundreds of MB."""
+    import re
+
+    digits = re.compile(r"[0-9]+")
+    kinds = {}
+    total = 0
+    try:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                if b" WARN " not in raw and b" ERROR " not in raw:
+                    continue
+                total += 1
+                line = raw.decode(errors="replace").strip()
+                msg = line.split(" ", 1)[-1]
+                key = digits.sub("#", msg)[:160]
+                k = kinds.get(key)
+                if k is None:
+                    if len(kinds) >= 200:
+                        continue
+                    res = next((n for n, needles in _W6_LOG_NEEDLES if any(x in line for x in needles)), None)
+                    k = kinds[key] = {"count": 0, "first": line[:300], "exhausted": res}
+                k["count"] += 1
+    except OSError:
+        pass
+    groups = list(kinds.values())
+    return {"warn_lines": total, "kinds": groups[:keep],
+            "exhausted": [g for g in groups if g["exhausted"]][:keep]}
+
+
+def _w6_toml(ctx, key, ports, channels, max_conns, endpoint="echo:"):
+    path = os.path.join(ctx.work, f"w6-{key}-{len(ports)}.toml")
+    chans = ", ".join(f'"128:{i}={endpoint}"' for i in range(channels))
+    with open(path, "w") as fh:
+        fh.write(f"[relay]\nmax-conns-per-worker = {max_conns}\n")
+        for v, port in enumerate(ports):
+            fh.write(f'\n[[service]]\nname = "vm{v}"\nlisten = ["127.0.0.1:{port}"]\ndisable-ticketing = true\n'
+                     f"channels = [{chans}]\n")
+    return path
+
+
+def _read_json(path):
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def w6_size(ctx, c, label, vms, channels, budget):
+    """One W6 size: V services (VMs) with C `echo:` channels each, one
+    `vmcload idle` session per VM. RSS/fds/threads of the relay before
+    linking, once every link is made (vmcload's `holding` report) and at the
+    end of the hold; per idle connection = (linked − before) / connections
+    held. A memory guard stops linking (SIGINT to vmcload) if MemAvailable
+    drops under the reserve; what the relay logged about running out of
+    fds, memory or slots is reported as the reason it could not hold more."""
+    conns = vms * (channels + 1)
+    # The relay's config check allows 16383, but each connection holds 2
+    # registered buffers and the kernel registers at most 16384 per ring
+    # (IORING_MAX_REG_BUFFERS): above 8192 serve fails at start (EINVAL).
+    max_conns = min(W6_MAX_CONNS_PER_WORKER, conns + 64)
+    rec = {"ok": False, "label": label, "vms": vms, "channels_per_vm": channels, "connections_wanted": conns,
+           "channels_wanted": vms * channels, "max_conns_per_worker": max_conns, "hold_s": ctx.w6_hold,
+           "concurrency": ctx.w6_conc, "error_messages": []}
+    if max_conns < conns + 64:
+        rec["note"] = (f"max-conns-per-worker capped at {max_conns} (2 registered buffers per connection, the kernel "
+                       f"registers ≤ 16384 per ring; serve's check allows 16383 but fails at start above 8192); "
+                       f"{c.workers} workers share the connections by SO_REUSEPORT")
+    reserve_kib = int(ctx.w6_reserve_gib * 1024 * 1024)
+    ports = [procs.free_port() for _ in range(vms)]
+    ep = None
+    if ctx.w6_endpoint == "unix":
+        # One `vmcload endpoint --mode echo` process for every channel (a thread
+        # per connection there): the relay's side of each endpoint is one socket.
+        ep = Endpoint(ctx, f"w6-{label}-echo", "echo", verify=False)
+        rec["endpoint"] = f"unix:{ep.path} (vmcload endpoint --mode echo)"
+        cfg = _w6_toml(ctx, c.key, ports, channels, max_conns, f"unix:{ep.path}")
+    else:
+        rec["endpoint"] = "echo: (built in)"
+        cfg = _w6_toml(ctx, c.key, ports, channels, max_conns)
+    c.port = ports[0]
+    jpath = os.path.join(ctx.work, f"w6-{label}.json")
+    llog = os.path.join(ctx.logs, f"w6-{label}.vmcload.log")
+    load = None
+    try:
+        try:
+            c.launch(ctx, [], f"w6-{label}", config=cfg)
+        except BenchError as e:
+            rec["error_messages"].append(f"relay did not start: {e}")
+            rec["stopped_by"] = "relay start"
+            return rec
+        pid = c.pid
+        # The last service's listener too (workers bind in turn).
+        procs.wait_until(lambda: procs.tcp_listening(ports[-1]), 30, f"W6 {label}: relay listening on all ports",
+                         c.proc, c.log)
+        time.sleep(0.5)
+        rec["relay_nofile"] = _nofile_limit(pid)
+        before = _snapshot(pid)
+        rec["before"] = before
+        argv = [ctx.vmcload, "idle", "--target", ",".join(f"127.0.0.1:{p}" for p in ports), "--channels", channels,
+                "--concurrency", ctx.w6_conc, "--hold", ctx.w6_hold, "--max-failed", ctx.w6_max_failed,
+                "--echo-sample", 64, "--json", jpath]
+        rec["command"] = "vmcload idle --target 127.0.0.1:P1,...,P%d --channels %d --concurrency %s --hold %s " \
+                         "--max-failed %s --echo-sample 64" % (vms, channels, ctx.w6_conc, ctx.w6_hold, ctx.w6_max_failed)
+        t_link = time.monotonic()
+        load = procs.spawn(argv, log_path=llog)
+        rec["vmcload_pid"] = load.pid
+        peak = dict(before)
+        linked = None
+        guard = None
+        deadline = time.monotonic() + ctx.w6_timeout
+        rep = None
+        while True:
+            if load.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                rec["error_messages"].append(f"vmcload idle did not finish within {ctx.w6_timeout:.0f} s")
+                procs.stop(load, timeout=5, sig=signal.SIGINT)
+                break
+            if c.proc.poll() is not None:
+                rec["error_messages"].append(f"relay exited with {c.proc.returncode} while linking/holding")
+                rec["stopped_by"] = f"relay exited ({c.proc.returncode}){procs.tail(c.log, 3)}"
+                break
+            snap = _snapshot(pid)
+            if (snap.get("rss_kib") or 0) > (peak.get("rss_kib") or 0):
+                peak = snap
+            j = _read_json(jpath)
+            if linked is None and j and j.get("phase") == "holding":
+                linked = snap
+                linked["link_wall_s"] = round(time.monotonic() - t_link, 2)
+                rec["smaps_top_linked"] = _smaps_top(pid)
+                log(f"W6 {label}: linked {j.get('links_ok')}/{j.get('links_wanted')} in {j.get('link_elapsed_s')} s; "
+                    f"relay RSS {(snap.get('rss_kib') or 0) / 1024:,.0f} MiB, {snap.get('fds')} fds, "
+                    f"{snap.get('threads')} threads; holding {ctx.w6_hold} s")
+            if linked is None and guard is None and (snap.get("mem_available_kib") or reserve_kib) < reserve_kib:
+                guard = snap
+                rec["stopped_by"] = (f"bench memory guard: MemAvailable {snap['mem_available_kib'] / 1048576:.1f} GiB "
+                                     f"< reserve {ctx.w6_reserve_gib} GiB with relay RSS "
+                                     f"{(snap.get('rss_kib') or 0) / 1048576:.1f} GiB; linking stopped (SIGINT to vmcload)")
+                log(f"W6 {label}: {rec['stopped_by']}")
+                try:
+                    os.kill(load.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+            if linked is not None and "after_hold" not in rec and \
+                    time.monotonic() - t_link - linked["link_wall_s"] >= max(0.0, float(ctx.w6_hold) - 0.5):
+                rec["after_hold"] = snap
+            time.sleep(0.2)
+        try:
+            load.wait(timeout=60)
+        except Exception:  # noqa: BLE001
+            procs.stop(load, timeout=2)
+        rec["vmcload_rc"] = load.returncode
+        rep = _read_json(jpath)
+        rec["peak"] = peak
+        rec["linked"] = linked or guard
+        if rep is None:
+            rec["error_messages"].append(f"vmcload idle exited {load.returncode} without a report{procs.tail(llog)}")
+        else:
+            held = rep.get("links_ok") or 0
+            rec.update({
+                "phase": rep.get("phase"),
+                "links_ok": held, "links_failed": rep.get("links_failed"), "links_wanted": rep.get("links_wanted"),
+                "channels_linked": rep.get("channels_linked"), "sessions_linked": rep.get("sessions_linked"),
+                "link_elapsed_s": rep.get("link_elapsed_s"), "links_per_s": rep.get("links_per_s"),
+                "session_link_ms": {k: round((rep.get("session_link_us") or {}).get(k, 0) / 1000, 1)
+                                    for k in ("p50", "p99", "max")},
+                "held_s": rep.get("held_s"), "sessions_closed": rep.get("sessions_closed"),
+                "channels_closed": rep.get("channels_closed"), "echo": {k: (rep.get("echo") or {}).get(k)
+                                                                        for k in ("sampled", "ok", "failed", "errors")},
+                "interrupted": rep.get("interrupted"), "gave_up": rep.get("gave_up"),
+                "client_fd_limit": (rep.get("fd_limit") or {}).get("note"),
+                "link_errors": (rep.get("errors") or [])[:5],
+            })
+            at = rec["linked"]
+            if at and before.get("rss_kib") is not None and at.get("rss_kib") is not None and held:
+                d = at["rss_kib"] - before["rss_kib"]
+                rec["rss_delta_mib"] = round(d / 1024, 1)
+                rec["rss_kib_per_connection"] = round(d / held, 1)
+                if rep.get("channels_linked"):
+                    rec["rss_kib_per_channel"] = round(d / rep["channels_linked"], 1)
+                if at.get("fds") is not None and before.get("fds") is not None:
+                    rec["fds_per_connection"] = round((at["fds"] - before["fds"]) / held, 2)
+                if at.get("threads") is not None and before.get("threads") is not None:
+                    rec["threads_per_connection"] = round((at["threads"] - before["threads"]) / held, 2)
+            ah = rec.get("after_hold")
+            if ah and before.get("rss_kib") is not None and held:
+                rec["rss_kib_per_connection_after_hold"] = round((ah["rss_kib"] - before["rss_kib"]) / held, 1)
+            rec["ok"] = bool(rep.get("ok")) and load.returncode == 0 and not rec.get("stopped_by")
+            if not rep.get("ok"):
+                rec["error_messages"] += (rep.get("errors") or [])[:3] + ((rep.get("echo") or {}).get("errors") or [])[:2]
+        # The log is complete once the relay is gone (and may keep growing until then).
+        c.stop()
+        problems = _relay_log_problems(c.log)
+        rec["relay_log"] = problems
+        if not rec.get("stopped_by") and rec.get("links_ok") is not None and rec["links_ok"] < conns:
+            ex = problems["exhausted"]
+            if ex:
+                rec["stopped_by"] = "relay: " + "; then ".join(
+                    f"{g['exhausted']} ×{g['count']:,} (first: {g['first'].split(' ', 1)[-1][:160]})" for g in ex[:3])
+            elif rec.get("link_errors"):
+                rec["stopped_by"] = f"client: {rec['link_errors'][0]}"
+            else:
+                rec["stopped_by"] = "unknown (see the relay log and vmcload log)"
+        return rec
+    except BenchError as e:
+        rec["error_messages"].append(str(e))
+        return rec
+    finally:
+        if load is not None and load.poll() is None:
+            procs.stop(load, timeout=5, sig=signal.SIGINT)
+        c.stop()
+        if ep is not None:
+            ep.stop()
+
+
+def phase_w6(ctx, results, budget, nproc):
+    """W6: idle scale with the relay's default settings (all workers, copy
+    path), max-conns-per-worker raised to hold every connection."""
+    c = Relay("copy", nproc, nproc)
+    sizes = ["small"] if ctx.quick else ["small", "large"]
+    if ctx.w6_sizes:
+        sizes = ctx.w6_sizes
+    results["W6_params"] = {"sizes": {s: {"vms": W6_SIZES[s][0], "channels_per_vm": W6_SIZES[s][1],
+                                          "connections": W6_SIZES[s][0] * (W6_SIZES[s][1] + 1)} for s in sizes},
+                            "hold_s": ctx.w6_hold, "concurrency": ctx.w6_conc, "endpoint": ctx.w6_endpoint, "mem_reserve_gib": ctx.w6_reserve_gib,
+                            "bench_nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
+                            "mem_total_kib": _meminfo_kib("MemTotal"), "contender": c.key}
+    cell = results["W6"].setdefault(c.key, {"runs": []})
+    for label in sizes:
+        vms, ch = W6_SIZES[label]
+        est = 10 + ctx.w6_hold + vms * (ch + 1) / 100.0
+        if not budget.allows(est):
+            cell["runs"].append({"ok": False, "label": label, "skipped": "time budget"})
+            log(f"W6 {label}: skipped (time budget)")
+            continue
+        log(f"W6 {label}: {vms} VMs × {ch} channels + {vms} mains = {vms * (ch + 1)} connections")
+        rec = w6_size(ctx, c, label, vms, ch, budget)
+        cell["runs"].append(rec)
+        log(f"W6 {label}: {report.brief('W6', rec)}")
+    cell["median"] = {"runs": len(cell["runs"]), "ok_runs": sum(1 for r in cell["runs"] if r.get("ok"))}
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -791,6 +1133,7 @@ def main():
         description="vmcrelay vs libspice-server, socat, direct and iperf3: same client, same endpoint, same run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Workloads: W1 up 64 KiB, W2 down 64 KiB, W3 64 B rr, W4 many channels, W5 link rate with a ticket.\n"
+        "W6 idle scale (RSS per idle channel at 1,000 and 10,000 connections; --quick: 1,000 only).\n"
         "Contenders: relay-copy-1w relay-copy-all relay-splice-1w relay-splice-all libspice socat direct iperf3.\n"
         "Method: perf/README.md. Results history: perf/RESULTS.md.",
     )
@@ -801,6 +1144,14 @@ def main():
     ap.add_argument("--runs", type=int, help="runs per W1–W3 cell (median reported); default 3, quick 1")
     ap.add_argument("--seconds", type=float, help="seconds per W1–W3 run; default 5, quick 1.5")
     ap.add_argument("--w4-connections", type=int, help="W4 channels; default 1000, quick 100")
+    ap.add_argument("--w6-sizes", metavar="small,large", help="W6 sizes (small: 40 VMs × 24, large: 400 × 24); "
+                    "default both, quick small")
+    ap.add_argument("--w6-hold", type=float, help="W6 seconds to hold the idle channels; default 10, quick 3")
+    ap.add_argument("--w6-endpoint", choices=("echo", "unix"), default="echo",
+                    help="W6 channels' endpoint: the relay's built-in echo: (default) or unix: to one vmcload echo endpoint")
+    ap.add_argument("--w6-concurrency", type=int, default=8, help="W6 sessions linking at once (default 8)")
+    ap.add_argument("--w6-mem-reserve-gib", type=float, default=W6_MEM_RESERVE_GIB,
+                    help=f"W6 stops linking when MemAvailable drops below this (default {W6_MEM_RESERVE_GIB})")
     ap.add_argument("--budget", type=float, help="give up starting new steps after S seconds (default 840, quick 110)")
     ap.add_argument("--no-build", action="store_true", help="use target/release binaries as they are")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, JSON of every run)")
@@ -820,6 +1171,16 @@ def main():
     ctx.w4_seconds = 3.0 if args.quick else 10.0
     ctx.w5_seconds = 2.0 if args.quick else 6.0
     ctx.w5_conc = 32 if args.quick else 100
+    ctx.w6_hold = int(args.w6_hold) if args.w6_hold is not None else (3 if args.quick else 10)
+    ctx.w6_conc = args.w6_concurrency
+    ctx.w6_endpoint = args.w6_endpoint
+    ctx.w6_reserve_gib = args.w6_mem_reserve_gib
+    ctx.w6_max_failed = 48
+    ctx.w6_timeout = 900
+    ctx.w6_sizes = [x.strip() for x in args.w6_sizes.split(",") if x.strip()] if args.w6_sizes else None
+    for x in ctx.w6_sizes or []:
+        if x not in W6_SIZES:
+            ap.error(f"unknown W6 size {x} (small, large)")
     budget = Budget(args.budget or (110 if args.quick else 840))
     import tempfile
 
@@ -830,9 +1191,9 @@ def main():
     ctx.vmcload = os.path.join(ROOT, "target/release/vmcload")
     ctx.peer = os.path.join(ROOT, "target/peers/spice_vmc_peer")
 
-    wls = [w.strip().upper() for w in (args.only or "W1,W2,W3,W4,W5").split(",") if w.strip()]
+    wls = [w.strip().upper() for w in (args.only or "W1,W2,W3,W4,W5,W6").split(",") if w.strip()]
     for w in wls:
-        if w not in ("W1", "W2", "W3", "W4", "W5"):
+        if w not in ("W1", "W2", "W3", "W4", "W5", "W6"):
             ap.error(f"unknown workload {w}")
 
     all_c = [Relay("copy", 1, nproc), Relay("copy", nproc, nproc), Relay("splice", 1, nproc),
@@ -850,7 +1211,7 @@ def main():
     want_iperf = keys is None or "iperf3" in keys
 
     started = datetime.datetime.now().astimezone()
-    res = {"W1": {}, "W2": {}, "W3": {}, "W4": {}, "W5": {}}
+    res = {"W1": {}, "W2": {}, "W3": {}, "W4": {}, "W5": {}, "W6": {}}
     meta = {}
     rc = 0
     try:
@@ -881,6 +1242,8 @@ def main():
                 all_c.append(kr)
                 w5c = w5c + [kr]
             phase_w5(ctx, w5c, res, budget)
+        if "W6" in wls:
+            phase_w6(ctx, res, budget, nproc)
     except BenchError as e:
         log(f"error: {e}")
         rc = 1
@@ -889,7 +1252,8 @@ def main():
     meta["loadavg_end"] = os.getloadavg()
     meta["total_s"] = round(time.monotonic() - T0, 1)
     out = {"meta": meta, "contenders": {c.key: c.name for c in all_c}, "titles": {
-        **{w: WORKLOADS[w]["title"] for w in WORKLOADS}, "W4": W4_TITLE, "W5": W5_TITLE}, "results": res}
+        **{w: WORKLOADS[w]["title"] for w in WORKLOADS}, "W4": W4_TITLE, "W5": W5_TITLE, "W6": W6_TITLE},
+        "results": res}
     out["targets"] = report.targets(out)
     md = report.markdown(out, [c.key for c in all_c])
     out["markdown"] = md
@@ -915,7 +1279,7 @@ def main():
         import shutil
 
         shutil.rmtree(ctx.work, ignore_errors=True)
-    bad = [f"{w} {k}" for w in ("W1", "W2", "W3", "W4", "W5") for k, cell in res[w].items()
+    bad = [f"{w} {k}" for w in ("W1", "W2", "W3", "W4", "W5", "W6") for k, cell in res[w].items()
            if cell.get("runs") and not all(r.get("ok") for r in cell["runs"])]
     if bad:
         log(f"runs with errors: {', '.join(bad)}")

@@ -32,6 +32,19 @@ def brief(w, rec):
     if w == "W3":
         l = rec.get("latency_us") or {}
         return f"p50 {l.get('p50')} µs p99 {l.get('p99')} µs p99.9 {l.get('p999')} µs, cpu {rec.get('cpu_us_per_round_trip')} µs/rt"
+    if w == "W6":
+        if rec.get("skipped"):
+            return f"skipped: {rec['skipped']}"
+        s = (f"{rec.get('links_ok')}/{rec.get('connections_wanted')} connections held, "
+             f"relay RSS {_f(rec.get('rss_kib_per_connection'), 1)} KiB per connection "
+             f"({_f(rec.get('rss_kib_per_channel'), 1)} KiB per user channel), "
+             f"{_f(rec.get('fds_per_connection'), 2)} fds and {_f(rec.get('threads_per_connection'), 2)} threads per connection; "
+             f"linked in {_f(rec.get('link_elapsed_s'), 1)} s ({_f(rec.get('links_per_s'), 0)} links/s)")
+        if rec.get("stopped_by"):
+            s += f"; STOPPED BY {rec['stopped_by']}"
+        elif not rec.get("ok"):
+            s += "; FAILED: " + "; ".join(str(e) for e in rec.get("error_messages", []))[:300]
+        return s
     if w == "W5":
         s = f"{rec.get('links_per_s')} links/s (loop), set-up p50 {rec.get('setup_p50_ms')} ms, cpu {rec.get('cpu_ms_per_link')} ms/link"
         if rec.get("concurrent"):
@@ -201,6 +214,51 @@ def markdown(out, order):
                      f"{(_f(cc.get('setup_p50_ms'), 1) + ' / ' + _f(cc.get('setup_max_ms'), 1)) if cc else '–'} | "
                      f"{_f(m.get('rss_mib'), 1)} | {ok} |")
         L.append("")
+    if r.get("W6"):
+        p = r.get("W6_params", {})
+        L.append(f"### W6: {out['titles']['W6']}")
+        L.append("")
+        epd = ("`128:i=echo:` channels each (the relay's built-in echo)" if p.get("endpoint", "echo") == "echo" else
+               "`128:i=unix:PATH` channels each, all to one `vmcload endpoint --mode echo`")
+        L.append("One relay (`vmcrelay serve --config`, all workers, default settings except `max-conns-per-worker` = "
+                 f"connections + 64, at most 8192), V `[[service]]`s on their own 127.0.0.1 ports with C {epd}; "
+                 "one `vmcload idle` session per VM links its main and C channels "
+                 f"({p.get('concurrency')} sessions at once), holds them {p.get('hold_s')} s with no traffic, then checks "
+                 "every session and channel is still open and 64 sampled channels echo 64 B. Relay VmRSS, fds and threads "
+                 "from /proc/PID before linking and once every link is made; per connection = increase / connections "
+                 "held (mains included), per channel = increase / user channels. Linking stops early if MemAvailable "
+                 f"falls below {p.get('mem_reserve_gib')} GiB (bench guard) or after 48 failed links.")
+        L.append("")
+        L.append("| size | connections held / wanted | relay RSS before → linked MiB | KiB per connection | KiB per channel | "
+                 "after hold KiB/conn | relay fds before → linked (limit) | fds / conn | threads / conn | link time s | "
+                 "links/s | session link p50 / p99 ms | echo ok | stopped by |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        for c in (r["W6"].values()):
+            for x in c.get("runs", []):
+                if x.get("skipped"):
+                    L.append(f"| {x.get('label')} | – | – | – | – | – | – | – | – | – | – | – | – | skipped: {x['skipped']} |")
+                    continue
+                b, l = x.get("before") or {}, x.get("linked") or {}
+                lim = x.get("relay_nofile") or ["?", "?"]
+                sl = x.get("session_link_ms") or {}
+                e = x.get("echo") or {}
+                kib = lambda v: _f(v / 1024 if isinstance(v, (int, float)) else None)  # noqa: E731
+                L.append(f"| {x.get('label')} ({x.get('vms')} VMs × {x.get('channels_per_vm')}) | "
+                         f"{_f(x.get('links_ok'))} / {_f(x.get('connections_wanted'))} | "
+                         f"{kib(b.get('rss_kib'))} → {kib(l.get('rss_kib'))} | {_f(x.get('rss_kib_per_connection'), 1)} | "
+                         f"{_f(x.get('rss_kib_per_channel'), 1)} | {_f(x.get('rss_kib_per_connection_after_hold'), 1)} | "
+                         f"{_f(b.get('fds'))} → {_f(l.get('fds'))} ({lim[0]}/{lim[1]}) | {_f(x.get('fds_per_connection'), 2)} | "
+                         f"{_f(x.get('threads_per_connection'), 2)} | {_f(x.get('link_elapsed_s'), 1)} | "
+                         f"{_f(x.get('links_per_s'))} | {_f(sl.get('p50'), 1)} / {_f(sl.get('p99'), 1)} | "
+                         f"{e.get('ok', '–')}/{e.get('sampled', '–')} | {x.get('stopped_by') or ('–' if x.get('ok') else 'FAILED')} |")
+        L.append("")
+        for c in (r["W6"].values()):
+            for x in c.get("runs", []):
+                top = x.get("smaps_top_linked") or []
+                if top:
+                    L.append(f"W6 {x.get('label')}, relay resident memory by mapping once linked (largest first): " + "; ".join(
+                        f"{g['mappings']}× {g['size_kib_each']:,} KiB {g['name']}: {g['rss_mib']:,} MiB" for g in top))
+                    L.append("")
     # summary
     L.append("### Summary (medians)")
     L.append("")

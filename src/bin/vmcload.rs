@@ -42,6 +42,9 @@ enum Cmd {
     /// Be the local app behind the relay: sink, source or echo on a unix or TCP socket.
     #[command(after_help = ENDPOINT_HELP)]
     Endpoint(EndpointArgs),
+    /// Link many sessions × channels, hold them idle, then check a sample still echoes.
+    #[command(after_help = IDLE_HELP)]
+    Idle(IdleArgs),
     /// Start vmcrelay with three endpoints, run up, down and rr, explain the figures.
     Demo(DemoArgs),
 }
@@ -152,6 +155,73 @@ struct RunArgs {
     #[arg(long, value_name = "S")]
     timeout: Option<String>,
     /// No progress line.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+const IDLE_HELP: &str = "\
+Session i goes to target i (one VM each: a SPICE server serves one session at a time) and links
+its main channel, then channels TYPE:FIRST .. TYPE:FIRST+C-1 one after another; --concurrency
+sessions link at once. Once all are linked (or failed) they are held with no traffic for --hold
+seconds (default: until SIGINT/SIGTERM). Then every session and channel must still be open and
+--echo-sample channels, spread over all, must echo --echo-bytes back (serve them with `echo:`
+endpoints). Exit 0 only if every link was made, nothing closed and every sampled echo matched.
+
+A held channel costs one socket here, a session three and a thread. RLIMIT_NOFILE is raised to
+what the run needs (soft to hard; as root the hard limit too, up to /proc/sys/fs/nr_open); when it
+cannot be, the run stops before linking and says so.
+
+--json FILE is written twice: once every link is made (\"phase\": \"holding\", for a script that
+measures the server while it holds) and at the end (\"phase\": \"done\").
+
+EXAMPLES
+  # 40 VMs on ports 6000..6039, each with 24 `128:N=echo:` channels; hold 30 s
+  vmcload idle --target 127.0.0.1:6000-6039 --channels 24 --hold 30
+  # two relays, until Ctrl-C
+  vmcload idle --target 10.0.0.5:5930,10.0.0.6:5930 --channels 4 --json idle.json";
+
+#[derive(Args, Debug)]
+struct IdleArgs {
+    /// Targets, one per session: HOST:PORT[,HOST:PORT...] or HOST:FIRST-LAST (repeatable).
+    #[arg(long, value_name = "HOST:PORT", required = true)]
+    target: Vec<String>,
+    /// Sessions [default: one per target].
+    #[arg(long, value_name = "N")]
+    sessions: Option<usize>,
+    /// Channels per session (besides main).
+    #[arg(long, value_name = "C")]
+    channels: usize,
+    /// Channel type of every channel: 128..=255, usbredir, smartcard, webdav.
+    #[arg(long, value_name = "TYPE", default_value = "128")]
+    channel_type: String,
+    /// Id of each session's first channel.
+    #[arg(long, value_name = "ID", default_value_t = 0)]
+    first_id: u8,
+    /// Sessions linking at once.
+    #[arg(short = 'k', long, value_name = "K", default_value_t = 8)]
+    concurrency: usize,
+    /// Seconds to hold once linked (0: none) [default: until SIGINT/SIGTERM].
+    #[arg(long, value_name = "S")]
+    hold: Option<String>,
+    /// Read the SPICE password from the first line of FILE.
+    #[arg(long, value_name = "FILE")]
+    password_file: Option<PathBuf>,
+    /// Channels that must echo at the end (0: no echo check).
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    echo_sample: usize,
+    /// Bytes each sampled channel sends and must get back.
+    #[arg(long, value_name = "BYTES", default_value = "64")]
+    echo_bytes: String,
+    /// Main-link timeout.
+    #[arg(long, default_value = "10", value_name = "S")]
+    connect_timeout: String,
+    /// Stop linking once N links failed (then hold and check what is linked).
+    #[arg(long, value_name = "N")]
+    max_failed: Option<u64>,
+    /// Write the report as JSON (`-`: stdout), once linked and at the end.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// No progress lines.
     #[arg(short, long)]
     quiet: bool,
 }
@@ -368,6 +438,91 @@ fn cmd_endpoint(a: EndpointArgs) -> anyhow::Result<bool> {
     Ok(report.integrity != "mismatch")
 }
 
+fn cmd_idle(a: IdleArgs) -> anyhow::Result<bool> {
+    use vmcrelay::load::idle;
+    let targets = idle::parse_targets(&a.target).map_err(usage)?;
+    let sessions = a.sessions.unwrap_or(targets.len());
+    if sessions == 0 || sessions > targets.len() {
+        return Err(usage(format!(
+            "--sessions {sessions}: give 1..={} (one session per target; a SPICE server serves one session at a \
+             time, a second replaces the first)",
+            targets.len()
+        )));
+    }
+    if a.channels == 0 || usize::from(a.first_id) + a.channels > 256 {
+        return Err(usage(format!("--channels {} from id {}: ids must fit in 0..=255", a.channels, a.first_id)));
+    }
+    let channel_type = match ChannelSel::parse(&a.channel_type).map_err(usage)? {
+        ChannelSel::From { channel_type, first: 0 } => channel_type,
+        _ => return Err(usage(format!("--channel-type {}: give a type only (128, usbredir, ...)", a.channel_type))),
+    };
+    if a.concurrency == 0 {
+        return Err(usage("--concurrency must be at least 1"));
+    }
+    let hold = match a.hold.as_deref() {
+        Some(h) if matches!(h.trim(), "0" | "0s" | "0.0") => Some(Duration::ZERO),
+        h => h.map(parse_duration).transpose().map_err(usage)?,
+    };
+    let echo_bytes = size_arg(&a.echo_bytes)?;
+    let password = match &a.password_file {
+        Some(f) => vmcrelay::relay::config::read_password_file(f).map_err(usage)?,
+        None => Vec::new(),
+    };
+    let connect_timeout = parse_duration(&a.connect_timeout).map_err(usage)?;
+    let fd_limit = idle::raise_nofile(idle::fds_needed(sessions, a.channels));
+    if !a.quiet {
+        eprintln!("vmcload idle: fd limit {} (need ≈{}): {}", fd_limit.soft, fd_limit.need, fd_limit.note);
+    }
+    if !fd_limit.enough() {
+        return Err(anyhow::anyhow!(
+            "{sessions} sessions × (main + {} channels) need ≈{} file descriptors here but RLIMIT_NOFILE is {} \
+             ({}); raise it (ulimit -n / -Hn, LimitNOFILE=) or run fewer sessions",
+            a.channels,
+            fd_limit.need,
+            fd_limit.soft,
+            fd_limit.note
+        ));
+    }
+    let cfg = idle::IdleConfig {
+        targets,
+        sessions,
+        channels: a.channels,
+        channel_type,
+        first_id: a.first_id,
+        concurrency: a.concurrency,
+        hold,
+        password,
+        connect_timeout,
+        echo_sample: a.echo_sample,
+        echo_bytes,
+        max_failed: a.max_failed.filter(|&m| m > 0),
+        progress: !a.quiet,
+    };
+    let stop = stop_on_signals()?;
+    let mut write_err = None;
+    let json = a.json.clone();
+    let rep = idle::idle(&cfg, fd_limit, &stop, &mut |r| {
+        if let Some(p) = json.as_deref().filter(|p| p.as_os_str() != "-")
+            && let Err(e) = idle::write_report(p, r)
+        {
+            write_err = Some(e);
+        }
+    })
+    .map_err(from_load)?;
+    if let Some(e) = write_err {
+        return Err(from_load(e));
+    }
+    match a.json.as_deref() {
+        Some(p) if p.as_os_str() == "-" => idle::write_report(p, &rep).map_err(from_load)?,
+        Some(p) => {
+            idle::write_report(p, &rep).map_err(from_load)?;
+            print!("{}", rep.human());
+        }
+        None => print!("{}", rep.human()),
+    }
+    Ok(rep.ok)
+}
+
 fn cmd_demo(a: DemoArgs) -> anyhow::Result<bool> {
     if !(a.seconds > 0.0 && a.seconds <= 600.0) {
         return Err(usage("--seconds must be in (0, 600]"));
@@ -385,6 +540,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Run(a) => cmd_run(a),
         Cmd::Endpoint(a) => cmd_endpoint(a),
+        Cmd::Idle(a) => cmd_idle(a),
         Cmd::Demo(a) => cmd_demo(a),
     };
     match r {

@@ -10,6 +10,8 @@
 //! - [`run`]: N connections on N threads, released together; modes `up`,
 //!   `down`, `echo`, `rr`; the watchdog and progress line.
 //! - [`endpoint`]: sink / source / echo apps on unix or TCP sockets.
+//! - [`idle`]: many sessions × channels linked and held idle (the server's
+//!   cost per idle channel), checked alive by an echo sample at the end.
 //! - [`report`]: the figures, as JSON and for humans.
 //! - [`demo`]: relay + endpoints + three short runs, explained.
 //!
@@ -19,6 +21,7 @@
 
 pub mod demo;
 pub mod endpoint;
+pub mod idle;
 pub mod pattern;
 pub mod report;
 pub mod run;

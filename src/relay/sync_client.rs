@@ -299,6 +299,13 @@ impl Session {
 
     /// Opens a pass-through channel as a byte stream.
     pub fn open(&self, channel_type: u8, channel_id: u8, lz4: bool) -> Result<Channel, ClientError> {
+        self.open_linked(channel_type, channel_id, lz4)?.into_channel()
+    }
+
+    /// Links a pass-through channel and stops there: one socket, no
+    /// buffers, no reader (for holding many idle channels; make it a
+    /// [`Channel`] with [`LinkedChannel::into_channel`] to use it).
+    pub fn open_linked(&self, channel_type: u8, channel_id: u8, lz4: bool) -> Result<LinkedChannel, ClientError> {
         let kind = ChannelKind::of(channel_type)
             .ok_or_else(|| ClientError::Protocol(format!("unknown channel type {channel_type}")))?;
         let caps = kind.channel_caps(lz4);
@@ -312,18 +319,39 @@ impl Session {
             caps,
             Duration::from_secs(10),
         )?;
-        let server_lz4 = kind.lz4 && linked.peer_channel_caps.has(SPICEVMC_CAP_DATA_COMPRESS_LZ4);
+        let lz4 = lz4 && kind.lz4 && linked.peer_channel_caps.has(SPICEVMC_CAP_DATA_COMPRESS_LZ4);
+        Ok(LinkedChannel { kind, sock, header_kind: linked.header_kind, lz4, leftover })
+    }
+
+    /// Closes the main channel (and so the session).
+    pub fn close(&self) {
+        let _ = self.main.shutdown(Shutdown::Both);
+    }
+}
+
+/// A linked channel that holds only its socket (and any bytes the server
+/// sent right after the link).
+#[derive(Debug)]
+pub struct LinkedChannel {
+    /// Its kind.
+    pub kind: ChannelKind,
+    /// The linked socket.
+    pub sock: TcpStream,
+    header_kind: HeaderKind,
+    lz4: bool,
+    leftover: Vec<u8>,
+}
+
+impl LinkedChannel {
+    /// The byte-stream halves (allocates the reader's buffer).
+    pub fn into_channel(self) -> Result<Channel, ClientError> {
+        let Self { kind, sock, header_kind, lz4, leftover } = self;
         Ok(Channel {
             kind,
-            writer: ChannelWriter {
-                sock: sock.try_clone()?,
-                enc: Encoder::new(linked.header_kind),
-                lz4: lz4 && server_lz4,
-                scratch: Vec::new(),
-            },
+            writer: ChannelWriter { sock: sock.try_clone()?, enc: Encoder::new(header_kind), lz4, scratch: Vec::new() },
             reader: ChannelReader {
                 kind,
-                r: MsgReader::new(sock, linked.header_kind, leftover),
+                r: MsgReader::new(sock, header_kind, leftover),
                 port_name: None,
                 port_opened: None,
                 events: Vec::new(),
@@ -334,11 +362,6 @@ impl Session {
                 pending_pos: 0,
             },
         })
-    }
-
-    /// Closes the main channel (and so the session).
-    pub fn close(&self) {
-        let _ = self.main.shutdown(Shutdown::Both);
     }
 }
 
