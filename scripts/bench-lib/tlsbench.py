@@ -276,46 +276,35 @@ def handshake_loop(ca_file, port, seconds, concurrency):
     return st["ok"], st["failed"], wall, st["errors"], sorted(st["suites"]), client_cpu
 
 
-def _child_loop(conn, ca_file, port, seconds, threads):
-    try:
-        conn.send(handshake_loop(ca_file, port, seconds, threads))
-    except Exception as e:  # noqa: BLE001 (reported to the parent)
-        conn.send((0, 1, seconds, [f"client process: {e}"], [], 0.0))
-    finally:
-        conn.close()
-
-
 def handshake_loop_procs(ca_file, port, seconds, concurrency, nprocs):
-    """handshake_loop in `nprocs` forked client processes (threads split among them), so
-    the client is not one GIL-bound process. Sums the counts and client CPU."""
-    import multiprocessing as mp
+    """handshake_loop in `nprocs` client processes (`python3 tlsbench.py --th-client`, threads
+    split among them), so the client is not one GIL-bound process. Sums counts and client CPU;
+    the wall time is the longest child loop."""
+    import json
+    import subprocess
+    import sys
 
     nprocs = max(1, min(nprocs, concurrency))
-    ctx = mp.get_context("fork")
-    parts = []
+    kids = []
     for i in range(nprocs):
         threads = concurrency // nprocs + (1 if i < concurrency % nprocs else 0)
-        a, b = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child_loop, args=(b, ca_file, port, seconds, threads), daemon=True)
-        p.start()
-        b.close()
-        parts.append((p, a))
-    t0 = time.monotonic()
+        argv = [sys.executable, os.path.abspath(__file__), "--th-client", ca_file, port, seconds, threads]
+        kids.append(procs.spawn(argv, stdout=subprocess.PIPE))
     ok = failed = 0
-    errs, suites, cpu = [], set(), 0.0
-    for p, a in parts:
-        if a.poll(seconds + 40):
-            r_ok, r_failed, _, r_errs, r_suites, r_cpu = a.recv()
-            ok, failed, cpu = ok + r_ok, failed + r_failed, cpu + r_cpu
-            errs += r_errs
-            suites.update(r_suites)
-        else:
+    errs, suites, cpu, wall = [], set(), 0.0, seconds
+    for p in kids:
+        try:
+            out, _ = p.communicate(timeout=seconds + 60)
+            r = json.loads(out.decode().strip().splitlines()[-1])
+            ok, failed, cpu = ok + r["ok"], failed + r["failed"], cpu + r["client_cpu"]
+            wall = max(wall, r["wall"])
+            errs += r["errors"]
+            suites.update(r["suites"])
+        except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError) as e:
             failed += 1
-            errs.append("client process gave no result")
-        p.join(5)
-        if p.is_alive():
-            p.kill()
-    wall = max(time.monotonic() - t0, seconds)
+            errs.append(f"client process: {type(e).__name__}: {e}")
+        finally:
+            procs.stop(p, timeout=1)
     return ok, failed, wall, errs[:3], sorted(suites), cpu
 
 
@@ -327,8 +316,8 @@ def phase_th(ctx, rows, results, budget, log):
     Endpoint = ctx.endpoint_cls  # noqa: N806 (bench.Endpoint; bench imports this module)
     secs, conc = ctx.th_seconds, ctx.th_conc
     results["TH_params"] = {"seconds": secs, "concurrency": conc, "runs": ctx.runs,
-                            "client": f"Python ssl (OpenSSL 3), {conc} threads in {min(ctx.th_procs, conc)} forked "
-                                      "processes, one fresh TCP + TLS connection per link, no session resumption"}
+                            "client": f"Python ssl (OpenSSL 3), {conc} threads in {min(ctx.th_procs, conc)} "
+                                      "client processes, one fresh TCP + TLS connection per link, no session resumption"}
     for r in range(ctx.runs):
         order = rows[r % len(rows):] + rows[:r % len(rows)] if rows else []
         for key, name, c, x509, cert in order:
@@ -516,3 +505,17 @@ def markdown(out):
             L.append(f"| {t['target']} | {names.get(t['variant'], t['variant'])} | {cell} |")
         L.append("")
     return "\n".join(L)
+
+
+if __name__ == "__main__":
+    # Client process of TH: --th-client CA PORT SECONDS THREADS; one JSON line on stdout.
+    import json
+    import sys
+
+    if len(sys.argv) == 6 and sys.argv[1] == "--th-client":
+        ca, port, secs, threads = sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+        ok, failed, wall, errs, suites, cpu = handshake_loop(ca, port, secs, threads)
+        print(json.dumps({"ok": ok, "failed": failed, "wall": wall, "errors": errs, "suites": suites,
+                          "client_cpu": cpu}), flush=True)
+        sys.exit(0)
+    sys.exit("usage: tlsbench.py --th-client CA PORT SECONDS THREADS (scripts/bench runs it)")
