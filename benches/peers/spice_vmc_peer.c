@@ -8,7 +8,7 @@
  * client sends on the channel are written to the unix socket, bytes read from
  * the unix socket are sent to the client.
  *
- *   spice_vmc_peer --port P [--addr 127.0.0.1]
+ *   spice_vmc_peer (--port P | --tls-port T --x509-dir DIR | both) [--addr 127.0.0.1]
  *                  (--password-file F | --disable-ticketing)
  *                  --kind port|usbredir [--port-name NAME] --unix PATH
  *                  [--dev-buffer BYTES] [--connect-timeout MS]
@@ -45,6 +45,8 @@
 
 static struct {
     int port;
+    int tls_port;               /* 0: no TLS listener */
+    const char *x509_dir;       /* QEMU layout: ca-cert.pem, server-cert.pem, server-key.pem */
     const char *addr;
     const char *password_file;
     int disable_ticketing;
@@ -504,7 +506,7 @@ static void on_signal(int sig)
 static void usage(FILE *f)
 {
     fprintf(f,
-        "usage: spice_vmc_peer --port P [--addr 127.0.0.1]\n"
+        "usage: spice_vmc_peer (--port P | --tls-port T --x509-dir DIR | both) [--addr 127.0.0.1]\n"
         "                      (--password-file F | --disable-ticketing)\n"
         "                      --kind port|usbredir [--port-name NAME] --unix PATH\n"
         "                      [--dev-buffer BYTES] [--connect-timeout MS]\n"
@@ -512,7 +514,9 @@ static void usage(FILE *f)
         "\n"
         "A libspice-server SPICE server with one spicevmc channel (port or usbredir)\n"
         "whose device side is the unix stream socket PATH (connected as a client).\n"
-        "Prints \"listening on ADDR:P\" once ready. SIGTERM/SIGINT: exit 0.\n"
+        "Prints \"listening on ADDR:P\" once ready (ADDR:T with TLS only). SIGTERM/SIGINT: exit 0.\n"
+        "  --tls-port T          TLS listener (spice_server_set_tls), certificates from --x509-dir\n"
+        "  --x509-dir DIR        QEMU's layout: DIR/ca-cert.pem, server-cert.pem, server-key.pem\n"
         "  --port-name NAME      port channel name (default org.vmcrelay.bench.0)\n"
         "  --dev-buffer BYTES    bound on bytes held for a slow endpoint (default 1048576)\n"
         "  --connect-timeout MS  wait this long for PATH at start-up (default 5000)\n"
@@ -558,6 +562,10 @@ static void parse_args(int argc, char **argv)
             exit(0);
         } else if (!strcmp(a, "--port")) {
             NEED_ARG(); opt.port = (int)parse_num(a, argv[++i], 1, 65535);
+        } else if (!strcmp(a, "--tls-port")) {
+            NEED_ARG(); opt.tls_port = (int)parse_num(a, argv[++i], 1, 65535);
+        } else if (!strcmp(a, "--x509-dir")) {
+            NEED_ARG(); opt.x509_dir = argv[++i];
         } else if (!strcmp(a, "--addr")) {
             NEED_ARG(); opt.addr = argv[++i];
         } else if (!strcmp(a, "--password-file")) {
@@ -586,8 +594,10 @@ static void parse_args(int argc, char **argv)
         }
 #undef NEED_ARG
     }
-    if (!opt.port)
-        die("--port is required");
+    if (!opt.port && !opt.tls_port)
+        die("--port or --tls-port is required");
+    if (!!opt.tls_port != !!opt.x509_dir)
+        die("--tls-port and --x509-dir go together");
     if (!opt.unix_path)
         die("--unix is required");
     if (!opt.kind)
@@ -659,8 +669,22 @@ int main(int argc, char **argv)
     g_server = spice_server_new();
     if (!g_server)
         die("spice_server_new failed");
-    spice_server_set_port(g_server, opt.port);
+    if (opt.port)
+        spice_server_set_port(g_server, opt.port);
     spice_server_set_addr(g_server, opt.addr, 0);
+    if (opt.tls_port) {
+        /* like QEMU's x509-dir: the three files must exist and load */
+        static char ca[PATH_MAX], cert[PATH_MAX], key[PATH_MAX];
+        snprintf(ca, sizeof(ca), "%s/ca-cert.pem", opt.x509_dir);
+        snprintf(cert, sizeof(cert), "%s/server-cert.pem", opt.x509_dir);
+        snprintf(key, sizeof(key), "%s/server-key.pem", opt.x509_dir);
+        const char *files[] = { ca, cert, key };
+        for (int i = 0; i < 3; i++)
+            if (access(files[i], R_OK) != 0)
+                die("--x509-dir: %s: %s", files[i], strerror(errno));
+        if (spice_server_set_tls(g_server, opt.tls_port, ca, cert, key, NULL, NULL, NULL) != 0)
+            die("spice_server_set_tls failed");
+    }
     if (opt.disable_ticketing) {
         spice_server_set_noauth(g_server);
     } else {
@@ -668,7 +692,8 @@ int main(int argc, char **argv)
             die("spice_server_set_ticket failed");
     }
     if (spice_server_init(g_server, &core_iface) != 0)
-        die("spice_server_init failed (is %s:%d already in use?)", opt.addr, opt.port);
+        die("spice_server_init failed (is %s:%d already in use? do the --x509-dir files load?)",
+            opt.addr, opt.port ? opt.port : opt.tls_port);
 
     g_sin.base.sif = &char_iface.base;
     g_sin.subtype = g_is_port ? "port" : "usbredir";
@@ -679,7 +704,7 @@ int main(int argc, char **argv)
         spice_server_port_event(&g_sin, SPICE_PORT_EVENT_OPENED);
     spice_server_vm_start(g_server);   /* without this no data moves */
 
-    printf("listening on %s:%d\n", opt.addr, opt.port);
+    printf("listening on %s:%d\n", opt.addr, opt.port ? opt.port : opt.tls_port);
     fflush(stdout);
 
     struct pollfd *pfds = NULL;

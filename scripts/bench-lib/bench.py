@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import statistics
 import sys
@@ -19,6 +20,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import procs  # noqa: E402
 import report  # noqa: E402
+import tlsbench  # noqa: E402
 from procs import BenchError  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -31,6 +33,9 @@ WORKLOADS = {
     "W2": dict(title="bulk 64 KiB messages endpoint → client, 1 channel", mode="down", size="64K", ep="source"),
     "W3": dict(title="64 B request/response round trips (closed loop), 1 channel", mode="rr", size="64", ep="echo"),
 }
+# T1/T2: W1/W2 over TLS (scripts/bench-lib/tlsbench.py), same phase code.
+WORKLOADS.update(tlsbench.TLS_WORKLOADS)
+ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "T1", "T2", "TH")
 W4_TITLE = "many channels at a moderate rate each, 64 KiB messages client → endpoint"
 W5_TITLE = "link set-up with a ticket (session + channel)"
 W6_TITLE = "idle scale: V VMs × C idle `echo:` channels (+ V mains) linked and held open; relay RSS per idle channel"
@@ -40,9 +45,10 @@ W6_SIZES = {"small": (40, 24), "large": (400, 24)}
 # relay that needs more memory than the machine has is measured up to there,
 # not killed by the OOM killer with everything else on the machine.
 W6_MEM_RESERVE_GIB = 6.0
-# Largest max-conns-per-worker the relay starts with (2 registered buffers per
-# connection, 16384 per io_uring).
-W6_MAX_CONNS_PER_WORKER = 8192
+# max-conns-per-worker for W6 at most: the relay's default (connections hold
+# no registered buffer of their own since 2026-12-03; before, 8192 was the
+# most it could start with: 2 per connection, 16384 per io_uring).
+W6_MAX_CONNS_PER_WORKER = 16384
 # vmcrelay's channels for W1–W3: one per endpoint mode.
 RELAY_CHANNEL = {"sink": "usbredir:0", "source": "usbredir:1", "echo": "usbredir:2"}
 # Offered aggregate load in W4, bytes/s, above what the best contender carries
@@ -897,16 +903,12 @@ def w6_size(ctx, c, label, vms, channels, budget):
     drops under the reserve; what the relay logged about running out of
     fds, memory or slots is reported as the reason it could not hold more."""
     conns = vms * (channels + 1)
-    # The relay's config check allows 16383, but each connection holds 2
-    # registered buffers and the kernel registers at most 16384 per ring
-    # (IORING_MAX_REG_BUFFERS): above 8192 serve fails at start (EINVAL).
     max_conns = min(W6_MAX_CONNS_PER_WORKER, conns + 64)
     rec = {"ok": False, "label": label, "vms": vms, "channels_per_vm": channels, "connections_wanted": conns,
            "channels_wanted": vms * channels, "max_conns_per_worker": max_conns, "hold_s": ctx.w6_hold,
            "concurrency": ctx.w6_conc, "error_messages": []}
     if max_conns < conns + 64:
-        rec["note"] = (f"max-conns-per-worker capped at {max_conns} (2 registered buffers per connection, the kernel "
-                       f"registers ≤ 16384 per ring; serve's check allows 16383 but fails at start above 8192); "
+        rec["note"] = (f"max-conns-per-worker capped at {max_conns}; "
                        f"{c.workers} workers share the connections by SO_REUSEPORT")
     reserve_kib = int(ctx.w6_reserve_gib * 1024 * 1024)
     ports = [procs.free_port() for _ in range(vms)]
@@ -1081,6 +1083,52 @@ def phase_w6(ctx, results, budget, nproc):
         cell["runs"].append(rec)
         log(f"W6 {label}: {report.brief('W6', rec)}")
     cell["median"] = {"runs": len(cell["runs"]), "ok_runs": sum(1 for r in cell["runs"] if r.get("ok"))}
+def phase_tls(ctx, wls, keys, nproc, results, budget):
+    """T1/T2 (W1/W2 over TLS, P-256 certificate) and TH (handshakes + link replies, P-256 and
+    RSA-3072). Returns {key: name} of the TLS contenders and TH rows."""
+    log("making certificates (openssl): P-256 and RSA-3072, QEMU x509-dir layout")
+    p256 = tlsbench.make_x509(ctx, "p256", "p256")
+    rsa = tlsbench.make_x509(ctx, "rsa3072", "rsa3072") if "TH" in wls else None
+    want = (lambda k: k in keys) if keys else (lambda k: True)  # noqa: E731
+    names = {}
+    t12 = [w for w in ("T1", "T2") if w in wls]
+    if t12:
+        cs = [tlsbench.TlsRelay(1, nproc, p256)]
+        if nproc > 1 and not ctx.quick:
+            cs.append(tlsbench.TlsRelay(nproc, nproc, p256))
+        cs.append(tlsbench.TlsPeer(p256))
+        if ctx.stunnel:
+            cs.append(tlsbench.Stunnel(p256))
+        else:
+            for w in t12:
+                results[w]["stunnel"] = {"runs": [], "skipped": "stunnel not installed (scripts/install-peers)"}
+        cs = [c for c in cs if want(c.key)]
+        names.update({c.key: c.name for c in cs})
+        names.setdefault("stunnel", tlsbench.Stunnel.name)
+        phase_w123(ctx, cs, t12, results, budget)
+    if "TH" in wls:
+        pw = os.path.join(ctx.work, "th-ticket.pass")
+        with open(pw, "w") as fh:
+            fh.write("bench-secret\n")
+        rows = []
+        relay_ok, peer_ok = want("relay-tls-all") or want("relay-tls-1w"), want("libspice-tls")
+        for cert, x509 in (("P-256", p256), ("RSA-3072", rsa)):
+            for ticket in (False, True):
+                if ticket and ctx.quick:
+                    continue
+                group = f"{cert}, {'password' if ticket else 'no ticket'}"
+                tag = cert.lower().replace("-", "") + ("-pw" if ticket else "")
+                pwf = pw if ticket else None
+                if relay_ok:
+                    rows.append((f"relay-tls-all-{tag}", f"vmcrelay TLS {nproc} workers",
+                                 tlsbench.TlsRelay(nproc, nproc, x509, key=f"relay-tls-all-{tag}", password_file=pwf),
+                                 x509, group))
+                if peer_ok:
+                    rows.append((f"libspice-tls-{tag}", "libspice-server 0.15.1 TLS (peer)",
+                                 tlsbench.TlsPeer(x509, key=f"libspice-tls-{tag}", password_file=pwf), x509, group))
+        names.update({k: f"{n} [{g}]" for k, n, _, _, g in rows})
+        tlsbench.phase_th(ctx, rows, results, budget, log)
+    return names
 
 
 # ---------------------------------------------------------------- main
@@ -1132,12 +1180,14 @@ def main():
         prog="scripts/bench",
         description="vmcrelay vs libspice-server, socat, direct and iperf3: same client, same endpoint, same run.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Workloads: W1 up 64 KiB, W2 down 64 KiB, W3 64 B rr, W4 many channels, W5 link rate with a ticket.\n"
-        "W6 idle scale (RSS per idle channel at 1,000 and 10,000 connections; --quick: 1,000 only).\n"
-        "Contenders: relay-copy-1w relay-copy-all relay-splice-1w relay-splice-all libspice socat direct iperf3.\n"
+        epilog="Workloads: W1 up 64 KiB, W2 down 64 KiB, W3 64 B rr, W4 many channels, W5 link rate with a ticket,\n"
+        "W6 idle scale (RSS per idle channel at 1,000 and 10,000 connections; --quick: 1,000 only),\n"
+        "T1/T2 W1/W2 over TLS, TH TLS handshakes + link replies per second (P-256 and RSA-3072).\n"
+        "Contenders: relay-copy-1w relay-copy-all relay-splice-1w relay-splice-all libspice socat direct iperf3;\n"
+        "TLS: relay-tls-1w relay-tls-all libspice-tls stunnel.\n"
         "Method: perf/README.md. Results history: perf/RESULTS.md.",
     )
-    ap.add_argument("--quick", action="store_true", help="1 run per cell, short runs, fewer W4 channels (< 2 min)")
+    ap.add_argument("--quick", action="store_true", help="1 run per cell, short runs, fewer W4 channels (< 2.5 min)")
     ap.add_argument("--json", metavar="FILE", help="write every figure (runs, medians, machine) as JSON")
     ap.add_argument("--only", metavar="W1,W3", help="workloads to run (default: all)")
     ap.add_argument("--contenders", metavar="K1,K2", help="contender keys to run (default: all)")
@@ -1152,7 +1202,11 @@ def main():
     ap.add_argument("--w6-concurrency", type=int, default=8, help="W6 sessions linking at once (default 8)")
     ap.add_argument("--w6-mem-reserve-gib", type=float, default=W6_MEM_RESERVE_GIB,
                     help=f"W6 stops linking when MemAvailable drops below this (default {W6_MEM_RESERVE_GIB})")
-    ap.add_argument("--budget", type=float, help="give up starting new steps after S seconds (default 840, quick 110)")
+    ap.add_argument("--budget", type=float, help="give up starting new steps after S seconds (default 960, quick 150)")
+    ap.add_argument("--tls-budget", type=float,
+                    help="the TLS rows' own budget, after the others (default 480, quick 60)")
+    ap.add_argument("--th-seconds", type=float, help="seconds per TH loop; default 5, quick 1.5")
+    ap.add_argument("--th-concurrency", type=int, default=4, help="concurrent client loops in TH (default 4)")
     ap.add_argument("--no-build", action="store_true", help="use target/release binaries as they are")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, JSON of every run)")
     args = ap.parse_args()
@@ -1181,7 +1235,10 @@ def main():
     for x in ctx.w6_sizes or []:
         if x not in W6_SIZES:
             ap.error(f"unknown W6 size {x} (small, large)")
-    budget = Budget(args.budget or (110 if args.quick else 840))
+    ctx.th_seconds = args.th_seconds or (1.5 if args.quick else 5.0)
+    ctx.th_conc = max(1, args.th_concurrency)
+    ctx.th_procs = os.cpu_count() or 1
+    budget = Budget(args.budget or (150 if args.quick else 960))
     import tempfile
 
     ctx.work = tempfile.mkdtemp(prefix="vmcbench.", dir="/tmp")
@@ -1191,18 +1248,21 @@ def main():
     ctx.vmcload = os.path.join(ROOT, "target/release/vmcload")
     ctx.peer = os.path.join(ROOT, "target/peers/spice_vmc_peer")
 
-    wls = [w.strip().upper() for w in (args.only or "W1,W2,W3,W4,W5,W6").split(",") if w.strip()]
+    wls = [w.strip().upper() for w in (args.only or ",".join(ALL_WORKLOADS)).split(",") if w.strip()]
     for w in wls:
-        if w not in ("W1", "W2", "W3", "W4", "W5", "W6"):
+        if w not in ALL_WORKLOADS:
             ap.error(f"unknown workload {w}")
+    ctx.stunnel = shutil.which("stunnel4") or shutil.which("stunnel")
+    ctx.endpoint_cls = Endpoint
 
     all_c = [Relay("copy", 1, nproc), Relay("copy", nproc, nproc), Relay("splice", 1, nproc),
              Relay("splice", nproc, nproc), Peer(), Socat(), Direct()]
     if nproc == 1:
         all_c = [c for c in all_c if not (c.kind == "vmcrelay" and c.key.endswith("-all"))]
     keys = [k.strip() for k in args.contenders.split(",")] if args.contenders else None
+    tls_keys = {"relay-tls-1w", "relay-tls-all", "libspice-tls", "stunnel"}
     if keys:
-        unknown = set(keys) - {c.key for c in all_c} - {"iperf3"}
+        unknown = set(keys) - {c.key for c in all_c} - {"iperf3"} - tls_keys
         if unknown:
             ap.error(f"unknown contender(s) {', '.join(sorted(unknown))}")
         contenders = [c for c in all_c if c.key in keys]
@@ -1211,7 +1271,8 @@ def main():
     want_iperf = keys is None or "iperf3" in keys
 
     started = datetime.datetime.now().astimezone()
-    res = {"W1": {}, "W2": {}, "W3": {}, "W4": {}, "W5": {}, "W6": {}}
+    res = {w: {} for w in ALL_WORKLOADS}
+    tls_names = {}
     meta = {}
     rc = 0
     try:
@@ -1244,6 +1305,10 @@ def main():
             phase_w5(ctx, w5c, res, budget)
         if "W6" in wls:
             phase_w6(ctx, res, budget, nproc)
+        if any(w in wls for w in ("T1", "T2", "TH")):
+            # Their own budget: a slow W4 on a busy machine must not skip them all.
+            tls_budget = Budget(args.tls_budget or (60 if args.quick else 480))
+            tls_names = phase_tls(ctx, wls, keys, nproc, res, tls_budget)
     except BenchError as e:
         log(f"error: {e}")
         rc = 1
@@ -1251,11 +1316,15 @@ def main():
         procs.kill_all()
     meta["loadavg_end"] = os.getloadavg()
     meta["total_s"] = round(time.monotonic() - T0, 1)
-    out = {"meta": meta, "contenders": {c.key: c.name for c in all_c}, "titles": {
-        **{w: WORKLOADS[w]["title"] for w in WORKLOADS}, "W4": W4_TITLE, "W5": W5_TITLE, "W6": W6_TITLE},
+    out = {"meta": meta, "contenders": {**{c.key: c.name for c in all_c}, **tls_names}, "titles": {
+        **{w: WORKLOADS[w]["title"] for w in WORKLOADS}, "W4": W4_TITLE, "W5": W5_TITLE, "W6": W6_TITLE, "TH": tlsbench.TH_TITLE},
         "results": res}
     out["targets"] = report.targets(out)
+    out["tls_targets"] = tlsbench.targets(res)
     md = report.markdown(out, [c.key for c in all_c])
+    tls_md = tlsbench.markdown(out)
+    if tls_md:
+        md += "\n" + tls_md
     out["markdown"] = md
     print(md)
     outdir = os.path.join(ROOT, "perf", "out")
@@ -1276,10 +1345,9 @@ def main():
     if args.keep:
         log(f"kept {ctx.work}")
     else:
-        import shutil
 
         shutil.rmtree(ctx.work, ignore_errors=True)
-    bad = [f"{w} {k}" for w in ("W1", "W2", "W3", "W4", "W5", "W6") for k, cell in res[w].items()
+    bad = [f"{w} {k}" for w in ALL_WORKLOADS for k, cell in res[w].items()
            if cell.get("runs") and not all(r.get("ok") for r in cell["runs"])]
     if bad:
         log(f"runs with errors: {', '.join(bad)}")

@@ -14,6 +14,8 @@ use vmcrelay::load::run::{Limit, Mode, RunConfig, check_rate, default_timeout, r
 use vmcrelay::load::size::{MAX_MESSAGE_BYTES, SizeDist, parse_bytes, parse_duration};
 use vmcrelay::load::target::{ChannelSel, Target};
 use vmcrelay::load::{LoadError, demo};
+use vmcrelay::relay::config::ServerAddr;
+use vmcrelay::relay::sync_client::ClientTls;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -38,7 +40,7 @@ struct Cli {
 enum Cmd {
     /// Open N client connections and move the seeded pattern (up, down, echo, rr).
     #[command(after_help = RUN_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Be the local app behind the relay: sink, source or echo on a unix or TCP socket.
     #[command(after_help = ENDPOINT_HELP)]
     Endpoint(EndpointArgs),
@@ -103,8 +105,9 @@ EXAMPLES
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// SPICE server, spice://HOST:PORT (or HOST:PORT).
-    #[arg(long, value_name = "URI", required_unless_present_any = ["raw_tcp", "raw_unix"])]
+    /// SPICE server, spice://HOST:PORT (or HOST:PORT); TLS: spice+tls://HOST:PORT or
+    /// spice://HOST?tls-port=PORT (with --ca-file).
+    #[arg(long, value_name = "URI", required_unless_present_any = ["raw_tcp", "raw_unix", "raw_tls"])]
     uri: Option<String>,
     /// Channel to use (repeatable): port:NAME, usbredir:0, 128[:ID], 128:A-B, 128:* (see below).
     #[arg(long, value_name = "SPEC", requires = "uri")]
@@ -116,11 +119,18 @@ struct RunArgs {
     #[arg(long, requires = "uri")]
     lz4: bool,
     /// No SPICE: raw bytes over TCP to HOST:PORT (direct to an endpoint, or via socat).
-    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["uri", "raw_unix"])]
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["uri", "raw_unix", "raw_tls"])]
     raw_tcp: Option<String>,
     /// No SPICE: raw bytes over a unix socket straight to the endpoint.
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["uri", "raw_tcp"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["uri", "raw_tcp", "raw_tls"])]
     raw_unix: Option<PathBuf>,
+    /// No SPICE: raw bytes over TLS to HOST:PORT (e.g. stunnel in front of an endpoint; with --ca-file).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["uri", "raw_tcp", "raw_unix"])]
+    raw_tls: Option<String>,
+    /// TLS: PEM file of the CA that signed the server's certificate (QEMU's x509-dir/ca-cert.pem);
+    /// the host of the URI is checked against the certificate as spice-gtk does.
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// Concurrent connections (each its own session + channel, and thread).
     #[arg(short = 'c', long, default_value_t = 1, value_name = "N")]
     connections: usize,
@@ -333,9 +343,33 @@ fn size_arg(s: &str) -> anyhow::Result<usize> {
 }
 
 fn cmd_run(a: RunArgs) -> anyhow::Result<bool> {
+    let tls_for = |host: &str| -> anyhow::Result<ClientTls> {
+        let ca =
+            a.ca_file.as_ref().ok_or_else(|| usage("TLS needs --ca-file FILE (the CA of the server's certificate)"))?;
+        let config = vmcrelay::tls::client_config(&vmcrelay::tls::ClientTlsOptions::with_ca_file(ca))
+            .map_err(|e| usage(e.to_string()))?;
+        Ok(ClientTls { config, host: host.to_string() })
+    };
+    let is_tls_uri = a.uri.as_deref().is_some_and(|u| u.starts_with("spice+tls://") || u.contains("tls-port="));
+    if a.ca_file.is_some() && !is_tls_uri && a.raw_tls.is_none() {
+        return Err(usage(
+            "--ca-file applies to TLS only: spice+tls://HOST:PORT, spice://HOST?tls-port=PORT or --raw-tls",
+        ));
+    }
     let target = match (&a.uri, &a.raw_tcp, &a.raw_unix) {
         (Some(uri), None, None) => {
-            let addr = uri.strip_prefix("spice://").unwrap_or(uri).trim_end_matches('/').to_string();
+            let (addr, tls) = if is_tls_uri {
+                match vmcrelay::relay::config::parse_spice_uri(uri).map_err(usage)? {
+                    ServerAddr::Tls { addr, host } => (addr.to_string(), Some(tls_for(&host)?)),
+                    _ => {
+                        return Err(usage(format!(
+                            "--uri {uri}: write spice+tls://HOST:PORT or spice://HOST?tls-port=PORT"
+                        )));
+                    }
+                }
+            } else {
+                (uri.strip_prefix("spice://").unwrap_or(uri).trim_end_matches('/').to_string(), None)
+            };
             if addr.is_empty() || !addr.contains(':') {
                 return Err(usage(format!("--uri {uri}: write spice://HOST:PORT")));
             }
@@ -348,11 +382,17 @@ fn cmd_run(a: RunArgs) -> anyhow::Result<bool> {
                 Some(f) => vmcrelay::relay::config::read_password_file(f).map_err(usage)?,
                 None => Vec::new(),
             };
-            Target::Spice { addr, password, channels, lz4: a.lz4 }
+            Target::Spice { addr, password, channels, lz4: a.lz4, tls }
         }
         (None, Some(t), None) => Target::RawTcp(t.clone()),
         (None, None, Some(p)) => Target::RawUnix(p.clone()),
-        _ => return Err(usage("give exactly one of --uri, --raw-tcp, --raw-unix")),
+        (None, None, None) if a.raw_tls.is_some() => {
+            let t = a.raw_tls.clone().unwrap_or_default();
+            let host = t.rsplit_once(':').map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']')).unwrap_or(&t);
+            let tls = tls_for(host)?;
+            Target::RawTls(t, tls)
+        }
+        _ => return Err(usage("give exactly one of --uri, --raw-tcp, --raw-unix, --raw-tls")),
     };
     let sizes = match &a.sizes {
         Some(d) => SizeDist::parse(d).map_err(usage)?,
@@ -538,7 +578,7 @@ fn cmd_demo(a: DemoArgs) -> anyhow::Result<bool> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Run(a) => cmd_run(a),
+        Cmd::Run(a) => cmd_run(*a),
         Cmd::Endpoint(a) => cmd_endpoint(a),
         Cmd::Idle(a) => cmd_idle(a),
         Cmd::Demo(a) => cmd_demo(a),

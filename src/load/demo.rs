@@ -135,6 +135,7 @@ fn one_run(addr: &str, id: u8, mode: Mode, size: usize, seconds: f64) -> Result<
             password: Vec::new(),
             channels: vec![ChannelSel::From { channel_type: 128, first: id }],
             lz4: false,
+            tls: None,
         },
         connections: 1,
         sizes: SizeDist::fixed(size),

@@ -707,7 +707,7 @@ pub fn idle(
             rep.sessions_closed += 1;
         }
         rep.channels_closed +=
-            h.channels.iter().filter_map(|(_, c)| c.as_ref()).filter(|c| peer_closed(&c.sock)).count();
+            h.channels.iter().filter_map(|(_, c)| c.as_ref()).filter(|c| peer_closed(c.tcp())).count();
     }
 
     // Echo a sample, spread over all channels.

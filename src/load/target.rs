@@ -14,7 +14,8 @@ use crate::proto::channel::{CH_PORT, ChannelKind};
 use crate::proto::client_link::ClientLinkFailure;
 use crate::proto::link::LinkErrorCode;
 use crate::relay::config::parse_channel;
-use crate::relay::sync_client::{ChannelReader, ChannelWriter, ClientError, Session};
+use crate::relay::sync_client::{ChannelReader, ChannelWriter, ClientError, ClientTls, Session};
+use crate::tls::blocking::TlsStream;
 
 use super::LoadError;
 
@@ -238,9 +239,14 @@ pub enum Target {
         channels: Vec<ChannelSel>,
         /// Announce LZ4 (and send COMPRESSED_DATA when it helps).
         lz4: bool,
+        /// TLS on every link (`spice+tls://`, `?tls-port=`).
+        tls: Option<ClientTls>,
     },
     /// A raw TCP stream.
     RawTcp(String),
+    /// A raw TLS stream over TCP (`HOST:PORT`; e.g. stunnel in front of
+    /// an endpoint).
+    RawTls(String, ClientTls),
     /// A raw unix stream.
     RawUnix(PathBuf),
 }
@@ -249,8 +255,10 @@ impl Target {
     /// `spice`, `raw-tcp` or `raw-unix`.
     pub fn transport(&self) -> &'static str {
         match self {
-            Self::Spice { .. } => "spice",
+            Self::Spice { tls: None, .. } => "spice",
+            Self::Spice { tls: Some(_), .. } => "spice+tls",
             Self::RawTcp(_) => "raw-tcp",
+            Self::RawTls(..) => "raw-tls",
             Self::RawUnix(_) => "raw-unix",
         }
     }
@@ -258,8 +266,10 @@ impl Target {
     /// `spice://HOST:PORT`, `tcp:HOST:PORT`, `unix:PATH`.
     pub fn uri(&self) -> String {
         match self {
-            Self::Spice { addr, .. } => format!("spice://{addr}"),
+            Self::Spice { addr, tls: None, .. } => format!("spice://{addr}"),
+            Self::Spice { addr, tls: Some(_), .. } => format!("spice+tls://{addr}"),
             Self::RawTcp(a) => format!("tcp:{a}"),
+            Self::RawTls(a, _) => format!("tls:{a}"),
             Self::RawUnix(p) => format!("unix:{}", p.display()),
         }
     }
@@ -268,12 +278,12 @@ impl Target {
     /// unnamed pick per connection). Port names are learnt by linking each
     /// announced port channel once in a probe session.
     pub fn plan(&self, connections: usize, timeout: Duration) -> Result<Vec<ChannelPick>, LoadError> {
-        let Self::Spice { addr, password, channels, .. } = self else {
+        let Self::Spice { addr, password, channels, tls, .. } = self else {
             let l = self.uri();
             return Ok((0..connections).map(|_| ChannelPick { channel_type: 0, id: 0, label: l.clone() }).collect());
         };
         let session = Arc::new(
-            Session::connect(addr, password, timeout)
+            Session::connect_tls(addr, tls.clone(), password, timeout)
                 .map_err(|e| LoadError::Run(format!("probe session to {addr}: {e}")))?,
         );
         let mut names = Vec::new();
@@ -334,6 +344,8 @@ pub enum TxHalf {
     Tcp(TcpStream),
     /// Raw unix.
     Unix(UnixStream),
+    /// Raw TLS.
+    Tls(TlsStream),
 }
 
 impl TxHalf {
@@ -343,6 +355,7 @@ impl TxHalf {
             Self::Spice(w) => w.send(data),
             Self::Tcp(s) => s.write_all(data),
             Self::Unix(s) => s.write_all(data),
+            Self::Tls(s) => s.write_all(data),
         }
     }
 
@@ -354,6 +367,9 @@ impl TxHalf {
                 let _ = s.shutdown(Shutdown::Write);
             }
             Self::Unix(s) => {
+                let _ = s.shutdown(Shutdown::Write);
+            }
+            Self::Tls(s) => {
                 let _ = s.shutdown(Shutdown::Write);
             }
         }
@@ -370,6 +386,8 @@ pub enum RxHalf {
     Tcp(TcpStream),
     /// Raw unix.
     Unix(UnixStream),
+    /// Raw TLS.
+    Tls(TlsStream),
 }
 
 impl RxHalf {
@@ -380,6 +398,7 @@ impl RxHalf {
                 Self::Spice(r) => return r.read(out).map_err(|e| e.to_string()),
                 Self::Tcp(s) => s.read(out),
                 Self::Unix(s) => s.read(out),
+                Self::Tls(s) => s.read(out),
             };
             match r {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -397,6 +416,9 @@ impl RxHalf {
                 let _ = s.shutdown(Shutdown::Both);
             }
             Self::Unix(s) => {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            Self::Tls(s) => {
                 let _ = s.shutdown(Shutdown::Both);
             }
         }
@@ -450,15 +472,31 @@ pub fn connect(target: &Target, pick: &ChannelPick, timeout: Duration) -> Result
             let w = s.try_clone().map_err(|e| e.to_string())?;
             Ok(Link { tx: TxHalf::Tcp(w), rx: RxHalf::Tcp(s), session: None })
         }
+        Target::RawTls(addr, tls) => {
+            let sa = addr
+                .to_socket_addrs()
+                .map_err(|e| format!("{addr}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{addr}: no address"))?;
+            let s = TcpStream::connect_timeout(&sa, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+            let _ = s.set_nodelay(true);
+            let _ = s.set_read_timeout(Some(timeout));
+            let mut t = TlsStream::client(s, Arc::clone(&tls.config), &tls.host).map_err(|e| format!("{addr}: {e}"))?;
+            t.handshake().map_err(|e| format!("TLS to {addr}: {e}"))?;
+            t.set_read_timeout(None).map_err(|e| e.to_string())?;
+            let w = t.try_clone().map_err(|e| e.to_string())?;
+            Ok(Link { tx: TxHalf::Tls(w), rx: RxHalf::Tls(t), session: None })
+        }
         Target::RawUnix(path) => {
             let s = UnixStream::connect(path).map_err(|e| format!("connect {}: {e}", path.display()))?;
             let w = s.try_clone().map_err(|e| e.to_string())?;
             Ok(Link { tx: TxHalf::Unix(w), rx: RxHalf::Unix(s), session: None })
         }
-        Target::Spice { addr, password, lz4, .. } => {
+        Target::Spice { addr, password, lz4, tls, .. } => {
             let give_up = Instant::now() + BUSY_RETRY;
             loop {
-                let session = Session::connect(addr, password, timeout).map_err(|e| format!("session: {e}"))?;
+                let session =
+                    Session::connect_tls(addr, tls.clone(), password, timeout).map_err(|e| format!("session: {e}"))?;
                 match session.open(pick.channel_type, pick.id, *lz4) {
                     Ok(mut ch) => {
                         if ch.kind.port_messages {

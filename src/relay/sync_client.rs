@@ -10,6 +10,8 @@ use std::net::{Shutdown, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::tls::blocking::TlsStream;
+
 use crate::proto::auth::seed_from;
 use crate::proto::caps::Caps;
 use crate::proto::channel::{CH_MAIN, ChannelKind};
@@ -54,6 +56,79 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// TLS for every link of a session: the client configuration (CA, subject
+/// rule; see [`crate::tls::client_config`]) and the host the certificate is
+/// checked against.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    /// Client configuration.
+    pub config: Arc<rustls::ClientConfig>,
+    /// Host as the user wrote it (IP address or DNS name).
+    pub host: String,
+}
+
+/// A channel's connection: plain TCP or TLS over TCP.
+#[derive(Debug)]
+enum Stream {
+    Tcp(TcpStream),
+    Tls(TlsStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(match self {
+            Self::Tcp(s) => Self::Tcp(s.try_clone()?),
+            Self::Tls(s) => Self::Tls(s.try_clone()?),
+        })
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(t),
+            Self::Tls(s) => s.set_read_timeout(t),
+        }
+    }
+
+    fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.shutdown(how),
+            Self::Tls(s) => s.shutdown(how),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write_vectored(bufs),
+            Self::Tls(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.flush(),
+            Self::Tls(s) => s.flush(),
+        }
+    }
+}
+
 /// A TCP connection to `sa` from source address `source` (port chosen by
 /// the kernel); blocking connect.
 pub fn tcp_from(sa: std::net::SocketAddr, source: std::net::IpAddr) -> std::io::Result<TcpStream> {
@@ -69,6 +144,7 @@ pub fn tcp_from(sa: std::net::SocketAddr, source: std::net::IpAddr) -> std::io::
 #[allow(clippy::too_many_arguments)]
 fn link(
     addr: &str,
+    tls: Option<&ClientTls>,
     source: Option<std::net::IpAddr>,
     password: &[u8],
     connection_id: u32,
@@ -76,7 +152,7 @@ fn link(
     channel_id: u8,
     channel_caps: Caps,
     timeout: Duration,
-) -> Result<(TcpStream, Linked, Vec<u8>), ClientError> {
+) -> Result<(Stream, Linked, Vec<u8>), ClientError> {
     let cannot = |err: std::io::Error| ClientError::Connect { addr: addr.to_string(), err };
     let nothing = || cannot(std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolves to no address"));
     let sa = addr.to_socket_addrs().map_err(cannot)?.next().ok_or_else(nothing)?;
@@ -84,7 +160,7 @@ fn link(
         Some(src) => tcp_from(sa, src),
         None => TcpStream::connect_timeout(&sa, timeout),
     };
-    let mut s = connected.map_err(|err| match err.kind() {
+    let tcp = connected.map_err(|err| match err.kind() {
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => cannot(std::io::Error::new(
             err.kind(),
             format!("no TCP answer within {} s (host down or a firewall drops the packets)", timeout.as_secs()),
@@ -97,8 +173,20 @@ fn link(
         }
         _ => ClientError::Io(e),
     };
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(timeout))?;
+    tcp.set_nodelay(true)?;
+    tcp.set_read_timeout(Some(timeout))?;
+    let mut s = match tls {
+        None => Stream::Tcp(tcp),
+        Some(t) => {
+            let mut ts = TlsStream::client(tcp, Arc::clone(&t.config), &t.host)
+                .map_err(|e| ClientError::Protocol(format!("TLS to {addr}: {e}")))?;
+            ts.handshake().map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidData => ClientError::Protocol(format!("TLS to {addr}: {e}")),
+                _ => no_answer(e),
+            })?;
+            Stream::Tls(ts)
+        }
+    };
     let cfg = ClientLinkConfig {
         connection_id,
         channel_type,
@@ -145,7 +233,7 @@ fn getrandom_seed(seed: &mut [u8; 32]) {
 
 /// Reads whole messages from a linked channel socket.
 struct MsgReader {
-    sock: TcpStream,
+    sock: Stream,
     deframer: Deframer,
     buf: Vec<u8>,
     pos: usize,
@@ -153,7 +241,7 @@ struct MsgReader {
 }
 
 impl MsgReader {
-    fn new(sock: TcpStream, kind: HeaderKind, leftover: Vec<u8>) -> Self {
+    fn new(sock: Stream, kind: HeaderKind, leftover: Vec<u8>) -> Self {
         let mut buf = vec![0u8; 256 * 1024];
         let len = leftover.len().min(buf.len());
         buf[..len].copy_from_slice(&leftover[..len]);
@@ -209,17 +297,30 @@ pub struct Session {
     pub session_id: u32,
     /// `(type, id)` of every announced channel.
     pub channels: Vec<(u8, u8)>,
-    main: TcpStream,
+    main: Stream,
     /// Set when the main channel ends.
     pub closed: Arc<Mutex<Option<String>>>,
     /// Source address every link of the session is made from (`None`: any).
     source: Option<std::net::IpAddr>,
+    /// TLS for every link of the session (`None`: plain TCP).
+    tls: Option<ClientTls>,
 }
 
 impl Session {
     /// Links the main channel, sends ATTACH_CHANNELS and waits for the list.
     pub fn connect(addr: &str, password: &[u8], timeout: Duration) -> Result<Self, ClientError> {
         Self::connect_from(addr, None, password, timeout)
+    }
+
+    /// As [`Session::connect`], every link of the session over TLS when
+    /// `tls` is given (the server's `tls-port`).
+    pub fn connect_tls(
+        addr: &str,
+        tls: Option<ClientTls>,
+        password: &[u8],
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        Self::connect_inner(addr, tls, None, password, timeout)
     }
 
     /// As [`Session::connect`], every link of the session made from source
@@ -230,7 +331,17 @@ impl Session {
         password: &[u8],
         timeout: Duration,
     ) -> Result<Self, ClientError> {
-        let (sock, linked, leftover) = link(addr, source, password, 0, CH_MAIN, 0, Caps::EMPTY, timeout)?;
+        Self::connect_inner(addr, None, source, password, timeout)
+    }
+
+    fn connect_inner(
+        addr: &str,
+        tls: Option<ClientTls>,
+        source: Option<std::net::IpAddr>,
+        password: &[u8],
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let (sock, linked, leftover) = link(addr, tls.as_ref(), source, password, 0, CH_MAIN, 0, Caps::EMPTY, timeout)?;
         let kind = linked.header_kind;
         let mut w = sock.try_clone()?;
         let mut enc = Encoder::new(kind);
@@ -294,6 +405,7 @@ impl Session {
             main: sock,
             closed,
             source,
+            tls,
         })
     }
 
@@ -311,6 +423,7 @@ impl Session {
         let caps = kind.channel_caps(lz4);
         let (sock, linked, leftover) = link(
             &self.addr,
+            self.tls.as_ref(),
             self.source,
             &self.password,
             self.session_id,
@@ -335,14 +448,22 @@ impl Session {
 pub struct LinkedChannel {
     /// Its kind.
     pub kind: ChannelKind,
-    /// The linked socket.
-    pub sock: TcpStream,
+    sock: Stream,
     header_kind: HeaderKind,
     lz4: bool,
     leftover: Vec<u8>,
 }
 
 impl LinkedChannel {
+    /// The TCP socket under the channel (under TLS too), for readiness
+    /// checks such as "has the server closed it".
+    pub fn tcp(&self) -> &TcpStream {
+        match &self.sock {
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => s.tcp(),
+        }
+    }
+
     /// The byte-stream halves (allocates the reader's buffer).
     pub fn into_channel(self) -> Result<Channel, ClientError> {
         let Self { kind, sock, header_kind, lz4, leftover } = self;
@@ -365,7 +486,7 @@ impl LinkedChannel {
     }
 }
 
-fn send_msg(w: &mut TcpStream, enc: &mut Encoder, m: &ClientMsg<'_>) -> std::io::Result<()> {
+fn send_msg(w: &mut Stream, enc: &mut Encoder, m: &ClientMsg<'_>) -> std::io::Result<()> {
     let mut out = vec![0u8; enc.header_len() + m.encoded_len()];
     let hl = enc
         .header(m.msg_type(), u32::try_from(m.encoded_len()).unwrap_or(0), &mut out)
@@ -389,7 +510,7 @@ pub struct Channel {
 /// Sends bytes as DATA (or LZ4 COMPRESSED_DATA when negotiated and smaller).
 #[derive(Debug)]
 pub struct ChannelWriter {
-    sock: TcpStream,
+    sock: Stream,
     enc: Encoder,
     lz4: bool,
     scratch: Vec<u8>,

@@ -15,6 +15,8 @@
 //!   then spice-gtk's `hostname` / `subject` check) and its error type.
 //! - [`session`]: [`Session`], the bounded sans-IO wrapper around one
 //!   rustls connection, server or client.
+//! - [`blocking`]: [`TlsStream`](blocking::TlsStream), a blocking client
+//!   stream over a std socket and a [`Session`] (sync client, vmcload).
 //!
 //! rustls 0.23 with the *ring* provider (no aws-lc build, no OpenSSL).
 //! Everything that crosses this module's boundary is bytes and typed errors,
@@ -23,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod blocking;
 pub mod config;
 pub mod session;
 pub mod verify;

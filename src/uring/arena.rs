@@ -19,8 +19,9 @@ impl BufId {
     }
 }
 
-/// Most buffers an arena holds (fixed-buffer indices are u16).
-pub const MAX_BUFFERS: usize = u16::MAX as usize;
+/// Most buffers an arena holds: the kernel registers at most 16384 per
+/// ring (`IORING_MAX_REG_BUFFERS`).
+pub const MAX_BUFFERS: usize = 1 << 14;
 
 /// A region of registered buffers.
 #[derive(Debug)]
