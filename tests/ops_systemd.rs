@@ -164,6 +164,12 @@ fn socket_activation_serves_on_the_inherited_socket() {
     let l = p.wait_log("from=systemd", Duration::from_secs(10));
     assert!(l.contains("service=vm1") && l.contains("fd=3") && l.contains("fdname=vm1"), "{l}");
     p.wait_log(&format!("service name=vm1 listen=127.0.0.1:{port}"), Duration::from_secs(5));
+    // `connect --list` returns once it has read the port's name; the
+    // relay's link line for that channel may still be on its way.
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    while p.lines_with("result=ok").len() < 4 && std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(p.lines_with("result=ok").len(), 4, "main + port, twice:\n{}", p.log());
     recv_until(&notify, "READY=1", Duration::from_secs(10));
     p.term();
