@@ -418,3 +418,62 @@ fn half_open_flood_does_not_lock_out_a_fresh_session() {
     let mut c = s.open(128, 0, false).expect("channel after the flood");
     echo_on(&mut c, 1 << 20, 999);
 }
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name (which ends with the last ')').
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().expect("utime") + f[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+/// Out of file descriptors the relay pauses its accepts (connections wait
+/// in the listen backlog) instead of re-arming into EMFILE again and
+/// again: little CPU, one log line, and once descriptors are free it
+/// serves a fresh session.
+#[test]
+fn out_of_fds_pauses_accepts_without_spinning() {
+    // A 64-descriptor limit the relay cannot raise (no CAP_SYS_RESOURCE).
+    // Set from outside once it runs, io_uring's accepts would not see it.
+    if !peers_available(&["setpriv", "prlimit"]) {
+        return;
+    }
+    let port = free_port();
+    let args: Vec<String> =
+        ["--listen", &format!("127.0.0.1:{port}"), "--workers", "2", "--disable-ticketing", "--channel", "128=echo:"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let relay = Relay::start_under(
+        &["setpriv", "--inh-caps=-sys_resource", "--bounding-set=-sys_resource", "prlimit", "--nofile=64:64"],
+        &args,
+    );
+    let pid = relay.child.id();
+    let sa: std::net::SocketAddr = relay.addr().parse().expect("addr");
+    // Link-stage connections from four addresses (under each address's
+    // cap, so none is evicted): more than 64 descriptors.
+    let mut held = Vec::new();
+    for a in 2..6u8 {
+        for _ in 0..30 {
+            let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, a));
+            held.push(vmcrelay::relay::sync_client::tcp_from(sa, from).expect("connect (backlog)"));
+        }
+    }
+    relay.wait_log("accept paused", T);
+    let c0 = cpu_secs(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_secs(pid) - c0;
+    eprintln!("FIGURES emfile: relay CPU {used:.2} s over 3 s out of descriptors");
+    assert!(used < 0.5, "the relay spins while out of descriptors: {used:.2} s of CPU in 3 s");
+    let lines = relay.lines("accept");
+    assert!(lines.len() <= 2, "one rate-limited line, not a flood: {lines:#?}");
+    assert!(lines[0].contains("LimitNOFILE"), "the line says what to raise: {}", lines[0]);
+    held.clear();
+    // Descriptors come back as the relay sees those clients go; accepts
+    // resume within the pause (at most 1 s) and a fresh session works.
+    let s = Session::connect(&relay.addr(), b"", T).expect("session once descriptors are free");
+    let mut c = s.open(128, 0, false).expect("channel once descriptors are free");
+    echo_on(&mut c, 1 << 20, 4242);
+}

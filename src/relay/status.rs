@@ -333,7 +333,7 @@ const LINGER_BYTES: usize = 256 * 1024;
 
 /// The worker counters of `WorkerStats` as families: (name, type, help, field).
 type StatField = fn(&WorkerStats) -> &AtomicU64;
-const WORKER_FAMILIES: [(&str, &str, &str, StatField); 16] = [
+const WORKER_FAMILIES: [(&str, &str, &str, StatField); 17] = [
     ("vmcrelay_worker_links_ok_total", "counter", "Links completed.", |s| &s.links_ok),
     ("vmcrelay_worker_links_failed_total", "counter", "Links refused or failed.", |s| &s.links_failed),
     (
@@ -378,6 +378,12 @@ const WORKER_FAMILIES: [(&str, &str, &str, StatField); 16] = [
         "counter",
         "Idle connections whose posted read was cancelled to give its buffer back (--idle-buffer-secs).",
         |s| &s.buffers_reclaimed,
+    ),
+    (
+        "vmcrelay_worker_accepts_starved_total",
+        "counter",
+        "Accepts that failed for want of file descriptors or memory; the listener paused (raise LimitNOFILE=).",
+        |s| &s.accepts_starved,
     ),
 ];
 

@@ -103,9 +103,10 @@ enum Op {
     TlsWrite,
     ClientPoll,
     EpPoll,
+    AcceptRetry,
 }
 
-const OPS: [Op; 22] = [
+const OPS: [Op; 23] = [
     Op::Accept,
     Op::Mailbox,
     Op::Tick,
@@ -128,6 +129,7 @@ const OPS: [Op; 22] = [
     Op::TlsWrite,
     Op::ClientPoll,
     Op::EpPoll,
+    Op::AcceptRetry,
 ];
 
 impl Op {
@@ -208,6 +210,13 @@ pub struct Worker {
     /// Table-full rejections since the last log line, and when it was.
     rejected_quiet: u64,
     reject_logged: Instant,
+    /// Accepts that failed for want of file descriptors or memory since
+    /// the last log line, when it was, and the current pause before a
+    /// listener's accept is armed again (doubles up to 1 s, reset by the
+    /// next accepted connection).
+    starved_quiet: u64,
+    starved_logged: Instant,
+    accept_pause: Duration,
     /// Accepted connections waiting for a slot (service, TLS listener,
     /// source address).
     pending: VecDeque<(OwnedFd, usize, bool, Option<std::net::IpAddr>)>,
@@ -290,6 +299,9 @@ impl Worker {
             evicted_quiet: 0,
             rejected_quiet: 0,
             reject_logged: Instant::now().checked_sub(Duration::from_secs(2)).unwrap_or_else(Instant::now),
+            starved_quiet: 0,
+            starved_logged: Instant::now().checked_sub(Duration::from_secs(61)).unwrap_or_else(Instant::now),
+            accept_pause: lifecycle::ACCEPT_PAUSE_MIN,
             pending: VecDeque::new(),
             evict_logged: Instant::now().checked_sub(Duration::from_secs(2)).unwrap_or_else(Instant::now),
             started: Instant::now(),
@@ -341,6 +353,7 @@ impl Worker {
         let Some((op, slot, generation)) = decode(c.token) else { return };
         match op {
             Op::Accept => self.on_accept(slot as usize, c),
+            Op::AcceptRetry => self.arm_accept(slot as usize),
             Op::Mailbox => self.on_mailbox(),
             Op::Tick => self.on_tick(),
             Op::Retry => self.on_retry(),

@@ -85,6 +85,12 @@ pub struct Relay {
 impl Relay {
     /// Starts `vmcrelay serve ARGS` and waits for its `ready` line.
     pub fn start(args: &[String]) -> Relay {
+        Self::start_under(&[], args)
+    }
+
+    /// Like [`Relay::start`], run under a wrapper command (e.g. `prlimit
+    /// --nofile=64:64`).
+    pub fn start_under(wrapper: &[&str], args: &[String]) -> Relay {
         let port = args
             .iter()
             .position(|a| a == "--listen")
@@ -92,7 +98,15 @@ impl Relay {
             .and_then(|l| l.rsplit(':').next())
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vmcrelay"))
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_vmcrelay"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_vmcrelay")),
+        };
+        let mut child = cmd
             .arg("serve")
             .args(args)
             .stdin(Stdio::null())

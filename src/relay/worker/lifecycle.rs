@@ -7,26 +7,40 @@ use super::*;
 /// Accepted connections that may wait for a slot per worker.
 const PENDING_ACCEPTS: usize = 1024;
 
+/// The first and the longest pause of a listener's accepts when the
+/// process is out of file descriptors.
+pub(super) const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(50);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
 /// Free buffers a worker keeps registered (and their pages) between bursts.
 const BUFFERS_KEPT: usize = 8;
 
 impl Worker {
     pub(super) fn on_accept(&mut self, li: usize, c: Completion) {
-        if !c.more
-            && self.draining.is_none()
-            && let Some(l) = self.listeners.get(li).and_then(Option::as_ref)
-        {
-            let fd = l.fd.as_raw_fd();
-            if let Err(e) = self.ring.accept_multi(fd, token(Op::Accept, u32::try_from(li).unwrap_or(0), 0)) {
-                warn!(self.who, "cannot re-arm accept: {e}");
+        // Out of file descriptors (or kernel memory) the connection stays
+        // in the listen backlog: re-arming at once would fail again at
+        // once, a busy loop. Pause this listener's accepts instead, longer
+        // each time it recurs, and say so once a minute.
+        let starved = c.result < 0 && matches!(-c.result, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM);
+        if !c.more && self.draining.is_none() {
+            if starved {
+                let t = token(Op::AcceptRetry, u32::try_from(li).unwrap_or(0), 0);
+                if let Err(e) = self.ring.timeout(self.accept_pause, t) {
+                    warn!(self.who, "cannot pause accept: {e}");
+                }
+            } else {
+                self.arm_accept(li);
             }
         }
         if c.result < 0 {
-            if c.result != -libc::ECANCELED {
+            if starved {
+                self.accept_starved(li, c.result);
+            } else if c.result != -libc::ECANCELED {
                 warn!(self.who, "accept failed: {}", std::io::Error::from_raw_os_error(-c.result));
             }
             return;
         }
+        self.accept_pause = ACCEPT_PAUSE_MIN;
         let Some(fd) = c.fd else { return };
         let Some((service, tls)) = self.listeners.get(li).and_then(Option::as_ref).map(|l| (l.service, l.tls)) else {
             return;
@@ -37,6 +51,43 @@ impl Worker {
         let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
         let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::KeepAlive, &true);
         self.admit(fd, service, tls);
+    }
+
+    /// Arms listener `li`'s multishot accept (unless it is gone or the
+    /// worker drains).
+    pub(super) fn arm_accept(&mut self, li: usize) {
+        if self.draining.is_some() || self.stopping.is_some() {
+            return;
+        }
+        let Some(l) = self.listeners.get(li).and_then(Option::as_ref) else { return };
+        let fd = l.fd.as_raw_fd();
+        if let Err(e) = self.ring.accept_multi(fd, token(Op::Accept, u32::try_from(li).unwrap_or(0), 0)) {
+            warn!(self.who, "cannot re-arm accept: {e}");
+        }
+    }
+
+    /// An accept failed for want of file descriptors or memory: counted,
+    /// the pause doubled, one line a minute with the count since.
+    fn accept_starved(&mut self, li: usize, res: i32) {
+        self.stats().accepts_starved.fetch_add(1, Ordering::Relaxed);
+        self.starved_quiet += 1;
+        let pause = self.accept_pause;
+        self.accept_pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
+        let now = Instant::now();
+        if now.duration_since(self.starved_logged) >= Duration::from_secs(60) {
+            let addr = self.listeners.get(li).and_then(Option::as_ref).map(|l| l.addr.to_string()).unwrap_or_default();
+            let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |l| l.0);
+            warn!(
+                self.who,
+                "accept paused listen={addr} reason=\"{}\" pause_ms={} failures={} fd_limit={limit}: connections wait \
+                 in the listen backlog; raise LimitNOFILE= (or ulimit -n) or lower --max-conns (one line a minute)",
+                std::io::Error::from_raw_os_error(-res),
+                pause.as_millis(),
+                self.starved_quiet
+            );
+            self.starved_logged = now;
+            self.starved_quiet = 0;
+        }
     }
 
     /// Slots freed since the last batch take the connections that waited

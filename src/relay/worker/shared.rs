@@ -324,6 +324,9 @@ pub struct WorkerStats {
     pub buffer_waits: AtomicU64,
     /// Idle sides whose posted read was cancelled to take its buffer back.
     pub buffers_reclaimed: AtomicU64,
+    /// Accepts that failed for want of file descriptors or memory
+    /// (EMFILE, ENFILE, ENOBUFS, ENOMEM); the listener pauses each time.
+    pub accepts_starved: AtomicU64,
 }
 
 /// Why `connect` gave up for good (the exit code follows from it).
