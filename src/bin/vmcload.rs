@@ -576,6 +576,11 @@ fn cmd_demo(a: DemoArgs) -> anyhow::Result<bool> {
 }
 
 fn main() -> ExitCode {
+    // No transparent huge pages: mimalloc asks for them on its arenas, and
+    // with a thread per connection each thread's first pages then fault in
+    // (and zero) 2 MiB at a time: a burst of 100 connections spent 2.3 s
+    // of system time in clear_page. Best effort (an old kernel refuses).
+    let _ = nix::sys::prctl::set_thp_disable(true);
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => cmd_run(*a),

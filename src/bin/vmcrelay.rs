@@ -844,6 +844,10 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
 }
 
 fn main() -> ExitCode {
+    // No transparent huge pages: mimalloc asks for them on its arenas, so
+    // a thread's or a buffer's first touch faults in (and zeroes) 2 MiB,
+    // and an idle connection's few KiB pin a huge page. Best effort.
+    let _ = nix::sys::prctl::set_thp_disable(true);
     let cli = Cli::parse();
     log::set_level(if cli.quiet { 1 } else { 2 + cli.verbose });
     if let Some(f) = cli.log_format {
