@@ -370,3 +370,37 @@ impl ReadExact for vmcrelay::relay::sync_client::ChannelReader {
         }
     }
 }
+
+/// A session that links a usbredir channel while its endpoint is down is
+/// refused (9) and, once the endpoint is there, told on its main channel:
+/// the channel is announced under a fresh id (as to a session that had it
+/// linked when it went away), and that link echoes.
+#[test]
+fn refused_while_endpoint_down_is_announced_when_it_is_back() {
+    let dir = TempDir::new("refused-announce");
+    let dev = dir.path("ur.sock");
+    let relay = start(&["--channel".into(), format!("usbredir:0=unix:{}", dev.display())]);
+    let s = Session::connect(&relay.addr(), b"", Duration::from_secs(10)).expect("session");
+    let r = s.open(9, 0, false);
+    assert!(
+        matches!(r, Err(ClientError::Link(ClientLinkFailure::Result(LinkErrorCode::ChannelNotAvailable)))),
+        "usbredir:0 with its endpoint down: {r:?}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(s.announced.lock().expect("lock").is_empty(), "nothing announced while the endpoint is down");
+    let app = EchoApp::start(dev);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        if let Some(&(t, id)) = s.announced.lock().expect("lock").first() {
+            assert_eq!(t, 9, "the usbredir channel is announced");
+            break id;
+        }
+        assert!(std::time::Instant::now() < deadline, "no CHANNELS_LIST once the endpoint was back");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_ne!(id, 0, "a fresh id");
+    relay.wait_log("endpoint back channel=usbredir:0", Duration::from_secs(5));
+    echo_through(&s, 9, id, 1 << 20, 31, 4096);
+    assert_eq!(app.conns.load(Ordering::Relaxed), 1, "the endpoint opened for the check is the one the link uses");
+    s.close();
+}

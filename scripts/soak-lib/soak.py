@@ -86,8 +86,8 @@ LOAD (all at once, each on its own channels so they never replace each other)
                  org.example.soak.restart, SIGKILLed every 8-15 s and restarted
                  1-3 s later. The usbredir client must see its channel close and
                  the channel announced again (fresh id) and relink it (a link
-                 refused while the endpoint is down is retried each second, or
-                 with --announce-after-refusal waits for an announcement); the port
+                 refused while the endpoint is down waits for the announcement
+                 too, or with --relink-after-refusal retries each second); the port
                  client must stay linked through PORT_EVENT closed/opened.
                  What comes back is checked against what was sent (new seed per
                  endpoint life).
@@ -797,12 +797,12 @@ def _usbredir_session(ctx, kind, sess, ch_id):
         except spice.LinkRefused as e:
             if e.code == spice.LINK_ERR_CHANNEL_NOT_AVAILABLE and _endpoint_down_or_just_back(ctx):
                 # Linked while its endpoint is down: refused (9). The relay announces
-                # a returning endpoint only to sessions that had the channel linked,
-                # so by default we relink the same id once a second; with
-                # --announce-after-refusal we wait for an announcement instead.
+                # the channel (fresh id) once the endpoint is back, as to a session
+                # that had it linked; --relink-after-refusal retries the same id
+                # once a second instead.
                 ctx.stats.bump("usbredir_refused_while_down")
                 refusals += 1
-                if ctx.args.announce_after_refusal:
+                if not ctx.args.relink_after_refusal:
                     ch_id = None
                 elif refusals > 30:
                     ctx.stats.fail(kind, f"usbredir:{ch_id} still refused after 30 s")
@@ -1253,9 +1253,9 @@ def parse_args(argv):
     p.add_argument("--wrong-password-clients", type=int, default=1, help="parallel wrong-password guessers (127.0.0.9); with more than one, a try closed unanswered at the link timeout counts as held, not failed [%(default)s]")
     p.add_argument("--garbage-clients", type=int, default=3, help="parallel garbage connections (127.0.0.10) [%(default)s]")
     p.add_argument("--half-open", type=int, default=200, help="half-open connections held (127.0.0.11) [%(default)s]")
-    p.add_argument("--announce-after-refusal", action="store_true",
-                   help="a usbredir link refused while its endpoint was down waits for the channel to be announced "
-                        "when the endpoint is back, instead of relinking once a second (fails today: see perf/RESULTS.md)")
+    p.add_argument("--relink-after-refusal", action="store_true",
+                   help="a usbredir link refused while its endpoint was down relinks the same id once a second "
+                        "instead of waiting for the relay to announce the channel when the endpoint is back")
     p.add_argument("--no-endpoint-restart", action="store_true", help="do not kill and restart the endpoint")
     p.add_argument("--settle-secs", type=float, default=30, help="longest wait for RSS/fds to come back after the load [%(default)s]")
     p.add_argument("--warmup-secs", type=float, default=20, help="load time before the RSS baseline is taken (at most a third of the run) [%(default)s]")

@@ -300,6 +300,9 @@ pub struct Session {
     main: Stream,
     /// Set when the main channel ends.
     pub closed: Arc<Mutex<Option<String>>>,
+    /// `(type, id)` of channels announced by later CHANNELS_LISTs (a
+    /// channel whose endpoint came back), in arrival order.
+    pub announced: Arc<Mutex<Vec<(u8, u8)>>>,
     /// Source address every link of the session is made from (`None`: any).
     source: Option<std::net::IpAddr>,
     /// TLS for every link of the session (`None`: plain TCP).
@@ -378,17 +381,27 @@ impl Session {
         // Keep answering PINGs (spice-server drops silent sessions).
         let closed = Arc::new(Mutex::new(None));
         let closed2 = Arc::clone(&closed);
+        let announced = Arc::new(Mutex::new(Vec::new()));
+        let announced2 = Arc::clone(&announced);
         std::thread::Builder::new().name("spice-main".into()).spawn(move || {
             let mut body = Vec::new();
             let why = loop {
                 match r.next(&mut body, 64 * 1024) {
-                    Ok(Some(h)) => {
-                        if let Ok(ServerMsg::Ping(p)) = ServerMsg::parse(main_kind, h.msg_type, &body)
-                            && send_msg(&mut w, &mut enc, &ClientMsg::Pong(p.pong())).is_err()
-                        {
-                            break "write failed".to_string();
+                    Ok(Some(h)) => match ServerMsg::parse(main_kind, h.msg_type, &body) {
+                        Ok(ServerMsg::Ping(p)) => {
+                            if send_msg(&mut w, &mut enc, &ClientMsg::Pong(p.pong())).is_err() {
+                                break "write failed".to_string();
+                            }
                         }
-                    }
+                        Ok(ServerMsg::ChannelsList(l)) => {
+                            if let Ok(mut a) = announced2.lock() {
+                                // Bounded: a hostile server cannot grow it past 4,096 entries.
+                                let room = 4096usize.saturating_sub(a.len());
+                                a.extend(l.iter().take(room));
+                            }
+                        }
+                        _ => {}
+                    },
                     Ok(None) => break "closed by server".to_string(),
                     Err(e) => break e.to_string(),
                 }
@@ -404,6 +417,7 @@ impl Session {
             channels,
             main: sock,
             closed,
+            announced,
             source,
             tls,
         })

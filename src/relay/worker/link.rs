@@ -257,7 +257,20 @@ impl Worker {
                     cc.endpoint
                 );
                 self.confirm(conn, Err(LinkErrorCode::ChannelNotAvailable));
+                self.revive_refused(conn, ci);
             }
+        }
+    }
+
+    /// A channel refused because its endpoint is down: once the endpoint
+    /// is back the session is told, as one that had the channel linked
+    /// when it went away is (a fresh id on its main channel). Port
+    /// channels are left out: spice-server's ports always link, and a
+    /// port client reconnects by name.
+    fn revive_refused(&mut self, conn: &Conn, ci: usize) {
+        let port = self.conf(conn.service, ci).is_some_and(|c| c.kind.port_messages);
+        if !port && conn.session != 0 {
+            self.revive_add(conn.service, ci, conn.session, revive::Then::Announce);
         }
     }
 
@@ -304,6 +317,7 @@ impl Worker {
                 *ep = None;
             }
             self.confirm(conn, Err(LinkErrorCode::ChannelNotAvailable));
+            self.revive_refused(conn, ci);
         } else {
             if let Stage::Link { ep: Some((_, st)), .. } = &mut conn.stage {
                 *st = EpState::Open;
