@@ -388,10 +388,8 @@ impl Session {
             let why = loop {
                 match r.next(&mut body, 64 * 1024) {
                     Ok(Some(h)) => match ServerMsg::parse(main_kind, h.msg_type, &body) {
-                        Ok(ServerMsg::Ping(p)) => {
-                            if send_msg(&mut w, &mut enc, &ClientMsg::Pong(p.pong())).is_err() {
-                                break "write failed".to_string();
-                            }
+                        Ok(ServerMsg::Ping(p)) if send_msg(&mut w, &mut enc, &ClientMsg::Pong(p.pong())).is_err() => {
+                            break "write failed".to_string();
                         }
                         Ok(ServerMsg::ChannelsList(l)) => {
                             if let Ok(mut a) = announced2.lock() {
