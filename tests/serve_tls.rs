@@ -7,79 +7,13 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 
 const SUBJECT: &str = "C=XX,O=test,CN=127.0.0.1";
-
-fn openssl(args: &[&str], dir: &Path) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A CA and a server certificate for 127.0.0.1 (SAN IP), P-256, in
-/// QEMU's layout: DIR/ca-cert.pem, server-cert.pem, server-key.pem.
-fn make_x509_dir(dir: &Path) -> PathBuf {
-    std::fs::create_dir_all(dir).expect("x509 dir");
-    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca-key.pem"], dir);
-    openssl(
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "ca-key.pem",
-            "-subj",
-            "/CN=vmcrelay test CA",
-            "-days",
-            "2",
-            "-out",
-            "ca-cert.pem",
-        ],
-        dir,
-    );
-    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "server-key.pem"], dir);
-    openssl(
-        &["req", "-new", "-key", "server-key.pem", "-subj", "/C=XX/O=test/CN=127.0.0.1", "-out", "server.csr"],
-        dir,
-    );
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").expect("ext");
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "server-cert.pem",
-        ],
-        dir,
-    );
-    dir.to_path_buf()
-}
-
-/// Another CA that signed nothing of ours.
-fn make_other_ca(dir: &Path) -> PathBuf {
-    std::fs::create_dir_all(dir).expect("other ca dir");
-    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "k.pem"], dir);
-    openssl(
-        &["req", "-x509", "-new", "-key", "k.pem", "-subj", "/CN=someone else", "-days", "2", "-out", "ca.pem"],
-        dir,
-    );
-    dir.join("ca.pem")
-}
 
 fn tls_relay(plain: Option<u16>, tls: u16, x509: &Path, extra: &[&str]) -> Relay {
     let mut a: Vec<String> = Vec::new();

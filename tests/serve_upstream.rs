@@ -351,3 +351,188 @@ fn remote_viewer_shows_the_vm_through_vmcrelay() {
         "display linked through vmcrelay"
     );
 }
+
+/// QEMU with only a TLS port (x509-dir made here) and its password; vmcrelay
+/// fronts it on a plain address.
+fn qemu_tls_vm(dir: &TempDir, ur: &Path) -> (Qemu, u16, std::path::PathBuf) {
+    let x509 = make_x509_dir(&dir.path("x509"));
+    let tport = free_port();
+    let q = qemu_vm(&format!("tls-port={tport},addr=127.0.0.1,x509-dir={}", x509.display()), Some("pw"), ur);
+    wait_tcp(tport);
+    wait_path(ur, Duration::from_secs(20));
+    (q, tport, x509)
+}
+
+fn tls_relay_for(upstream: &str, ca: &Path, ur_sock: &Path) -> Relay {
+    Relay::start(&[
+        "--listen".into(),
+        format!("127.0.0.1:{}", free_port()),
+        "--upstream".into(),
+        upstream.into(),
+        "--upstream-ca-file".into(),
+        ca.display().to_string(),
+        "--channel".into(),
+        format!("usbredir:0=unix:{}", ur_sock.display()),
+    ])
+}
+
+/// A TLS upstream (QEMU's tls-port only): spice-gtk, connected in plain to
+/// vmcrelay, gets QEMU's screen (primary surface, drawn, ESC reaches the
+/// guest), QMP on QEMU's port channel and the usbredir hello on vmcrelay's
+/// own channel, QEMU's password applying; the `?tls-port=` form works too.
+#[test]
+fn tls_upstream_whole_vm_session() {
+    if !peers_available(&["gtk", "qemu-system-x86_64", "openssl"]) {
+        return;
+    }
+    let dir = TempDir::new("uptls");
+    let ur = dir.path("ur0.sock");
+    let (_q, tport, x509) = qemu_tls_vm(&dir, &ur);
+    let ca = x509.join("ca-cert.pem");
+    let relay = tls_relay_for(&format!("spice+tls://127.0.0.1:{tport}"), &ca, &ur);
+    let uri = relay.uri();
+    let r = gtk(
+        &[
+            "display",
+            "--uri",
+            &uri,
+            "--password",
+            "pw",
+            "--expect-size",
+            "720x400",
+            "--press-key",
+            "esc",
+            "--qmp-command",
+            "query-status",
+            "--expect-usbredir-hello",
+            "--timeout",
+            "60",
+        ],
+        Duration::from_secs(90),
+    );
+    assert_eq!(r.code, 0, "display over a TLS upstream: {}\n{}", r.json, r.stderr);
+    assert_eq!(r.field("width").as_deref(), Some("720"), "{}", r.json);
+    assert_eq!(r.field("height").as_deref(), Some("400"), "{}", r.json);
+    assert_eq!(r.field("drawn").as_deref(), Some("true"), "{}", r.json);
+    assert_eq!(r.field("changed_after_key").as_deref(), Some("true"), "ESC reached the guest: {}", r.json);
+    assert!(r.json.contains("\"running\""), "QMP query-status over QEMU's port: {}", r.json);
+    assert!(r.json.contains("qemu usb-redir guest"), "usbredir hello on vmcrelay's channel: {}", r.json);
+    let ok = relay.lines("result=ok");
+    for ch in ["main:0", "display:0", "inputs:0", "port:"] {
+        assert!(
+            ok.iter().any(|l| l.contains(&format!("channel={ch}")) && l.contains("upstream=spice+tls://")),
+            "{ch} proxied over TLS: {ok:?}"
+        );
+    }
+    assert!(ok.iter().any(|l| l.contains("channel=usbredir:0") && !l.contains("upstream=")), "{ok:?}");
+
+    // A wrong password over TLS is still QEMU's verdict: auth-error.
+    let bad = gtk(&["auth", "--uri", &uri, "--password", "wrong", "--timeout", "10"], Duration::from_secs(30));
+    assert_eq!(bad.code, 3, "wrong password through a TLS upstream: {}", bad.json);
+    drop(relay);
+
+    // spice://HOST?tls-port=T, QMP on QEMU's port.
+    let relay = tls_relay_for(&format!("spice://127.0.0.1?tls-port={tport}"), &ca, &ur);
+    let r = gtk(
+        &[
+            "qmp",
+            "--uri",
+            &relay.uri(),
+            "--password",
+            "pw",
+            "--commands",
+            "qmp_capabilities,query-status",
+            "--timeout",
+            "20",
+        ],
+        Duration::from_secs(40),
+    );
+    assert_eq!(r.code, 0, "QMP over a ?tls-port= upstream: {}\n{}", r.json, r.stderr);
+    assert!(r.json.contains("status"), "{}", r.json);
+}
+
+/// A CA that did not sign QEMU's certificate: the client's link fails with
+/// a link error (not a password prompt, not a silent close), the log says
+/// what to check, nothing is retried, and the relay keeps serving.
+#[test]
+fn tls_upstream_wrong_ca_is_a_link_error() {
+    if !peers_available(&["gtk", "qemu-system-x86_64", "openssl"]) {
+        return;
+    }
+    let dir = TempDir::new("uptlsca");
+    let ur = dir.path("ur0.sock");
+    let (_q, tport, _x509) = qemu_tls_vm(&dir, &ur);
+    let other = make_other_ca(&dir.path("other"));
+    let relay = tls_relay_for(&format!("spice+tls://127.0.0.1:{tport}"), &other, &ur);
+    let uri = relay.uri();
+    let t0 = Instant::now();
+    let r = gtk(&["auth", "--uri", &uri, "--password", "pw", "--timeout", "10"], Duration::from_secs(30));
+    assert_eq!(r.code, 5, "wrong CA: a link error: {}\n{}", r.json, r.stderr);
+    assert!(t0.elapsed() < Duration::from_secs(8), "failed at once, not after a timeout");
+    let line = relay.wait_log("check upstream-ca-file", Duration::from_secs(5));
+    assert!(line.contains("ERROR") || line.contains("error"), "{line}");
+    assert!(line.contains("subjectAltName") && line.contains("upstream-cert-subject"), "what to check: {line}");
+    assert!(line.contains(&format!("127.0.0.1:{tport}")), "names the upstream: {line}");
+    // The relay still answers: a raw link gets an error reply at once.
+    let (error, _) = raw_main_link_reply(&relay.addr()).expect("the relay still answers links");
+    assert_ne!(error, 0, "an error reply, not a success");
+    // One line per attempt, no retry loop.
+    std::thread::sleep(Duration::from_secs(2));
+    let n = relay.lines("check upstream-ca-file").len();
+    assert!((1..=3).contains(&n), "one failure per link attempt, not a loop: {n}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(relay.lines("check upstream-ca-file").len(), n, "no retries");
+    // Still serving: a second client gets the same clear error.
+    let r = gtk(&["auth", "--uri", &uri, "--password", "pw", "--timeout", "10"], Duration::from_secs(30));
+    assert_eq!(r.code, 5, "the relay keeps serving: {}", r.json);
+}
+
+/// A TLS upstream without a CA file is a configuration error (exit 2)
+/// that says what to give; a CA file without TLS too.
+#[test]
+fn tls_upstream_needs_a_ca_file() {
+    let bin = env!("CARGO_BIN_EXE_vmcrelay");
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let out = std::process::Command::new(bin)
+        .args(["serve", "--channel", "128=echo:", "--listen", &listen, "--upstream", "spice+tls://127.0.0.1:5931"])
+        .output()
+        .expect("run vmcrelay");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--upstream-ca-file"), "says what to give: {err}");
+    let out = std::process::Command::new(bin)
+        .args([
+            "serve",
+            "--channel",
+            "128=echo:",
+            "--listen",
+            &listen,
+            "--upstream",
+            "spice://127.0.0.1:5930",
+            "--upstream-ca-file",
+            "/x.pem",
+        ])
+        .output()
+        .expect("run vmcrelay");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("TLS upstream only"), "{err}");
+    let out = std::process::Command::new(bin)
+        .args([
+            "serve",
+            "--channel",
+            "128=echo:",
+            "--listen",
+            &listen,
+            "--upstream",
+            "spice+tls://127.0.0.1:5931",
+            "--upstream-ca-file",
+            "/nonexistent/ca.pem",
+        ])
+        .output()
+        .expect("run vmcrelay");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "an unreadable CA file: {err}");
+    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}

@@ -387,6 +387,7 @@ fn connect_config(a: &ConnectArgs) -> Result<(ServeConfig, ConnectOptions), Stri
             password: None,
             channels,
             upstream: None,
+            upstream_tls: None,
             busy: None,
             removed: false,
         }],
@@ -521,6 +522,7 @@ fn demo_config(a: &DemoArgs) -> Result<ServeConfig, String> {
             password: None,
             channels,
             upstream: None,
+            upstream_tls: None,
             busy: None,
             removed: false,
         }],
@@ -617,10 +619,20 @@ struct ServeArgs {
     #[arg(long, value_name = "NAME")]
     plaintext_channel: Vec<String>,
     /// Whole-VM mode: proxy every channel not given with --channel (display, inputs, cursor, audio,
-    /// QEMU's own ports) to QEMU's spice-server at URI (spice://HOST:PORT or spice+unix:///PATH);
+    /// QEMU's own ports) to QEMU's spice-server at URI (spice://HOST:PORT, spice+unix:///PATH, or over
+    /// TLS spice+tls://HOST:PORT or spice://HOST?tls-port=PORT, with --upstream-ca-file);
     /// QEMU's password applies, no --password-* needed.
     #[arg(long, value_name = "URI", conflicts_with_all = ["password_file", "password_env"])]
     upstream: Option<String>,
+    /// TLS upstream: PEM file of the CA that signed QEMU's certificate (QEMU's x509-dir/ca-cert.pem).
+    /// Required with a TLS --upstream; QEMU's certificate must name the host of the URI in its
+    /// subjectAltName, or match --upstream-cert-subject.
+    #[arg(long, value_name = "FILE", requires = "upstream")]
+    upstream_ca_file: Option<PathBuf>,
+    /// TLS upstream: accept QEMU by its certificate subject instead of the host name, e.g.
+    /// "C=XX,O=test,CN=my-vm" (as connect --cert-subject).
+    #[arg(long, value_name = "SUBJECT", requires = "upstream")]
+    upstream_cert_subject: Option<String>,
     /// A channel and its endpoint (repeatable): KIND[:ID]=ENDPOINT.
     #[arg(long, value_name = "SPEC")]
     channel: Vec<String>,
@@ -746,6 +758,12 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
                 a.plaintext_channel.iter().map(String::as_str),
             )?;
             let upstream = a.upstream.as_deref().map(config::parse_spice_uri).transpose()?;
+            let upstream_tls = config::upstream_tls(
+                upstream.as_ref(),
+                a.upstream_ca_file.as_deref(),
+                a.upstream_cert_subject.as_deref(),
+            )
+            .map_err(|m| format!("{m} (flags: --upstream, --upstream-ca-file, --upstream-cert-subject)"))?;
             let password = if upstream.is_some() {
                 None
             } else {
@@ -764,6 +782,7 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
                     password,
                     channels,
                     upstream,
+                    upstream_tls,
                     busy: None,
                     removed: false,
                 }],
@@ -840,6 +859,13 @@ fn build_config(a: &ServeArgs) -> Result<ServeConfig, String> {
     }
     a.socket.apply(&mut l.socket);
     cfg.validate()?;
+    // A CA file that does not load is a configuration error, not a
+    // failure of every link later.
+    for s in cfg.services.iter().filter(|s| !s.removed) {
+        if let Some(o) = &s.upstream_tls {
+            vmcrelay::tls::client_config(o).map_err(|e| format!("service {}: upstream-ca-file: {e}", s.name))?;
+        }
+    }
     Ok(cfg)
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::proto::channel::{CH_PORT, ChannelClass, ChannelKind, ChannelSecurity, Transport};
-use crate::tls::ServerTlsFiles;
+use crate::tls::{ClientTlsOptions, ServerTlsFiles};
 
 /// Where a channel's bytes go on the host side.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +87,9 @@ pub struct Service {
     /// Whole-VM mode: every channel not in `channels` is proxied to this
     /// SPICE server (QEMU's spice-server), whose password applies.
     pub upstream: Option<ServerAddr>,
+    /// TLS to a `spice+tls://` (or `?tls-port=`) upstream: the CA file and
+    /// the optional subject, checked as `connect` checks its server.
+    pub upstream_tls: Option<ClientTlsOptions>,
     /// This service's busy policy (`None`: the relay's, `Limits::busy`).
     pub busy: Option<BusyPolicy>,
     /// Dropped by a reload (a tombstone): its listeners are closed, its
@@ -553,6 +556,8 @@ struct FileService {
     #[serde(default)]
     channels: Vec<toml::Spanned<String>>,
     upstream: Option<toml::Spanned<String>>,
+    upstream_ca_file: Option<PathBuf>,
+    upstream_cert_subject: Option<String>,
     busy: Option<BusyPolicy>,
     #[serde(default)]
     tls_listen: Vec<toml::Spanned<String>>,
@@ -594,6 +599,32 @@ pub fn tls_files(
         f.ca = Some(c.to_path_buf());
     }
     Ok(Some(f))
+}
+
+/// The TLS options of an upstream: a TLS URI needs the CA file that signed
+/// QEMU's certificate; the CA file and subject go with a TLS URI only.
+pub fn upstream_tls(
+    upstream: Option<&ServerAddr>,
+    ca_file: Option<&Path>,
+    cert_subject: Option<&str>,
+) -> Result<Option<ClientTlsOptions>, String> {
+    match (upstream, ca_file) {
+        (Some(u), Some(ca)) if u.is_tls() => {
+            let mut o = ClientTlsOptions::with_ca_file(ca);
+            o.cert_subject = cert_subject.map(str::to_string);
+            Ok(Some(o))
+        }
+        (Some(u), None) if u.is_tls() => Err(format!(
+            "upstream {u} is TLS: give upstream-ca-file FILE (--upstream-ca-file), the CA that signed QEMU's \
+             certificate (QEMU: x509-dir/ca-cert.pem)"
+        )),
+        _ if ca_file.is_some() || cert_subject.is_some() => {
+            Err("upstream-ca-file / upstream-cert-subject apply to a TLS upstream only: write upstream = \
+             \"spice+tls://HOST:PORT\" or \"spice://HOST?tls-port=PORT\""
+                .into())
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Builds the per-type TLS policy from `tls-channel` / `plaintext-channel` names.
@@ -803,6 +834,9 @@ impl ServeConfig {
                 Some(u) => Some(parse_spice_uri(u.get_ref()).map_err(|m| err(at(u.span().start), m))?),
                 None => None,
             };
+            let upstream_tls =
+                upstream_tls(upstream.as_ref(), s.upstream_ca_file.as_deref(), s.upstream_cert_subject.as_deref())
+                    .map_err(|m| err(&here, m))?;
             let password = if upstream.is_some() {
                 if s.password_file.is_some() || s.password_env.is_some() {
                     return Err(err(
@@ -826,6 +860,7 @@ impl ServeConfig {
                 password,
                 channels,
                 upstream,
+                upstream_tls,
                 busy: s.busy,
                 removed: false,
             });
@@ -862,6 +897,20 @@ impl ServeConfig {
             if s.tls_listen.is_empty() && s.security != ChannelSecurity::default() {
                 return Err(format!(
                     "service {svc}: tls-channel / plaintext-channel need a tls-listen address (as QEMU's tls-port)"
+                ));
+            }
+            if let Some(u) = s.upstream.as_ref().filter(|u| u.is_tls())
+                && s.upstream_tls.is_none()
+            {
+                return Err(format!(
+                    "service {svc}: upstream {u} is TLS: give upstream-ca-file FILE (--upstream-ca-file), the CA \
+                     that signed QEMU's certificate (QEMU: x509-dir/ca-cert.pem)"
+                ));
+            }
+            if s.upstream_tls.is_some() && !s.upstream.as_ref().is_some_and(ServerAddr::is_tls) {
+                return Err(format!(
+                    "service {svc}: upstream-ca-file / upstream-cert-subject apply to a TLS upstream only \
+                     (spice+tls://HOST:PORT or spice://HOST?tls-port=PORT)"
                 ));
             }
             if s.upstream.is_some() && !s.tls_listen.is_empty() {
@@ -1018,6 +1067,51 @@ mod tests {
             Ok(ServerAddr::Tcp("127.0.0.1:5930".parse().expect("a")))
         );
         assert!(parse_spice_uri("spice+unix://").is_err());
+    }
+
+    #[test]
+    fn toml_upstream_tls() {
+        let svc = "[[service]]\nlisten = [\"127.0.0.1:1\"]\nchannels = [\"usbredir:0=unix:/run/vm1/ur0.sock\"]\n";
+        let c = ServeConfig::from_toml(
+            &format!(
+                "{svc}upstream = \"spice+tls://127.0.0.1:5931\"\nupstream-ca-file = \"/etc/x509/ca-cert.pem\"\n\
+                 upstream-cert-subject = \"CN=vm1\"\n"
+            ),
+            "f",
+        )
+        .expect("a TLS upstream with its CA file");
+        let o = c.services[0].upstream_tls.as_ref().expect("tls options");
+        assert_eq!(o.ca_file, PathBuf::from("/etc/x509/ca-cert.pem"));
+        assert_eq!(o.cert_subject.as_deref(), Some("CN=vm1"));
+        let c = ServeConfig::from_toml(
+            &format!("{svc}upstream = \"spice://127.0.0.1?tls-port=5931\"\nupstream-ca-file = \"/ca.pem\"\n"),
+            "f",
+        )
+        .expect("tls-port form");
+        assert!(c.services[0].upstream.as_ref().is_some_and(ServerAddr::is_tls));
+        assert!(c.services[0].upstream_tls.is_some());
+        // TLS without a CA file: says what to give.
+        let e = ServeConfig::from_toml(&format!("{svc}upstream = \"spice+tls://127.0.0.1:5931\"\n"), "f").unwrap_err();
+        assert!(e.message.contains("upstream-ca-file FILE"), "{e}");
+        assert!(e.message.contains("ca-cert.pem"), "{e}");
+        // A CA file without TLS: refused, not ignored.
+        let e = ServeConfig::from_toml(
+            &format!("{svc}upstream = \"spice://127.0.0.1:5930\"\nupstream-ca-file = \"/ca.pem\"\n"),
+            "f",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("TLS upstream only"), "{e}");
+        let e = ServeConfig::from_toml(&format!("{svc}upstream-cert-subject = \"CN=x\"\n"), "f").unwrap_err();
+        assert!(e.message.contains("TLS upstream only"), "{e}");
+        // validate() catches a Service built without the options.
+        let mut c = ServeConfig::from_toml(&format!("{svc}upstream = \"spice://127.0.0.1:5930\"\n"), "f").expect("ok");
+        c.services[0].upstream = Some(parse_spice_uri("spice+tls://127.0.0.1:5931").expect("uri"));
+        assert!(c.validate().unwrap_err().contains("upstream-ca-file"));
+        assert_eq!(
+            upstream_tls(None, Some(Path::new("/ca.pem")), None).unwrap_err(),
+            upstream_tls(Some(&ServerAddr::Tcp("127.0.0.1:1".parse().expect("a"))), Some(Path::new("/c")), None)
+                .unwrap_err()
+        );
     }
 
     #[test]

@@ -165,6 +165,10 @@ fn merge_service(
         ));
         old.upstream = new.upstream;
     }
+    if old.upstream_tls != new.upstream_tls {
+        changes.push(format!("reload: service {name} upstream TLS options changed (next links)"));
+        old.upstream_tls = new.upstream_tls;
+    }
     if old.busy != new.busy {
         let b = |b: Option<super::config::BusyPolicy>| b.map_or("-".into(), |b| format!("{b:?}").to_lowercase());
         changes.push(format!("reload: service {name} busy {} -> {}", b(old.busy), b(new.busy)));

@@ -243,6 +243,7 @@ struct Prepared {
     locks: Vec<(SocketAddr, OwnedFd)>,
     bound: Vec<Bound>,
     server_tls: Vec<Option<Arc<crate::tls::ServerTls>>>,
+    upstream_tls: Vec<Option<Arc<rustls::ClientConfig>>>,
     /// Services whose TLS files did not change: their certificates are read again.
     tls_again: Vec<usize>,
 }
@@ -257,7 +258,13 @@ impl Drop for Prepared {
 
 /// Binds, claims and loads what `next` needs that `live` does not have.
 fn prepare(shared: &Shared, st: &mut Reloading, live: &Live, next: &ServeConfig) -> Result<Prepared, String> {
-    let mut p = Prepared { locks: Vec::new(), bound: Vec::new(), server_tls: Vec::new(), tls_again: Vec::new() };
+    let mut p = Prepared {
+        locks: Vec::new(),
+        bound: Vec::new(),
+        server_tls: Vec::new(),
+        upstream_tls: crate::relay::worker::upstream_tls_configs(next)?,
+        tls_again: Vec::new(),
+    };
     for (si, s) in next.services.iter().enumerate().filter(|(_, s)| !s.removed) {
         if s.listen.is_empty() && s.tls_listen.is_empty() {
             return Err(format!(
@@ -375,6 +382,7 @@ fn reload_config(shared: &Shared, st: &mut Reloading) {
         generation: 0,
         metrics: live.metrics.grown(&plan.merged),
         server_tls: std::mem::take(&mut prep.server_tls),
+        upstream_tls: std::mem::take(&mut prep.upstream_tls),
         listen_eps,
         config: plan.merged,
     };

@@ -244,6 +244,7 @@ mod tests {
             password: None,
             channels: Vec::new(),
             upstream: None,
+            upstream_tls: None,
             busy: None,
             removed: false,
         }

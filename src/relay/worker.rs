@@ -70,7 +70,7 @@ mod tls;
 use conn::*;
 use lifecycle::bind_tcp;
 use shared::{Cmd, Owner, Place, SessionEntry, hung_up};
-pub use shared::{FatalKind, Live, Mailbox, Registry, Shared, WorkerStats};
+pub use shared::{FatalKind, Live, Mailbox, Registry, Shared, WorkerStats, upstream_tls_configs};
 
 pub use connect::{ConnectOptions, DEFAULT_LINGER, ServerAddr, run_connect_worker};
 

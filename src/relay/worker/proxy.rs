@@ -68,6 +68,21 @@ impl Worker {
                 link.decide(Decision::Refuse(LinkErrorCode::Error));
             }
         };
+        // TLS upstream: every connection of the session (main and each
+        // proxied channel) gets its own client session, checked against
+        // the host of the URI as `connect` checks its server.
+        let tls = match &upstream {
+            ServerAddr::Tls { host, .. } => {
+                let Some(cfg) = self.live.upstream_tls.get(service).and_then(Option::as_ref) else {
+                    return refuse(self, conn, "no TLS configuration (upstream-ca-file)".into());
+                };
+                match crate::tls::Session::client(Arc::clone(cfg), host, crate::tls::Limits::default()) {
+                    Ok(s) => Some(super::tls::TlsConn::new(s)),
+                    Err(e) => return refuse(self, conn, format!("cannot start TLS: {e}")),
+                }
+            }
+            _ => None,
+        };
         let (fd, addr) = match super::connect::server_socket(&upstream) {
             Ok(x) => x,
             Err(e) => return refuse(self, conn, e.to_string()),
@@ -116,6 +131,7 @@ impl Worker {
         conn.chan = (req.channel_type, req.channel_id);
         let label = conn.label.clone();
         self.with_conn(up, |w, u| {
+            u.tls = tls;
             u.pair = Some(me);
             u.pair_fd = dup_me;
             u.label = label;
@@ -411,6 +427,17 @@ impl Worker {
             return false;
         }
         let Some(rx) = conn.rx else { return false };
+        if let Some(pair) = conn.pair.filter(|&(ps, _)| {
+            self.slots.get(ps as usize).and_then(|x| x.conn.as_ref()).is_some_and(|u| u.tls.is_some())
+        }) {
+            // TLS upstream: the bytes go through the pair's session.
+            let mut taken = false;
+            self.with_pair(pair, |w, u, us| taken = w.proxy_tls_pull(us, u, conn));
+            if !taken && conn.closing.is_none() {
+                self.close(slot, conn, "proxy peer gone");
+            }
+            return false;
+        }
         let t = self.tok(Op::PipeWrite, slot);
         let r = self.ring.write_fixed(fd, rx, conn.rx_pos, conn.rx_len - conn.rx_pos, t);
         if self.pushed(slot, conn, r) {
@@ -451,6 +478,67 @@ impl Worker {
             }
         }
         self.pump_in(slot, conn);
+    }
+
+    /// TLS upstream `u` takes what client `c` read (`c.rx[rx_pos..rx_len]`)
+    /// into its session and sends the records; `c` reads no more until
+    /// [`Self::proxy_tls_written`] reports them sent (one buffer in flight
+    /// per direction, as the plain path). Returns whether `u` took it on.
+    fn proxy_tls_pull(&mut self, us: u32, u: &mut Conn, c: &mut Conn) -> bool {
+        if u.closing.is_some() || c.closing.is_some() || u.tx_busy {
+            return false;
+        }
+        let Some(rx) = c.rx else { return false };
+        if !self.tls_send_for_pair(us, u, rx, c.rx_pos..c.rx_len) {
+            return false;
+        }
+        c.c2e_busy = true;
+        true
+    }
+
+    /// The upstream's records of `n` plaintext bytes the client read are
+    /// sent: the client goes on with the rest of its buffer, or reads.
+    pub(super) fn proxy_tls_written(&mut self, slot: u32, conn: &mut Conn, n: usize) {
+        conn.tx_busy = false;
+        let Some(pair) = conn.pair else { return };
+        self.with_pair(pair, |w, c, cs| {
+            c.c2e_busy = false;
+            c.rx_pos = (c.rx_pos + n).min(c.rx_len);
+            if c.rx_pos < c.rx_len {
+                if !w.proxy_tls_pull(slot, conn, c) {
+                    w.close(cs, c, "proxy peer gone");
+                }
+                return;
+            }
+            w.pump_in(cs, c);
+        });
+    }
+
+    /// TLS to the upstream failed during its link: the client gets a link
+    /// error (not a silent close), the log says what to check.
+    pub(super) fn proxy_tls_failed(&mut self, slot: u32, conn: &mut Conn, e: &crate::tls::SessionError) {
+        if e.kind() == crate::tls::SessionErrorKind::Verification {
+            error!(
+                self.who,
+                "upstream {} TLS certificate of channel={} peer={}: {e}; check upstream-ca-file \
+                 (--upstream-ca-file: the CA that signed QEMU's certificate, x509-dir/ca-cert.pem), the host \
+                 in the upstream URI (it must be in the certificate's subjectAltName) or upstream-cert-subject",
+                conn.peer,
+                conn.label,
+                self.pair_peer(conn)
+            );
+        } else {
+            warn!(self.who, "upstream {} TLS for channel={} failed: {e}", conn.peer, conn.label);
+        }
+        self.proxy_fail_client(slot, conn, None);
+    }
+
+    fn pair_peer(&self, conn: &Conn) -> String {
+        conn.pair
+            .and_then(|(s, g)| self.slots.get(s as usize).filter(|x| x.generation == g))
+            .and_then(|x| x.conn.as_ref())
+            .map(|c| c.peer.clone())
+            .unwrap_or_default()
     }
 
     fn proxy_register_session(&mut self, conn: &mut Conn, id: u32, ticket: Option<Vec<u8>>) {

@@ -353,8 +353,26 @@ pub struct Live {
     pub metrics: crate::relay::metrics::Counters,
     /// TLS configuration of each service with TLS listeners (reloadable).
     pub server_tls: Vec<Option<Arc<crate::tls::ServerTls>>>,
+    /// TLS client configuration of each service with a TLS upstream (read
+    /// again by every reload).
+    pub upstream_tls: Vec<Option<Arc<rustls::ClientConfig>>>,
     /// `unix-listen` sockets by (service, channel index).
     pub listen_eps: HashMap<(usize, usize), Arc<OwnedFd>>,
+}
+
+/// The TLS client configuration of every service's upstream (`None`: not
+/// TLS), built from its CA file and subject.
+pub fn upstream_tls_configs(config: &ServeConfig) -> Result<Vec<Option<Arc<rustls::ClientConfig>>>, String> {
+    config
+        .services
+        .iter()
+        .map(|s| match &s.upstream_tls {
+            Some(o) if !s.removed => {
+                crate::tls::client_config(o).map(Some).map_err(|e| format!("service {}: upstream TLS: {e}", s.name))
+            }
+            _ => Ok(None),
+        })
+        .collect()
 }
 
 /// Everything the workers share.
@@ -412,6 +430,7 @@ impl Shared {
                 None => None,
             });
         }
+        let upstream_tls = upstream_tls_configs(&config).map_err(std::io::Error::other)?;
         let mut listen_eps = HashMap::new();
         for (si, s) in config.services.iter().enumerate() {
             for (ci, c) in s.channels.iter().enumerate() {
@@ -421,7 +440,7 @@ impl Shared {
             }
         }
         let metrics = crate::relay::metrics::Counters::new(&config);
-        let live = Live { generation: 0, config, metrics, server_tls, listen_eps };
+        let live = Live { generation: 0, config, metrics, server_tls, upstream_tls, listen_eps };
         Ok(Arc::new(Self {
             snapshots: (0..n).map(|_| Mutex::new(Default::default())).collect(),
             live: Mutex::new(Arc::new(live)),

@@ -52,6 +52,9 @@ pub(super) struct TlsConn {
     logged: bool,
     /// Message boundaries in the plaintext sent so far (data stage).
     cut: Option<Deframer>,
+    /// The waiting plaintext write is the proxy pair's (whole-VM mode):
+    /// its completion goes to the pair, not to this connection's output.
+    for_pair: bool,
 }
 
 impl TlsConn {
@@ -69,6 +72,7 @@ impl TlsConn {
             eof: false,
             logged: false,
             cut: None,
+            for_pair: false,
         })
     }
 }
@@ -229,6 +233,8 @@ impl Worker {
         self.stats().tls_errors.fetch_add(1, Ordering::Relaxed);
         if conn.client_role {
             self.ctl_tls_failed(slot, conn, e);
+        } else if matches!(conn.stage, Stage::ULink { .. }) {
+            return self.proxy_tls_failed(slot, conn, e);
         } else {
             info!(self.who, "tls peer={} result=failed kind=\"{what}\" error=\"{e}\"", conn.peer);
         }
@@ -263,6 +269,35 @@ impl Worker {
         self.tls_flush(slot, conn);
     }
 
+    /// Whole-VM proxy data stage: plaintext the pair read goes out through
+    /// this connection's session (message by message, as `tls_write`);
+    /// `proxy_tls_written` reports the bytes taken once their records are
+    /// sent. Returns false if the session takes nothing and never will.
+    pub(super) fn tls_send_for_pair(
+        &mut self,
+        slot: u32,
+        conn: &mut Conn,
+        buf: BufId,
+        range: std::ops::Range<usize>,
+    ) -> bool {
+        let Some(t) = conn.tls.as_mut() else { return false };
+        if t.done.is_some() {
+            return false;
+        }
+        let data = self.ring.arena().get(buf).and_then(|b| b.get(range)).unwrap_or_default();
+        let cut = t.cut.get_or_insert_with(|| Deframer::new(conn.enc.kind()));
+        let accepted = write_messages(&mut t.sess, cut, data);
+        if accepted == 0 && !t.sess.wants_output() && !t.writing {
+            self.close(slot, conn, "TLS session refused output");
+            return false;
+        }
+        t.done = Some((accepted, None));
+        t.for_pair = true;
+        conn.tx_busy = true;
+        self.tls_flush(slot, conn);
+        true
+    }
+
     /// Writes pending records; once none are left, reports a waiting
     /// plaintext write as complete.
     fn tls_flush(&mut self, slot: u32, conn: &mut Conn) {
@@ -294,6 +329,9 @@ impl Worker {
             t.cout = Some(out);
         }
         if let Some((n, owned)) = t.done.take() {
+            if std::mem::take(&mut t.for_pair) {
+                return self.proxy_tls_written(slot, conn, n);
+            }
             let res = i32::try_from(n).unwrap_or(i32::MAX);
             self.on_client_write(slot, conn, res, owned);
         }
