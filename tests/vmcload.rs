@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Relay, TempDir, free_port, wait_path};
+use common::{Relay, TempDir, free_port, make_x509_dir, wait_path};
 use serde_json::Value;
 
 const VMCLOAD: &str = env!("CARGO_BIN_EXE_vmcload");
@@ -491,49 +491,12 @@ fn idle_sessions_link_hold_and_echo() {
     drop(relay);
 }
 
-fn openssl(args: &[&str], dir: &Path) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A P-256 CA and server certificate for 127.0.0.1 in QEMU's x509-dir layout.
-fn x509_dir(dir: &Path) {
-    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca-key.pem"], dir);
-    openssl(
-        &["req", "-x509", "-new", "-key", "ca-key.pem", "-subj", "/CN=vl CA", "-days", "2", "-out", "ca-cert.pem"],
-        dir,
-    );
-    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "server-key.pem"], dir);
-    openssl(&["req", "-new", "-key", "server-key.pem", "-subj", "/CN=127.0.0.1", "-out", "server.csr"], dir);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").expect("ext");
-    openssl(
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-            "-out",
-            "server-cert.pem",
-        ],
-        dir,
-    );
-}
-
 /// `vmcload run` over TLS (`spice+tls://`, `?tls-port=`, `--raw-tls`): the
 /// same verified pattern as over TCP; a wrong CA fails the run.
 #[test]
 fn tls_uris_move_the_verified_pattern() {
     let dir = TempDir::new("vl-tls");
-    x509_dir(&dir.0);
+    make_x509_dir(&dir.0);
     let ca = dir.path("ca-cert.pem").display().to_string();
     let (sink, sink_sock) = Endpoint::unix(&dir, "sink", &["--mode", "sink", "--verify"]);
     let (_source, source_sock) = Endpoint::unix(&dir, "source", &["--mode", "source", "--size", "16K"]);
@@ -608,7 +571,7 @@ fn tls_uris_move_the_verified_pattern() {
 
     // Another CA: the link fails, nothing is retried, exit 1.
     let other = TempDir::new("vl-tls-other");
-    x509_dir(&other.0);
+    make_x509_dir(&other.0);
     let wrong = other.path("ca-cert.pem").display().to_string();
     let (code, out) = vmcload(&[
         "run",
