@@ -283,34 +283,7 @@ fn display_inputs_qmp_and_usbredir_in_one_session() {
     let uri = relay.uri();
     let png = dir.path("screen.png");
     let png_s = png.display().to_string();
-    let r = gtk(
-        &[
-            "display",
-            "--uri",
-            &uri,
-            "--password",
-            "pw",
-            "--expect-size",
-            "720x400",
-            "--press-key",
-            "esc",
-            "--qmp-command",
-            "query-status",
-            "--expect-usbredir-hello",
-            "--save-png",
-            &png_s,
-            "--timeout",
-            "60",
-        ],
-        Duration::from_secs(90),
-    );
-    assert_eq!(r.code, 0, "display through vmcrelay: {}\n{}", r.json, r.stderr);
-    assert_eq!(r.field("width").as_deref(), Some("720"), "{}", r.json);
-    assert_eq!(r.field("height").as_deref(), Some("400"), "{}", r.json);
-    assert_eq!(r.field("drawn").as_deref(), Some("true"), "{}", r.json);
-    assert_eq!(r.field("changed_after_key").as_deref(), Some("true"), "ESC reached the guest: {}", r.json);
-    assert!(r.json.contains("\"running\""), "QMP query-status over QEMU's port: {}", r.json);
-    assert!(r.json.contains("qemu usb-redir guest"), "usbredir hello on vmcrelay's channel: {}", r.json);
+    whole_vm_display(&uri, Some(&png_s), "display through vmcrelay");
     assert!(std::fs::metadata(&png).map(|m| m.len() > 1000).unwrap_or(false), "screenshot written");
     // The display went through the proxy, the usbredir channel through vmcrelay's own path.
     let ok = relay.lines("result=ok");
@@ -391,32 +364,7 @@ fn tls_upstream_whole_vm_session() {
     let ca = x509.join("ca-cert.pem");
     let relay = tls_relay_for(&format!("spice+tls://127.0.0.1:{tport}"), &ca, &ur);
     let uri = relay.uri();
-    let r = gtk(
-        &[
-            "display",
-            "--uri",
-            &uri,
-            "--password",
-            "pw",
-            "--expect-size",
-            "720x400",
-            "--press-key",
-            "esc",
-            "--qmp-command",
-            "query-status",
-            "--expect-usbredir-hello",
-            "--timeout",
-            "60",
-        ],
-        Duration::from_secs(90),
-    );
-    assert_eq!(r.code, 0, "display over a TLS upstream: {}\n{}", r.json, r.stderr);
-    assert_eq!(r.field("width").as_deref(), Some("720"), "{}", r.json);
-    assert_eq!(r.field("height").as_deref(), Some("400"), "{}", r.json);
-    assert_eq!(r.field("drawn").as_deref(), Some("true"), "{}", r.json);
-    assert_eq!(r.field("changed_after_key").as_deref(), Some("true"), "ESC reached the guest: {}", r.json);
-    assert!(r.json.contains("\"running\""), "QMP query-status over QEMU's port: {}", r.json);
-    assert!(r.json.contains("qemu usb-redir guest"), "usbredir hello on vmcrelay's channel: {}", r.json);
+    whole_vm_display(&uri, None, "display over a TLS upstream");
     let ok = relay.lines("result=ok");
     for ch in ["main:0", "display:0", "inputs:0", "port:"] {
         assert!(
@@ -535,4 +483,38 @@ fn tls_upstream_needs_a_ca_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "an unreadable CA file: {err}");
     assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}
+
+/// spice-gtk connected only to vmcrelay (password `pw`): the 720×400
+/// primary surface is drawn, ESC through the inputs channel changes it,
+/// QMP `query-status` answers over QEMU's port and the usbredir hello
+/// arrives on vmcrelay's own channel.
+fn whole_vm_display(uri: &str, png: Option<&str>, what: &str) {
+    let mut args = vec![
+        "display",
+        "--uri",
+        uri,
+        "--password",
+        "pw",
+        "--expect-size",
+        "720x400",
+        "--press-key",
+        "esc",
+        "--qmp-command",
+        "query-status",
+        "--expect-usbredir-hello",
+        "--timeout",
+        "60",
+    ];
+    if let Some(p) = png {
+        args.extend(["--save-png", p]);
+    }
+    let r = gtk(&args, Duration::from_secs(90));
+    assert_eq!(r.code, 0, "{what}: {}\n{}", r.json, r.stderr);
+    assert_eq!(r.field("width").as_deref(), Some("720"), "{}", r.json);
+    assert_eq!(r.field("height").as_deref(), Some("400"), "{}", r.json);
+    assert_eq!(r.field("drawn").as_deref(), Some("true"), "{}", r.json);
+    assert_eq!(r.field("changed_after_key").as_deref(), Some("true"), "ESC reached the guest: {}", r.json);
+    assert!(r.json.contains("\"running\""), "QMP query-status over QEMU's port: {}", r.json);
+    assert!(r.json.contains("qemu usb-redir guest"), "usbredir hello on vmcrelay's channel: {}", r.json);
 }
