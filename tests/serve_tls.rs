@@ -457,3 +457,39 @@ fn sighup_reloads_the_certificate_for_new_connections() {
     assert_eq!(r.code, 0, "after a failed reload: {}\n{}", r.json, r.stderr);
     assert_eq!(relay.stop(), Some(0));
 }
+
+/// `connect --list` over TLS: the channel table of a TLS-only `serve`
+/// (port names included); the wrong CA exits 5 saying what to check.
+#[test]
+fn connect_list_over_tls() {
+    if !peers_available(&["openssl"]) {
+        return;
+    }
+    let dir = TempDir::new("tlslist");
+    let x509 = make_x509_dir(&dir.path("x509"));
+    let tls = free_port();
+    let _relay = tls_relay(
+        None,
+        tls,
+        &x509,
+        &["--disable-ticketing", "--channel", "port:com.example.echo=echo:", "--channel", "128=echo:"],
+    );
+    let list = |uri: &str, ca: &str| {
+        Command::new(env!("CARGO_BIN_EXE_vmcrelay"))
+            .args(["connect", uri, "--ca-file", ca, "--list", "--timeout-secs", "10"])
+            .output()
+            .expect("connect --list")
+    };
+    for uri in [format!("spice+tls://127.0.0.1:{tls}"), format!("spice://127.0.0.1?tls-port={tls}")] {
+        let out = list(&uri, &ca(&x509));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{uri}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("com.example.echo"), "the port's name over TLS: {text}");
+        assert!(text.lines().any(|l| l.starts_with("128 ")), "channel 128 listed: {text}");
+    }
+    let other = make_other_ca(&dir.path("other"));
+    let out = list(&format!("spice+tls://127.0.0.1:{tls}"), &other.display().to_string());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "wrong CA: {err}");
+    assert!(err.contains("--ca-file") && err.contains("subjectAltName"), "what to check: {err}");
+}

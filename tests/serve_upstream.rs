@@ -283,7 +283,7 @@ fn display_inputs_qmp_and_usbredir_in_one_session() {
     let uri = relay.uri();
     let png = dir.path("screen.png");
     let png_s = png.display().to_string();
-    whole_vm_display(&uri, Some(&png_s), "display through vmcrelay");
+    whole_vm_display(&uri, &[], Some(&png_s), "display through vmcrelay");
     assert!(std::fs::metadata(&png).map(|m| m.len() > 1000).unwrap_or(false), "screenshot written");
     // The display went through the proxy, the usbredir channel through vmcrelay's own path.
     let ok = relay.lines("result=ok");
@@ -364,7 +364,7 @@ fn tls_upstream_whole_vm_session() {
     let ca = x509.join("ca-cert.pem");
     let relay = tls_relay_for(&format!("spice+tls://127.0.0.1:{tport}"), &ca, &ur);
     let uri = relay.uri();
-    whole_vm_display(&uri, None, "display over a TLS upstream");
+    whole_vm_display(&uri, &[], None, "display over a TLS upstream");
     let ok = relay.lines("result=ok");
     for ch in ["main:0", "display:0", "inputs:0", "port:"] {
         assert!(
@@ -485,13 +485,93 @@ fn tls_upstream_needs_a_ca_file() {
     assert!(err.contains("/nonexistent/ca.pem"), "{err}");
 }
 
+/// QEMU on a unix socket with its password, vmcrelay in front of it on a
+/// plain and a TLS address (certificates in QEMU's x509-dir layout).
+fn tls_listen_relay(dir: &TempDir, extra: &[&str]) -> (Qemu, Relay, u16, u16, String) {
+    let ur = dir.path("ur0.sock");
+    let spice_sock = dir.path("spice.sock");
+    let q = qemu_vm(&format!("unix=on,addr={}", spice_sock.display()), Some("pw"), &ur);
+    wait_path(&spice_sock, Duration::from_secs(20));
+    wait_path(&ur, Duration::from_secs(20));
+    let x509 = make_x509_dir(&dir.path("x509"));
+    let (plain, tls) = (free_port(), free_port());
+    let mut a: Vec<String> = [
+        "--listen".to_string(),
+        format!("127.0.0.1:{plain}"),
+        "--tls-listen".into(),
+        format!("127.0.0.1:{tls}"),
+        "--x509-dir".into(),
+        x509.display().to_string(),
+        "--upstream".into(),
+        format!("spice+unix://{}", spice_sock.display()),
+        "--channel".into(),
+        format!("usbredir:0=unix:{}", ur.display()),
+    ]
+    .into();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    let relay = Relay::start(&a);
+    (q, relay, plain, tls, x509.join("ca-cert.pem").display().to_string())
+}
+
+/// vmcrelay's own TLS listener in front of a whole VM (issue 10 with
+/// issue 9): spice-gtk over TLS only (`?tls-port=`, checked by CA) gets
+/// QEMU's screen, ESC, QMP over QEMU's port and the usbredir hello on
+/// vmcrelay's channel; every channel, proxied or served, linked over TLS;
+/// QEMU's password applies (a wrong one is QEMU's auth error).
+#[test]
+fn tls_listen_whole_vm_session() {
+    if !peers_available(&["gtk", "qemu-system-x86_64", "openssl"]) {
+        return;
+    }
+    let dir = TempDir::new("uptlsl");
+    let (_q, relay, _plain, tls, ca) = tls_listen_relay(&dir, &[]);
+    let uri = format!("spice://127.0.0.1?tls-port={tls}");
+    whole_vm_display(&uri, &["--ca-file", &ca], None, "display through vmcrelay's TLS listener");
+    let ok = relay.lines("result=ok");
+    for ch in ["main:0", "display:0", "inputs:0", "port:", "usbredir:0"] {
+        assert!(
+            ok.iter().any(|l| l.contains(&format!("channel={ch}")) && l.contains("tls=yes")),
+            "{ch} linked over vmcrelay's TLS listener: {ok:?}"
+        );
+    }
+    assert!(!ok.iter().any(|l| l.contains("tls=no")), "nothing in plain: {ok:?}");
+    let bad = gtk(
+        &["auth", "--uri", &uri, "--ca-file", &ca, "--password", "wrong", "--timeout", "10"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(bad.code, 3, "a wrong password over TLS is QEMU's auth error: {}", bad.json);
+}
+
+/// `--tls-channel display` on a whole VM: spice-gtk, given both ports, links
+/// main in plain, gets NEED_SECURED for the display and relinks it on the
+/// TLS port, as with QEMU's own tls-channel; the screen still arrives.
+#[test]
+fn tls_listen_need_secured_relinks_a_proxied_channel() {
+    if !peers_available(&["gtk", "qemu-system-x86_64", "openssl"]) {
+        return;
+    }
+    let dir = TempDir::new("uptlsn");
+    let (_q, relay, plain, tls, ca) = tls_listen_relay(&dir, &["--tls-channel", "display"]);
+    let uri = format!("spice://127.0.0.1?port={plain}&tls-port={tls}");
+    whole_vm_display(&uri, &["--ca-file", &ca], None, "display relinked over TLS");
+    let refused = relay.lines("result=refused");
+    assert!(
+        refused.iter().any(|l| l.contains("channel=display:0") && l.contains("tls=no") && l.contains("code=5")),
+        "the plain display link gets NEED_SECURED: {refused:?}"
+    );
+    let ok = relay.lines("result=ok");
+    assert!(ok.iter().any(|l| l.contains("channel=main:0") && l.contains("tls=no")), "{ok:?}");
+    assert!(ok.iter().any(|l| l.contains("channel=display:0") && l.contains("tls=yes")), "{ok:?}");
+}
+
 /// spice-gtk connected only to vmcrelay (password `pw`): the 720×400
 /// primary surface is drawn, ESC through the inputs channel changes it,
 /// QMP `query-status` answers over QEMU's port and the usbredir hello
 /// arrives on vmcrelay's own channel.
-fn whole_vm_display(uri: &str, png: Option<&str>, what: &str) {
-    let mut args = vec![
-        "display",
+fn whole_vm_display(uri: &str, extra: &[&str], png: Option<&str>, what: &str) {
+    let mut args = vec!["display"];
+    args.extend_from_slice(extra);
+    args.extend([
         "--uri",
         uri,
         "--password",
@@ -505,7 +585,7 @@ fn whole_vm_display(uri: &str, png: Option<&str>, what: &str) {
         "--expect-usbredir-hello",
         "--timeout",
         "60",
-    ];
+    ]);
     if let Some(p) = png {
         args.extend(["--save-png", p]);
     }
@@ -516,5 +596,11 @@ fn whole_vm_display(uri: &str, png: Option<&str>, what: &str) {
     assert_eq!(r.field("drawn").as_deref(), Some("true"), "{}", r.json);
     assert_eq!(r.field("changed_after_key").as_deref(), Some("true"), "ESC reached the guest: {}", r.json);
     assert!(r.json.contains("\"running\""), "QMP query-status over QEMU's port: {}", r.json);
-    assert!(r.json.contains("qemu usb-redir guest"), "usbredir hello on vmcrelay's channel: {}", r.json);
+    if uri.contains("tls-port=") {
+        // No wire tap under TLS: spice-gtk's own count of what arrived
+        // after the channel opened (at least the hello's size).
+        assert!(r.json.contains("\"hello\": true"), "usbredir hello on vmcrelay's channel: {}", r.json);
+    } else {
+        assert!(r.json.contains("qemu usb-redir guest"), "usbredir hello on vmcrelay's channel: {}", r.json);
+    }
 }

@@ -307,7 +307,14 @@ fn list_failure(addr: &str, e: &vmcrelay::relay::sync_client::ClientError) -> (u
             EXIT_RUNTIME,
             format!(
                 "{addr} closed the connection without a SPICE link reply: not a SPICE server, \
-                 or a TLS-only port (vmcrelay does not speak TLS)"
+                 or a TLS-only port (write spice+tls://HOST:PORT or spice://HOST?tls-port=PORT with --ca-file)"
+            ),
+        ),
+        ClientError::TlsVerify(m) => (
+            EXIT_TLS_VERIFY,
+            format!(
+                "{m}; check --ca-file (the CA that signed the server's certificate; QEMU: x509-dir/ca-cert.pem), \
+                 the host in the URI (it must be in the certificate's subjectAltName) or --cert-subject"
             ),
         ),
         ClientError::Connect { .. } | ClientError::NoAnswer { .. } => (EXIT_RUNTIME, e.to_string()),
@@ -315,12 +322,20 @@ fn list_failure(addr: &str, e: &vmcrelay::relay::sync_client::ClientError) -> (u
     }
 }
 
-fn list_channels(addr: &ServerAddr, password: &[u8], timeout: std::time::Duration) -> Result<(), (u8, String)> {
-    use vmcrelay::relay::sync_client::Session;
-    let ServerAddr::Tcp(sa) = addr else {
-        return Err((EXIT_CONFIG, "--list supports spice:// addresses only".into()));
+fn list_channels(
+    addr: &ServerAddr,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    password: &[u8],
+    timeout: std::time::Duration,
+) -> Result<(), (u8, String)> {
+    use vmcrelay::relay::sync_client::{ClientTls, Session};
+    let (sa, tls) = match (addr, tls) {
+        (ServerAddr::Tcp(sa), _) => (*sa, None),
+        (ServerAddr::Tls { addr, host }, Some(config)) => (*addr, Some(ClientTls { config, host: host.clone() })),
+        _ => return Err((EXIT_CONFIG, "--list supports spice://, spice+tls:// and ?tls-port= addresses".into())),
     };
-    let s = Session::connect(&sa.to_string(), password, timeout).map_err(|e| list_failure(&sa.to_string(), &e))?;
+    let s =
+        Session::connect_tls(&sa.to_string(), tls, password, timeout).map_err(|e| list_failure(&sa.to_string(), &e))?;
     println!("session {:#010x} on {addr}", s.session_id);
     println!("{:<10} {:>3}  port name", "type", "id");
     println!("{:<10} {:>3}  (this session's own channel)", "main", 0);
@@ -941,16 +956,17 @@ fn connect_main(a: &ConnectArgs) -> ExitCode {
                 config::parse_channels(a.channel.iter().map(|c| (c.as_str(), "--channel".to_string())))
                     .map_err(|e| e.to_string())?;
             }
-            Ok((addr, connect_password(a)?))
+            let tls = connect_tls(&addr, a.ca_file.as_deref(), a.cert_subject.as_deref())?;
+            Ok((addr, tls, connect_password(a)?))
         });
-        let (addr, pw) = match checked {
+        let (addr, tls, pw) = match checked {
             Ok(x) => x,
             Err(e) => {
                 log::fatal(&format!("configuration error: {e}"));
                 return ExitCode::from(EXIT_CONFIG);
             }
         };
-        return match list_channels(&addr, &pw, std::time::Duration::from_secs(a.timeout_secs.max(1))) {
+        return match list_channels(&addr, tls, &pw, std::time::Duration::from_secs(a.timeout_secs.max(1))) {
             Ok(()) => ExitCode::SUCCESS,
             Err((code, e)) => {
                 log::fatal(&e.to_string());

@@ -913,12 +913,6 @@ impl ServeConfig {
                      (spice+tls://HOST:PORT or spice://HOST?tls-port=PORT)"
                 ));
             }
-            if s.upstream.is_some() && !s.tls_listen.is_empty() {
-                return Err(format!(
-                    "service {svc}: tls-listen with upstream (whole-VM mode) is not supported yet; put the TLS \
-                     listener on QEMU (tls-port) or serve the vmcrelay channels without upstream"
-                ));
-            }
             if s.listen.is_empty() && s.security.default == Transport::Plain {
                 return Err(format!("service {svc}: plaintext-channel=default without a plain listen address"));
             }

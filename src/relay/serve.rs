@@ -517,12 +517,24 @@ pub fn run_with_reload(mut config: ServeConfig, source: Option<Reload>) -> Resul
     for s in &config.services {
         let chans: Vec<String> = s.channels.iter().map(|c| format!("{}={}", c.label(), c.endpoint)).collect();
         let addrs: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
+        let mut extra = String::new();
+        if !s.tls_listen.is_empty() {
+            let t: Vec<String> = s.tls_listen.iter().map(ToString::to_string).collect();
+            extra.push_str(&format!(" tls-listen={}", t.join(",")));
+        }
+        if let Some(u) = &s.upstream {
+            extra.push_str(&format!(" upstream={u}"));
+        }
+        let ticketing = match (&s.upstream, &s.password) {
+            (Some(_), _) => "upstream",
+            (None, Some(_)) => "on",
+            (None, None) => "off",
+        };
         info!(
             "main",
-            "service name={} listen={} ticketing={} channels=[{}]",
+            "service name={} listen={}{extra} ticketing={ticketing} channels=[{}]",
             s.name,
             addrs.join(","),
-            if s.password.is_some() { "on" } else { "off" },
             chans.join(" ")
         );
     }

@@ -54,6 +54,9 @@ pub enum ClientError {
     /// The server broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The server's TLS certificate did not verify (CA, host or subject).
+    #[error("{0}")]
+    TlsVerify(String),
 }
 
 /// TLS for every link of a session: the client configuration (CA, subject
@@ -181,7 +184,17 @@ fn link(
             let mut ts = TlsStream::client(tcp, Arc::clone(&t.config), &t.host)
                 .map_err(|e| ClientError::Protocol(format!("TLS to {addr}: {e}")))?;
             ts.handshake().map_err(|e| match e.kind() {
-                std::io::ErrorKind::InvalidData => ClientError::Protocol(format!("TLS to {addr}: {e}")),
+                std::io::ErrorKind::InvalidData => {
+                    let verify = e
+                        .get_ref()
+                        .and_then(|s| s.downcast_ref::<crate::tls::SessionError>())
+                        .is_some_and(|s| s.kind() == crate::tls::SessionErrorKind::Verification);
+                    if verify {
+                        ClientError::TlsVerify(format!("TLS to {addr}: {e}"))
+                    } else {
+                        ClientError::Protocol(format!("TLS to {addr}: {e}"))
+                    }
+                }
                 _ => no_answer(e),
             })?;
             Stream::Tls(ts)

@@ -1983,8 +1983,9 @@ def main(argv=None):
     if args.mode == "display":
         if args.press_key is not None:
             args.key_scancode = KEY_SCANCODES[args.press_key]
-        if args.expect_usbredir_hello and not args.no_tap and urlsplit(args.uri).scheme == "spice":
-            args.tap = True     # exact hello check; spice+unix:// falls back to total-read-bytes
+        if (args.expect_usbredir_hello and not args.no_tap and urlsplit(args.uri).scheme == "spice"
+                and "tls-port" not in parse_qs(urlsplit(args.uri).query)):
+            args.tap = True     # exact hello check; spice+unix:// and TLS fall back to total-read-bytes
         if args.settle <= 0 or args.key_timeout <= 0:
             emit_and_exit(base, EXIT_USAGE, "--settle and --key-timeout must be positive")
     if args.mode == "port-echo":

@@ -20,6 +20,7 @@
 //! nothing queued beyond one buffer). One side closing closes the other;
 //! a main channel closing ends the session, the relay's channels included.
 
+use super::tls::PairBytes;
 use super::*;
 use crate::error;
 use crate::proto::channel::CH_DISPLAY;
@@ -42,6 +43,16 @@ impl Worker {
     /// A client link on a whole-VM service: served by us, or proxied.
     pub(super) fn proxy_on_request(&mut self, slot: u32, conn: &mut Conn, req: LinkRequest) {
         let service = conn.service;
+        if let Some(code) = self.live.config.services[service].security.check(req.channel_type, conn.tls.is_some()) {
+            // tls-channel / plaintext-channel, as on a served channel:
+            // before QEMU is asked (NEED_SECURED makes spice-gtk relink
+            // the channel on the TLS port).
+            if let Stage::Link { link, req: r, .. } = &mut conn.stage {
+                *r = Some(req);
+                link.decide(Decision::Refuse(code));
+            }
+            return;
+        }
         let served = self.live.config.services[service].live_channel(req.channel_type, req.channel_id).is_some();
         if served && req.channel_type != CH_MAIN {
             return self.on_link_request(conn, req);
@@ -347,11 +358,12 @@ impl Worker {
         let up = self.live.config.services[conn.service].upstream.as_ref().map(ToString::to_string).unwrap_or_default();
         info!(
             self.who,
-            "link peer={} service={svc} channel={} session={:#010x} header={:?} upstream={up} result=ok",
+            "link peer={} service={svc} channel={} session={:#010x} header={:?} tls={} upstream={up} result=ok",
             conn.peer,
             conn.label,
             l.connection_id,
-            l.header_kind
+            l.header_kind,
+            if conn.tls.is_some() { "yes" } else { "no" }
         );
         conn.session = l.connection_id;
         if n > 0 {
@@ -419,6 +431,19 @@ impl Worker {
             conn.tx_len = out.len();
             conn.tx_done = 0;
             conn.tx_raw = false;
+            if let Some(pair) = self.tls_pair(conn) {
+                // TLS client: the rewritten bytes go through its session,
+                // from `p.out` (kept here until all are taken).
+                if let Stage::Pipe(p) = &mut conn.stage {
+                    p.out = Some(out);
+                }
+                let mut taken = false;
+                self.with_pair(pair, |w, c, cs| taken = w.proxy_tls_pull(cs, c, conn));
+                if !taken && conn.closing.is_none() {
+                    self.close(slot, conn, "proxy peer gone");
+                }
+                return false;
+            }
             let t = self.tok(Op::PipeWrite, slot);
             let r = self.ring.write_owned(fd, out, 0, t);
             if self.pushed(slot, conn, r) {
@@ -427,10 +452,8 @@ impl Worker {
             return false;
         }
         let Some(rx) = conn.rx else { return false };
-        if let Some(pair) = conn.pair.filter(|&(ps, _)| {
-            self.slots.get(ps as usize).and_then(|x| x.conn.as_ref()).is_some_and(|u| u.tls.is_some())
-        }) {
-            // TLS upstream: the bytes go through the pair's session.
+        if let Some(pair) = self.tls_pair(conn) {
+            // TLS on the other hop: the bytes go through the pair's session.
             let mut taken = false;
             self.with_pair(pair, |w, u, us| taken = w.proxy_tls_pull(us, u, conn));
             if !taken && conn.closing.is_none() {
@@ -480,31 +503,81 @@ impl Worker {
         self.pump_in(slot, conn);
     }
 
-    /// TLS upstream `u` takes what client `c` read (`c.rx[rx_pos..rx_len]`)
-    /// into its session and sends the records; `c` reads no more until
-    /// [`Self::proxy_tls_written`] reports them sent (one buffer in flight
-    /// per direction, as the plain path). Returns whether `u` took it on.
-    fn proxy_tls_pull(&mut self, us: u32, u: &mut Conn, c: &mut Conn) -> bool {
-        if u.closing.is_some() || c.closing.is_some() || u.tx_busy {
-            return false;
-        }
-        let Some(rx) = c.rx else { return false };
-        if !self.tls_send_for_pair(us, u, rx, c.rx_pos..c.rx_len) {
-            return false;
-        }
-        c.c2e_busy = true;
-        true
+    /// The pair of `conn` if it speaks TLS (a TLS upstream, or a client
+    /// that came in on a TLS listener).
+    fn tls_pair(&self, conn: &Conn) -> Option<(u32, u32)> {
+        conn.pair.filter(|&(ps, pg)| {
+            self.slots
+                .get(ps as usize)
+                .filter(|x| x.generation == pg)
+                .and_then(|x| x.conn.as_ref())
+                .is_some_and(|u| u.tls.is_some())
+        })
     }
 
-    /// The upstream's records of `n` plaintext bytes the client read are
-    /// sent: the client goes on with the rest of its buffer, or reads.
+    /// TLS connection `u` takes what its pair `c` has for it into its
+    /// session and sends the records: `c.rx[rx_pos..rx_len]`, or on an
+    /// upstream main `c`'s rewritten bytes `out[tx_done..tx_len]`. `c`
+    /// reads no more until [`Self::proxy_tls_written`] reports them sent
+    /// (one buffer in flight per direction, as the plain path). If `u` is
+    /// still sending its own bytes (the end of its link), `c` waits for
+    /// [`Self::proxy_tls_resume`]. Returns whether `u` took it on.
+    fn proxy_tls_pull(&mut self, us: u32, u: &mut Conn, c: &mut Conn) -> bool {
+        if u.closing.is_some() || c.closing.is_some() {
+            return false;
+        }
+        if u.tx_busy {
+            Self::tls_pair_waits(u);
+            c.c2e_busy = true;
+            return true;
+        }
+        let sent = match &c.stage {
+            Stage::Pipe(p) if p.filter.is_some() => {
+                let Some(out) = p.out.as_ref() else { return false };
+                let Some(bytes) = out.get(c.tx_done..c.tx_len) else { return false };
+                self.tls_send_for_pair(us, u, PairBytes::Slice(bytes))
+            }
+            _ => {
+                let Some(rx) = c.rx else { return false };
+                self.tls_send_for_pair(us, u, PairBytes::Fixed(rx, c.rx_pos..c.rx_len))
+            }
+        };
+        if sent {
+            c.c2e_busy = true;
+        }
+        sent
+    }
+
+    /// TLS connection `conn` finished its own output while its pair waited
+    /// with bytes for it: the pair hands them over now.
+    pub(super) fn proxy_tls_resume(&mut self, slot: u32, conn: &mut Conn) {
+        let Some(pair) = conn.pair else { return };
+        self.with_pair(pair, |w, c, cs| {
+            c.c2e_busy = false;
+            if !w.proxy_tls_pull(slot, conn, c) {
+                w.close(cs, c, "proxy peer gone");
+            }
+        });
+    }
+
+    /// The records of `n` plaintext bytes the pair handed over are sent:
+    /// the pair goes on with the rest of its bytes, or reads.
     pub(super) fn proxy_tls_written(&mut self, slot: u32, conn: &mut Conn, n: usize) {
         conn.tx_busy = false;
         let Some(pair) = conn.pair else { return };
         self.with_pair(pair, |w, c, cs| {
             c.c2e_busy = false;
-            c.rx_pos = (c.rx_pos + n).min(c.rx_len);
-            if c.rx_pos < c.rx_len {
+            let rest = match &mut c.stage {
+                Stage::Pipe(p) if p.filter.is_some() => {
+                    c.tx_done = (c.tx_done + n).min(c.tx_len);
+                    c.tx_done < c.tx_len
+                }
+                _ => {
+                    c.rx_pos = (c.rx_pos + n).min(c.rx_len);
+                    c.rx_pos < c.rx_len
+                }
+            };
+            if rest {
                 if !w.proxy_tls_pull(slot, conn, c) {
                     w.close(cs, c, "proxy peer gone");
                 }

@@ -55,6 +55,17 @@ pub(super) struct TlsConn {
     /// The waiting plaintext write is the proxy pair's (whole-VM mode):
     /// its completion goes to the pair, not to this connection's output.
     for_pair: bool,
+    /// The proxy pair has bytes for this session but found it busy with
+    /// this connection's own output (the tail of its link): it pulls again
+    /// once that is sent.
+    pair_waiting: bool,
+}
+
+/// Plaintext a proxy pair hands to a TLS connection: a range of its fixed
+/// read buffer, or bytes it produced itself (the rewritten main channel).
+pub(super) enum PairBytes<'a> {
+    Fixed(BufId, std::ops::Range<usize>),
+    Slice(&'a [u8]),
 }
 
 impl TlsConn {
@@ -73,6 +84,7 @@ impl TlsConn {
             logged: false,
             cut: None,
             for_pair: false,
+            pair_waiting: false,
         })
     }
 }
@@ -241,6 +253,13 @@ impl Worker {
         self.close(slot, conn, &format!("TLS {what}: {e}"));
     }
 
+    /// Marks that the proxy pair waits for this session to be free.
+    pub(super) fn tls_pair_waits(conn: &mut Conn) {
+        if let Some(t) = conn.tls.as_mut() {
+            t.pair_waiting = true;
+        }
+    }
+
     /// Sends plaintext `tx[tx_done..tx_len]` (or `owned[tx_done..]`)
     /// through TLS, one SPICE message at a time so that each ends a record
     /// (module docs); the client write completes once its records are sent.
@@ -273,18 +292,15 @@ impl Worker {
     /// this connection's session (message by message, as `tls_write`);
     /// `proxy_tls_written` reports the bytes taken once their records are
     /// sent. Returns false if the session takes nothing and never will.
-    pub(super) fn tls_send_for_pair(
-        &mut self,
-        slot: u32,
-        conn: &mut Conn,
-        buf: BufId,
-        range: std::ops::Range<usize>,
-    ) -> bool {
+    pub(super) fn tls_send_for_pair(&mut self, slot: u32, conn: &mut Conn, src: PairBytes<'_>) -> bool {
         let Some(t) = conn.tls.as_mut() else { return false };
         if t.done.is_some() {
             return false;
         }
-        let data = self.ring.arena().get(buf).and_then(|b| b.get(range)).unwrap_or_default();
+        let data = match src {
+            PairBytes::Fixed(buf, range) => self.ring.arena().get(buf).and_then(|b| b.get(range)).unwrap_or_default(),
+            PairBytes::Slice(b) => b,
+        };
         let cut = t.cut.get_or_insert_with(|| Deframer::new(conn.enc.kind()));
         let accepted = write_messages(&mut t.sess, cut, data);
         if accepted == 0 && !t.sess.wants_output() && !t.writing {
@@ -332,8 +348,12 @@ impl Worker {
             if std::mem::take(&mut t.for_pair) {
                 return self.proxy_tls_written(slot, conn, n);
             }
+            let waiting = std::mem::take(&mut t.pair_waiting);
             let res = i32::try_from(n).unwrap_or(i32::MAX);
             self.on_client_write(slot, conn, res, owned);
+            if waiting {
+                self.proxy_tls_resume(slot, conn);
+            }
         }
     }
 
