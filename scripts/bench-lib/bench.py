@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import procs  # noqa: E402
 import report  # noqa: E402
 import tlsbench  # noqa: E402
+import flood  # noqa: E402
 from procs import BenchError  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -35,9 +36,11 @@ WORKLOADS = {
 }
 # T1/T2: W1/W2 over TLS (scripts/bench-lib/tlsbench.py), same phase code.
 WORKLOADS.update(tlsbench.TLS_WORKLOADS)
-ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "T1", "T2", "TH")
+ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "H1", "T1", "T2", "TH")
 W4_TITLE = "many channels at a moderate rate each, 64 KiB messages client → endpoint"
 W5_TITLE = "link set-up with a ticket (session + channel)"
+H1_TITLE = ("half-open flood: 10,000 connections (40 source addresses, half silent, half 8 bytes of a link header) "
+            "re-opened as the relay closes them, a healthy channel and 10 fresh sessions meanwhile (default limits)")
 W6_TITLE = "idle scale: V VMs × C idle `echo:` channels (+ V mains) linked and held open; relay RSS per idle channel"
 # W6 sizes: (VMs, user channels per VM); connections = VMs × (channels + 1).
 W6_SIZES = {"small": (40, 24), "large": (400, 24)}
@@ -1217,6 +1220,25 @@ def phase_w6(ctx, results, budget, nproc):
         cell["runs"].append(rec)
         log(f"W6 {label}: {report.brief('W6', rec)}")
     cell["median"] = {"runs": len(cell["runs"]), "ok_runs": sum(1 for r in cell["runs"] if r.get("ok"))}
+def phase_h1(ctx, results, budget, nproc):
+    """H1: scripts/bench-lib/flood.py (issue 12's half-open flood at 10,000)."""
+    cell = results["H1"].setdefault("relay-copy-all", {"runs": []})
+    if not budget.allows(40):
+        cell["skipped"] = "time budget"
+        return
+    n = 2000 if ctx.quick else 10000
+    log(f"H1: {n} half-open connections from {n // 250} source addresses, healthy channel, 10 fresh sessions")
+    try:
+        rec = flood.run(ctx.vmcrelay, connections=n, per_addr=250, hold=3.0 if ctx.quick else 8.0, fresh=10,
+                        reopen_rate=2000, workers=nproc, workdir=ctx.work, log=log)
+    except Exception as e:  # noqa: BLE001
+        rec = {"ok": False, "error": f"{type(e).__name__}: {e}", "error_messages": [str(e)]}
+    rec["command"] = f"scripts/flood --connections {n} --workers {nproc}" + (" --hold 3" if ctx.quick else "")
+    cell["runs"].append(rec)
+    cell["median"] = rec
+    log(f"H1: {flood.brief(rec)}")
+
+
 def phase_tls(ctx, wls, keys, nproc, results, budget):
     """T1/T2 (W1/W2 over TLS, P-256 certificate) and TH (handshakes + link replies, P-256 and
     RSA-3072). Returns {key: name} of the TLS contenders and TH rows."""
@@ -1316,6 +1338,8 @@ def main():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Workloads: W1 up 64 KiB, W2 down 64 KiB, W3 64 B rr, W4 many channels, W5 link rate with a ticket,\n"
         "W6 idle scale (RSS per idle channel at 1,000 and 10,000 connections; --quick: 1,000 only),\n"
+        "H1 half-open flood (10,000 connections re-opened as the relay closes them, from 127.0.0.2-41; a healthy\n"
+        "channel from 127.0.0.100 and 10 fresh sessions from 127.0.0.101 meanwhile; also scripts/flood; --quick: 2,000),\n"
         "T1/T2 W1/W2 over TLS, TH TLS handshakes + link replies per second (P-256 and RSA-3072).\n"
         "Contenders: relay-copy-1w relay-copy-all relay-splice-1w relay-splice-all libspice socat direct iperf3;\n"
         "TLS: relay-tls-1w relay-tls-all libspice-tls stunnel.\n"
@@ -1456,6 +1480,8 @@ def main():
             phase_w5(ctx, w5c, res, budget)
         if "W6" in wls:
             phase_w6(ctx, res, budget, nproc)
+        if "H1" in wls:
+            phase_h1(ctx, res, budget, nproc)
         if any(w in wls for w in ("T1", "T2", "TH")):
             # Their own budget: a slow W4 on a busy machine must not skip them all.
             tls_budget = Budget(args.tls_budget or (60 if args.quick else 480))
@@ -1468,7 +1494,7 @@ def main():
     meta["loadavg_end"] = os.getloadavg()
     meta["total_s"] = round(time.monotonic() - T0, 1)
     out = {"meta": meta, "contenders": {**{c.key: c.name for c in all_c}, **tls_names}, "titles": {
-        **{w: WORKLOADS[w]["title"] for w in WORKLOADS}, "W4": W4_TITLE, "W5": W5_TITLE, "W6": W6_TITLE, "TH": tlsbench.TH_TITLE},
+        **{w: WORKLOADS[w]["title"] for w in WORKLOADS}, "W4": W4_TITLE, "W5": W5_TITLE, "W6": W6_TITLE, "H1": H1_TITLE, "TH": tlsbench.TH_TITLE},
         "results": res}
     out["targets"] = report.targets(out)
     out["tls_targets"] = tlsbench.targets(res)
@@ -1500,6 +1526,8 @@ def main():
         shutil.rmtree(ctx.work, ignore_errors=True)
     bad = [f"{w} {k}" for w in ALL_WORKLOADS for k, cell in res[w].items()
            if cell.get("runs") and not all(r.get("ok") for r in cell["runs"])]
+    if res.get("W5_burst") and not res["W5_burst"].get("ok"):
+        bad.append("W5 burst")
     if bad:
         log(f"runs with errors: {', '.join(bad)}")
         rc = rc or 1

@@ -114,6 +114,13 @@ def targets(out):
             if x.get("rss_kib_per_channel_after_hold") is not None:
                 t[f"W6 {x.get('label')} ({_f(x.get('links_ok'))} held) ≤ 8 KiB relay RSS per idle channel (after the hold)"] = (
                     x["rss_kib_per_channel_after_hold"], 8.0, 1.0, "le")
+        h1 = ((r.get("H1") or {}).get(key) or {}).get("median") or {}
+        if h1.get("relay_rss_before_kib"):
+            t["H1 fresh session link + 64 KiB echo ≤ 1 s (max of 10, flood held)"] = (
+                (h1.get("fresh") or {}).get("max_ms") if (h1.get("fresh") or {}).get("ok") == (h1.get("fresh") or {}).get("count") else None,
+                1000.0, 1.0, "le")
+            t["H1 ≤ 16 KiB relay RSS per half-open connection (client-held)"] = (h1.get("rss_kib_per_client_held"), 16.0, 1.0, "le")
+            t["H1 healthy channel max stall ≤ 1 s"] = ((h1.get("healthy") or {}).get("max_stall_ms"), 1000.0, 1.0, "le")
         bu = r.get("W5_burst") or {}
         if bu.get("contender") == key:
             # sessions/s against the loop's sessions/s (each loop run = one session + channel).
@@ -303,6 +310,38 @@ def markdown(out, order):
                     L.append(f"W6 {x.get('label')}, relay resident memory by mapping once linked (largest first): " + "; ".join(
                         f"{g['mappings']}× {g['size_kib_each']:,} KiB {g['name']}: {g['rss_mib']:,} MiB" for g in top))
                     L.append("")
+    h1c = (r.get("H1") or {}).get("relay-copy-all") or {}
+    if h1c.get("runs"):
+        L.append(f"### H1: {out['titles'].get('H1', 'half-open flood')}")
+        L.append("")
+        L.append("`scripts/bench-lib/flood.py` (also `scripts/flood`): `vmcrelay serve --workers N --config F` with default "
+                 "limits and two services (flood, steady; each `disable-ticketing`, `128:0=echo:`): the healthy session "
+                 "has its own service because a fresh session replaces its service's old session as a whole. Flood: "
+                 "N connections, 250 per source address from 127.0.0.2, odd ones send `REDQ` + major 2 (8 bytes), even "
+                 "ones nothing; each one the relay closes is opened again (≤ 2,000/s). Healthy: a 64 B echo every 50 ms "
+                 "on `steady` from 127.0.0.100 (stall = longest gap between completed round trips). Fresh: 10 sessions "
+                 "on `flood` from 127.0.0.101 one after the other, main + channel + 64 KiB echoed byte-exact, timed "
+                 "from connect. RSS per half-open = (relay VmRSS max during the flood − before) / connections held.")
+        L.append("")
+        L.append("| flood conns | client holds (median, min) | relay link stage (median / max) | opened / closed by relay | "
+                 "relay RSS before → max during → 3 s after MiB | KiB per client-held | KiB per attempted | fresh ok | fresh median / max ms | "
+                 "healthy round trips | healthy max stall ms | relay warnings | ok |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for x in h1c["runs"]:
+            if not x.get("relay_rss_before_kib"):
+                L.append(f"| {x.get('connections', '?')} | FAILED: {x.get('error', '?')} |" + " |" * 11)
+                continue
+            fr, h = x.get("fresh") or {}, x.get("healthy") or {}
+            mib = lambda v: _f(v / 1024 if isinstance(v, (int, float)) else None, 1)  # noqa: E731
+            L.append(f"| {_f(x.get('connections'))} | {_f(x.get('client_held_median'))}, {_f(x.get('client_held_min'))} | "
+                     f"{_f(x.get('relay_link_stage_median'))} / {_f(x.get('relay_link_stage_max'))} | "
+                     f"{_f(x.get('client_opened_total'))} / {_f(x.get('closed_by_relay_total'))} | "
+                     f"{mib(x.get('relay_rss_before_kib'))} → {mib(x.get('relay_rss_during_max_kib'))} → {mib(x.get('relay_rss_after_kib'))} | "
+                     f"{_f(x.get('rss_kib_per_client_held'), 1)} | {_f(x.get('rss_kib_per_attempted'), 2)} | "
+                     f"{fr.get('ok')}/{fr.get('count')} | {_f(fr.get('median_ms'), 1)} / {_f(fr.get('max_ms'), 1)} | "
+                     f"{h.get('round_trips')} | {_f(h.get('max_stall_ms'), 1)} | {x.get('relay_log_warning_count')} | "
+                     f"{'yes' if x.get('ok') else 'no'} |")
+        L.append("")
     # summary
     L.append("### Summary (medians)")
     L.append("")
