@@ -321,10 +321,11 @@ def markdown(out, order):
                  "ones nothing; each one the relay closes is opened again (≤ 2,000/s). Healthy: a 64 B echo every 50 ms "
                  "on `steady` from 127.0.0.100 (stall = longest gap between completed round trips). Fresh: 10 sessions "
                  "on `flood` from 127.0.0.101 one after the other, main + channel + 64 KiB echoed byte-exact, timed "
-                 "from connect. RSS per half-open = (relay VmRSS max during the flood − before) / connections held.")
+                 "from connect. RSS per half-open = (relay VmRSS median while the flood is held, before the fresh sessions − "
+                 "before the flood) / connections the client holds.")
         L.append("")
         L.append("| flood conns | client holds (median, min) | relay link stage (median / max) | opened / closed by relay | "
-                 "relay RSS before → max during → 3 s after MiB | KiB per client-held | KiB per attempted | fresh ok | fresh median / max ms | "
+                 "relay RSS before → held → max (fresh sessions) → 3 s after MiB | KiB per client-held | KiB per attempted | fresh ok | fresh median / max ms | "
                  "healthy round trips | healthy max stall ms | relay warnings | ok |")
         L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for x in h1c["runs"]:
@@ -336,7 +337,7 @@ def markdown(out, order):
             L.append(f"| {_f(x.get('connections'))} | {_f(x.get('client_held_median'))}, {_f(x.get('client_held_min'))} | "
                      f"{_f(x.get('relay_link_stage_median'))} / {_f(x.get('relay_link_stage_max'))} | "
                      f"{_f(x.get('client_opened_total'))} / {_f(x.get('closed_by_relay_total'))} | "
-                     f"{mib(x.get('relay_rss_before_kib'))} → {mib(x.get('relay_rss_during_max_kib'))} → {mib(x.get('relay_rss_after_kib'))} | "
+                     f"{mib(x.get('relay_rss_before_kib'))} → {mib(x.get('relay_rss_held_kib'))} → {mib(x.get('relay_rss_during_max_kib'))} → {mib(x.get('relay_rss_after_kib'))} | "
                      f"{_f(x.get('rss_kib_per_client_held'), 1)} | {_f(x.get('rss_kib_per_attempted'), 2)} | "
                      f"{fr.get('ok')}/{fr.get('count')} | {_f(fr.get('median_ms'), 1)} / {_f(fr.get('max_ms'), 1)} | "
                      f"{h.get('round_trips')} | {_f(h.get('max_stall_ms'), 1)} | {x.get('relay_log_warning_count')} | "
