@@ -39,7 +39,7 @@ WORKLOADS.update(tlsbench.TLS_WORKLOADS)
 ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "H1", "T1", "T2", "TH")
 W4_TITLE = "many channels at a moderate rate each, 64 KiB messages client → endpoint"
 W5_TITLE = "link set-up with a ticket (session + channel)"
-H1_TITLE = ("half-open flood: 10,000 connections (40 source addresses, half silent, half 8 bytes of a link header) "
+H1_TITLE = ("half-open flood: 10,000 connections (--quick: 2,000; 250 per source address, half silent, half 8 bytes of a link header) "
             "re-opened as the relay closes them, a healthy channel and 10 fresh sessions meanwhile (default limits)")
 W6_TITLE = "idle scale: V VMs × C idle `echo:` channels (+ V mains) linked and held open; relay RSS per idle channel"
 # W6 sizes: (VMs, user channels per VM); connections = VMs × (channels + 1).
