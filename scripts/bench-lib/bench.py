@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import procs  # noqa: E402
 import report  # noqa: E402
 import tlsbench  # noqa: E402
+import flood  # noqa: E402
 from procs import BenchError  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
@@ -35,9 +36,11 @@ WORKLOADS = {
 }
 # T1/T2: W1/W2 over TLS (scripts/bench-lib/tlsbench.py), same phase code.
 WORKLOADS.update(tlsbench.TLS_WORKLOADS)
-ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "T1", "T2", "TH")
+ALL_WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6", "H1", "T1", "T2", "TH")
 W4_TITLE = "many channels at a moderate rate each, 64 KiB messages client → endpoint"
 W5_TITLE = "link set-up with a ticket (session + channel)"
+H1_TITLE = ("half-open flood: 10,000 connections (--quick: 2,000; 250 per source address, half silent, half 8 bytes of a link header) "
+            "re-opened as the relay closes them, a healthy channel and 10 fresh sessions meanwhile (default limits)")
 W6_TITLE = "idle scale: V VMs × C idle `echo:` channels (+ V mains) linked and held open; relay RSS per idle channel"
 # W6 sizes: (VMs, user channels per VM); connections = VMs × (channels + 1).
 W6_SIZES = {"small": (40, 24), "large": (400, 24)}
@@ -49,6 +52,13 @@ W6_MEM_RESERVE_GIB = 6.0
 # no registered buffer of their own since 2026-12-03; before, 8192 was the
 # most it could start with: 2 per connection, 16384 per io_uring).
 W6_MAX_CONNS_PER_WORKER = 16384
+# RLIMIT_NOFILE the bench asks for (soft and hard, when allowed): the relay
+# uses ≈4.2 descriptors per `echo:` channel connection (client socket, the
+# endpoint's socket pair, ...), so 10,000 connections need ≈42,000; with this
+# machine's default hard limit of 20,000 W6 large stopped at 4,796 with EMFILE
+# (2026-12-07). The relay's default max-conns (16384 per worker × 2 fds) then
+# fits too.
+W6_NOFILE = 65536 + 1024
 # vmcrelay's channels for W1–W3: one per endpoint mode.
 RELAY_CHANNEL = {"sink": "usbredir:0", "source": "usbredir:1", "echo": "usbredir:2"}
 # Offered aggregate load in W4, bytes/s, above what the best contender carries
@@ -734,6 +744,129 @@ def phase_w5(ctx, contenders, results, budget):
         cell["runs"].append(rec)
         cell["median"] = rec
         log(f"W5 {c.name}: {report.brief('W5', rec)}")
+    # The burst row: the default relay (all workers, copy), after the loops.
+    bc = next((c for c in contenders if c.kind == "vmcrelay" and c.workers == ctx.nproc and not c.extra
+               and c.data_path == "copy"), None) or next((c for c in contenders if c.kind == "vmcrelay" and not c.extra), None)
+    if bc is not None:
+        if budget.allows(30):
+            results["W5_burst"] = w5_burst(ctx, bc, pw, budget)
+            lp = ((results["W5"].get("libspice") or {}).get("median") or {}).get("links_per_s")
+            b = results["W5_burst"]
+            if lp and b.get("sessions_per_s"):
+                b["x_libspice_loop"] = round(b["sessions_per_s"] / lp, 1)
+            log(f"W5 burst: {report.brief('W5_burst', b)}")
+        else:
+            results["W5_burst"] = {"ok": False, "skipped": "time budget"}
+
+
+W5_BURST_SESSIONS = 100
+W5_BURST_RUNS = 3
+# 100 sessions from 127.0.0.1 at once: over the default per-address link-stage
+# cap (32 per worker; vmcload run cannot bind other source addresses), so the
+# burst row raises it and says so.
+W5_BURST_EXTRA = ("--max-link-stage-per-addr", "256")
+
+
+def _metrics(port, timeout=2.0):
+    """Parses the relay's /metrics into {(family, labels): value}."""
+    import urllib.request
+    out = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+        for line in r.read().decode().splitlines():
+            if not line or line.startswith("#"):
+                continue
+            name, _, val = line.rpartition(" ")
+            try:
+                out[name] = float(val)
+            except ValueError:
+                pass
+    return out
+
+
+def _key_pool(port):
+    m = _metrics(port)
+    keys = [v for k, v in m.items() if k.startswith("vmcrelay_key_pool_keys{")]
+    return keys, m.get("vmcrelay_key_pool_capacity")
+
+
+def w5_burst(ctx, c, pw, budget):
+    """100 sessions (main + one `128:N=echo:` channel each = 200 ticketed links)
+    at once against a relay whose key pool is full (waited for via /metrics
+    before each burst): burst links/s = 200 / slowest set-up."""
+    n = W5_BURST_SESSIONS
+    mport = procs.free_port()
+    chans = [f"128:{i}=echo:" for i in range(n)]
+    extra = (*W5_BURST_EXTRA, "--metrics", f"127.0.0.1:{mport}")
+    rec = {"ok": False, "sessions": n, "links_wanted": 2 * n, "contender": c.key,
+           "knobs": " ".join(W5_BURST_EXTRA) + " (else defaults: --key-pool 128 per worker, --key-threads one per core)",
+           "runs": [], "error_messages": []}
+    try:
+        c.launch(ctx, chans, "w5burst", password_file=pw, extra=extra)
+        pid = c.pid
+        targs = ["--uri", f"spice://127.0.0.1:{c.port}", "--channel", f"128:0-{n - 1}"]
+        largs = ["--connections", str(n), "--password-file", pw, "--bytes", "64",
+                 "--connect-timeout", "30", "--timeout", "90"]
+        rec["command"] = (f"vmcrelay serve --workers {c.workers} --password-file F {' '.join(W5_BURST_EXTRA)} "
+                          f"--channel 128:0=echo: ... --channel 128:{n - 1}=echo:; then vmcload run --uri "
+                          f"spice://127.0.0.1:PORT --channel 128:0-{n - 1} --connections {n} --mode rr --size 64 "
+                          f"--bytes 64 --password-file F")
+        for i in range(W5_BURST_RUNS):
+            if not budget.allows(20):
+                rec["error_messages"].append("time budget")
+                break
+            t0 = time.monotonic()
+            keys, cap = [], None
+            while time.monotonic() - t0 < 60:
+                try:
+                    keys, cap = _key_pool(mport)
+                except OSError:
+                    keys, cap = [], None
+                if keys and cap and all(k >= cap for k in keys):
+                    break
+                time.sleep(0.2)
+            run = {"pool_wait_s": round(time.monotonic() - t0, 2), "pool_keys_before": keys, "pool_capacity": cap}
+            before = _metrics(mport)
+            rep, cpu_s, _, _ = measure(ctx, pid, lambda: load_run(ctx, targs, "rr", "64", largs, f"W5b.{i}", 120))
+            after = _metrics(mport)
+
+            def delta(fam, res):
+                k = f'{fam}{{service="{c.key}",channel="main",result="{res}"}}'
+                return int(after.get(k, 0) - before.get(k, 0))
+
+            chan_ok = sum(int(v - before.get(k, 0)) for k, v in after.items()
+                          if k.startswith("vmcrelay_links_total{") and 'result="ok"' in k and 'channel="main"' not in k)
+            st = rep.get("setup_us") or {}
+            run.update({
+                "ok": bool(rep.get("ok")) and rep.get("_rc") == 0 and st.get("count") == n,
+                "sessions_linked": st.get("count"),
+                "relay_main_links_ok": delta("vmcrelay_links_total", "ok"),
+                "relay_channel_links_ok": chan_ok,
+                "setup_p50_ms": round(st["p50"] / 1000, 1) if st.get("count") else None,
+                "setup_max_ms": round(st["max"] / 1000, 1) if st.get("count") else None,
+                "links_per_s": round(2 * st["count"] / (st["max"] / 1e6), 1) if st.get("count") else None,
+                "sessions_per_s": round(st["count"] / (st["max"] / 1e6), 1) if st.get("count") else None,
+                "relay_cpu_ms_per_link": round(cpu_s * 1000 / (2 * st["count"]), 2) if cpu_s is not None and st.get("count") else None,
+                "pool_keys_after": [v for k, v in after.items() if k.startswith("vmcrelay_key_pool_keys{")],
+                "evicted": int(sum(v - before.get(k, 0) for k, v in after.items()
+                                   if k.startswith("vmcrelay_worker_links_evicted_total"))),
+                "errors": rep.get("error_messages", [])[:3],
+            })
+            rec["runs"].append(run)
+            log(f"W5 burst {i + 1}: {run['sessions_linked']} sessions, set-up p50 {run['setup_p50_ms']} ms "
+                f"max {run['setup_max_ms']} ms = {run['links_per_s']} links/s; pool {keys} of {cap} before "
+                f"(waited {run['pool_wait_s']} s), {run['pool_keys_after']} after; relay saw {run['relay_main_links_ok']} "
+                f"main + {run['relay_channel_links_ok']} channel links")
+    except BenchError as e:
+        rec["error_messages"].append(str(e))
+    finally:
+        c.stop()
+    good = [r for r in rec["runs"] if r.get("ok")]
+    if good:
+        med = sorted(good, key=lambda r: r["setup_max_ms"])[len(good) // 2]
+        rec.update({k: med[k] for k in ("setup_p50_ms", "setup_max_ms", "links_per_s", "sessions_per_s",
+                                        "relay_cpu_ms_per_link")})
+        rec["ok"] = len(good) == len(rec["runs"])
+    return rec
 
 
 def phase_iperf(ctx, results, budget):
@@ -879,7 +1012,7 @@ def _w6_toml(ctx, key, ports, channels, max_conns, endpoint="echo:"):
     path = os.path.join(ctx.work, f"w6-{key}-{len(ports)}.toml")
     chans = ", ".join(f'"128:{i}={endpoint}"' for i in range(channels))
     with open(path, "w") as fh:
-        fh.write(f"[relay]\nmax-conns-per-worker = {max_conns}\n")
+        fh.write(f"[relay]\nmax-conns-per-worker = {max_conns}\n" if max_conns else "[relay]\n")
         for v, port in enumerate(ports):
             fh.write(f'\n[[service]]\nname = "vm{v}"\nlisten = ["127.0.0.1:{port}"]\ndisable-ticketing = true\n'
                      f"channels = [{chans}]\n")
@@ -903,11 +1036,13 @@ def w6_size(ctx, c, label, vms, channels, budget):
     drops under the reserve; what the relay logged about running out of
     fds, memory or slots is reported as the reason it could not hold more."""
     conns = vms * (channels + 1)
-    max_conns = min(W6_MAX_CONNS_PER_WORKER, conns + 64)
+    # Default settings: the relay's own max-conns (16384 per worker) holds both
+    # sizes; only a bigger W6 would need the knob.
+    max_conns = None if conns + 64 <= W6_MAX_CONNS_PER_WORKER else W6_MAX_CONNS_PER_WORKER
     rec = {"ok": False, "label": label, "vms": vms, "channels_per_vm": channels, "connections_wanted": conns,
            "channels_wanted": vms * channels, "max_conns_per_worker": max_conns, "hold_s": ctx.w6_hold,
            "concurrency": ctx.w6_conc, "error_messages": []}
-    if max_conns < conns + 64:
+    if max_conns is not None and max_conns < conns + 64:
         rec["note"] = (f"max-conns-per-worker capped at {max_conns}; "
                        f"{c.workers} workers share the connections by SO_REUSEPORT")
     reserve_kib = int(ctx.w6_reserve_gib * 1024 * 1024)
@@ -1030,6 +1165,8 @@ def w6_size(ctx, c, label, vms, channels, budget):
             ah = rec.get("after_hold")
             if ah and before.get("rss_kib") is not None and held:
                 rec["rss_kib_per_connection_after_hold"] = round((ah["rss_kib"] - before["rss_kib"]) / held, 1)
+                if rep.get("channels_linked"):
+                    rec["rss_kib_per_channel_after_hold"] = round((ah["rss_kib"] - before["rss_kib"]) / rep["channels_linked"], 1)
             rec["ok"] = bool(rep.get("ok")) and load.returncode == 0 and not rec.get("stopped_by")
             if not rep.get("ok"):
                 rec["error_messages"] += (rep.get("errors") or [])[:3] + ((rep.get("echo") or {}).get("errors") or [])[:2]
@@ -1083,6 +1220,25 @@ def phase_w6(ctx, results, budget, nproc):
         cell["runs"].append(rec)
         log(f"W6 {label}: {report.brief('W6', rec)}")
     cell["median"] = {"runs": len(cell["runs"]), "ok_runs": sum(1 for r in cell["runs"] if r.get("ok"))}
+def phase_h1(ctx, results, budget, nproc):
+    """H1: scripts/bench-lib/flood.py (issue 12's half-open flood at 10,000)."""
+    cell = results["H1"].setdefault("relay-copy-all", {"runs": []})
+    if not budget.allows(40):
+        cell["skipped"] = "time budget"
+        return
+    n = 2000 if ctx.quick else 10000
+    log(f"H1: {n} half-open connections from {n // 250} source addresses, healthy channel, 10 fresh sessions")
+    try:
+        rec = flood.run(ctx.vmcrelay, connections=n, per_addr=250, hold=3.0 if ctx.quick else 8.0, fresh=10,
+                        reopen_rate=2000, workers=nproc, workdir=ctx.work, log=log)
+    except Exception as e:  # noqa: BLE001
+        rec = {"ok": False, "error": f"{type(e).__name__}: {e}", "error_messages": [str(e)]}
+    rec["command"] = f"scripts/flood --connections {n} --workers {nproc}" + (" --hold 3" if ctx.quick else "")
+    cell["runs"].append(rec)
+    cell["median"] = rec
+    log(f"H1: {flood.brief(rec)}")
+
+
 def phase_tls(ctx, wls, keys, nproc, results, budget):
     """T1/T2 (W1/W2 over TLS, P-256 certificate) and TH (handshakes + link replies, P-256 and
     RSA-3072). Returns {key: name} of the TLS contenders and TH rows."""
@@ -1182,6 +1338,8 @@ def main():
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Workloads: W1 up 64 KiB, W2 down 64 KiB, W3 64 B rr, W4 many channels, W5 link rate with a ticket,\n"
         "W6 idle scale (RSS per idle channel at 1,000 and 10,000 connections; --quick: 1,000 only),\n"
+        "H1 half-open flood (10,000 connections re-opened as the relay closes them, from 127.0.0.2-41; a healthy\n"
+        "channel from 127.0.0.100 and 10 fresh sessions from 127.0.0.101 meanwhile; also scripts/flood; --quick: 2,000),\n"
         "T1/T2 W1/W2 over TLS, TH TLS handshakes + link replies per second (P-256 and RSA-3072).\n"
         "Contenders: relay-copy-1w relay-copy-all relay-splice-1w relay-splice-all libspice socat direct iperf3;\n"
         "TLS: relay-tls-1w relay-tls-all libspice-tls stunnel.\n"
@@ -1207,18 +1365,34 @@ def main():
                     help="the TLS rows' own budget, after the others (default 480, quick 60)")
     ap.add_argument("--th-seconds", type=float, help="seconds per TH loop; default 5, quick 1.5")
     ap.add_argument("--th-concurrency", type=int, default=4, help="concurrent client loops in TH (default 4)")
+    ap.add_argument("--nofile", type=int, default=W6_NOFILE,
+                    help=f"raise this process's RLIMIT_NOFILE, soft and hard, to N when allowed (root: as systemd's "
+                    f"LimitNOFILE=), inherited by the relay and vmcload; W6 large needs ≈4.2 relay fds per connection "
+                    f"(default {W6_NOFILE}; 0: leave it)")
     ap.add_argument("--no-build", action="store_true", help="use target/release binaries as they are")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, JSON of every run)")
     args = ap.parse_args()
 
     procs.install_cleanup()
     nproc = os.cpu_count() or 1
+    nofile_before = resource.getrlimit(resource.RLIMIT_NOFILE)
+    nofile_note = "left as it was"
+    if args.nofile and args.nofile > nofile_before[1]:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, args.nofile))
+            nofile_note = f"raised from {nofile_before[0]}/{nofile_before[1]} to {args.nofile}/{args.nofile} (soft/hard)"
+        except (ValueError, OSError) as e:
+            nofile_note = f"could not raise from {nofile_before[0]}/{nofile_before[1]} to {args.nofile}: {e}"
+    elif args.nofile and args.nofile > nofile_before[0]:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (args.nofile, nofile_before[1]))
+        nofile_note = f"soft raised from {nofile_before[0]} to {args.nofile} (hard {nofile_before[1]})"
 
     class Ctx:
         pass
 
     ctx = Ctx()
     ctx.quick = args.quick
+    ctx.nproc = nproc
     ctx.runs = args.runs or (1 if args.quick else 3)
     ctx.seconds = args.seconds or (1.5 if args.quick else 5.0)
     ctx.w4_conns = args.w4_connections or (100 if args.quick else 1000)
@@ -1280,7 +1454,8 @@ def main():
         meta = machine()
         meta.update({"date": started.isoformat(timespec="seconds"), "mode": "quick" if args.quick else "full",
                      "runs": ctx.runs, "seconds": ctx.seconds, "workdir": ctx.work,
-                     "command": "scripts/bench " + " ".join(sys.argv[1:])})
+                     "command": "scripts/bench " + " ".join(sys.argv[1:]), "nofile": nofile_note})
+        log(f"RLIMIT_NOFILE {nofile_note}")
         log(f"work dir {ctx.work}; {meta['pinning']}")
         w123 = [w for w in ("W1", "W2", "W3") if w in wls]
         if w123:
@@ -1305,6 +1480,8 @@ def main():
             phase_w5(ctx, w5c, res, budget)
         if "W6" in wls:
             phase_w6(ctx, res, budget, nproc)
+        if "H1" in wls:
+            phase_h1(ctx, res, budget, nproc)
         if any(w in wls for w in ("T1", "T2", "TH")):
             # Their own budget: a slow W4 on a busy machine must not skip them all.
             tls_budget = Budget(args.tls_budget or (60 if args.quick else 480))
@@ -1317,7 +1494,7 @@ def main():
     meta["loadavg_end"] = os.getloadavg()
     meta["total_s"] = round(time.monotonic() - T0, 1)
     out = {"meta": meta, "contenders": {**{c.key: c.name for c in all_c}, **tls_names}, "titles": {
-        **{w: WORKLOADS[w]["title"] for w in WORKLOADS}, "W4": W4_TITLE, "W5": W5_TITLE, "W6": W6_TITLE, "TH": tlsbench.TH_TITLE},
+        **{w: WORKLOADS[w]["title"] for w in WORKLOADS}, "W4": W4_TITLE, "W5": W5_TITLE, "W6": W6_TITLE, "H1": H1_TITLE, "TH": tlsbench.TH_TITLE},
         "results": res}
     out["targets"] = report.targets(out)
     out["tls_targets"] = tlsbench.targets(res)
@@ -1349,6 +1526,8 @@ def main():
         shutil.rmtree(ctx.work, ignore_errors=True)
     bad = [f"{w} {k}" for w in ALL_WORKLOADS for k, cell in res[w].items()
            if cell.get("runs") and not all(r.get("ok") for r in cell["runs"])]
+    if res.get("W5_burst") and not res["W5_burst"].get("ok"):
+        bad.append("W5 burst")
     if bad:
         log(f"runs with errors: {', '.join(bad)}")
         rc = rc or 1

@@ -45,6 +45,17 @@ def brief(w, rec):
         elif not rec.get("ok"):
             s += "; FAILED: " + "; ".join(str(e) for e in rec.get("error_messages", []))[:300]
         return s
+    if w == "W5_burst":
+        if rec.get("skipped"):
+            return f"skipped: {rec['skipped']}"
+        s = (f"{rec.get('sessions')} sessions ({rec.get('links_wanted')} ticketed links) at once, key pool full: "
+             f"{rec.get('links_per_s')} links/s (200 / max set-up), set-up p50 {rec.get('setup_p50_ms')} ms "
+             f"max {rec.get('setup_max_ms')} ms (median of {len(rec.get('runs', []))} bursts), "
+             f"{rec.get('x_libspice_loop')}× libspice-server's loop")
+        if not rec.get("ok"):
+            s += "; FAILED: " + "; ".join(str(e) for e in rec.get("error_messages", []) +
+                                           [e for r in rec.get("runs", []) for e in r.get("errors", [])])[:300]
+        return s
     if w == "W5":
         s = f"{rec.get('links_per_s')} links/s (loop), set-up p50 {rec.get('setup_p50_ms')} ms, cpu {rec.get('cpu_ms_per_link')} ms/link"
         if rec.get("concurrent"):
@@ -99,6 +110,22 @@ def targets(out):
         t["W5 ≥ 20× libspice-server (same loop)"] = (w5.get("links_per_s"), w5p.get("links_per_s"), 20.0, "ge")
         t["W5 concurrent ≥ 20× libspice-server loop"] = ((w5.get("concurrent") or {}).get("links_per_s"),
                                                        w5p.get("links_per_s"), 20.0, "ge")
+        for x in ((r.get("W6") or {}).get(key) or {}).get("runs", []):
+            if x.get("rss_kib_per_channel_after_hold") is not None:
+                t[f"W6 {x.get('label')} ({_f(x.get('links_ok'))} held) ≤ 8 KiB relay RSS per idle channel (after the hold)"] = (
+                    x["rss_kib_per_channel_after_hold"], 8.0, 1.0, "le")
+        h1 = ((r.get("H1") or {}).get(key) or {}).get("median") or {}
+        if h1.get("relay_rss_before_kib"):
+            t["H1 fresh session link + 64 KiB echo ≤ 1 s (max of 10, flood held)"] = (
+                (h1.get("fresh") or {}).get("max_ms") if (h1.get("fresh") or {}).get("ok") == (h1.get("fresh") or {}).get("count") else None,
+                1000.0, 1.0, "le")
+            t["H1 ≤ 16 KiB relay RSS per half-open connection (client-held)"] = (h1.get("rss_kib_per_client_held"), 16.0, 1.0, "le")
+            t["H1 healthy channel max stall ≤ 1 s"] = ((h1.get("healthy") or {}).get("max_stall_ms"), 1000.0, 1.0, "le")
+        bu = r.get("W5_burst") or {}
+        if bu.get("contender") == key:
+            # sessions/s against the loop's sessions/s (each loop run = one session + channel).
+            t["W5 burst (100 sessions, 200 links, pool full) ≥ 20× libspice-server loop"] = (
+                bu.get("sessions_per_s"), w5p.get("links_per_s"), 20.0, "ge")
         for name, (a, b, want, op) in t.items():
             if a is None or b is None or not b:
                 rows.append({"variant": key, "target": name, "ratio": None, "met": None})
@@ -214,14 +241,38 @@ def markdown(out, order):
                      f"{(_f(cc.get('setup_p50_ms'), 1) + ' / ' + _f(cc.get('setup_max_ms'), 1)) if cc else '–'} | "
                      f"{_f(m.get('rss_mib'), 1)} | {ok} |")
         L.append("")
+    bu = r.get("W5_burst")
+    if bu:
+        L.append("#### W5 burst: 100 sessions at once with a password, key pool full")
+        L.append("")
+        L.append(f"`{bu.get('command', '?')}`. Before each burst the bench waits until /metrics shows every worker's "
+                 "`vmcrelay_key_pool_keys` at `vmcrelay_key_pool_capacity`. Each of the 100 connections is its own "
+                 "session (main link + channel link, fresh RSA key each: 200 ticketed links); "
+                 "links/s = 200 / slowest set-up; × libspice = sessions/s against libspice-server's loop sessions/s "
+                 f"(same run). Knob set: {bu.get('knobs', '?')}.")
+        L.append("")
+        L.append("| burst | sessions linked | relay main + channel links ok | pool before (per worker / capacity) | set-up p50 ms | set-up max ms | links/s | relay CPU ms/link | evicted | ok |")
+        L.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---|")
+        for i, x in enumerate(bu.get("runs", []), 1):
+            L.append(f"| {i} | {x.get('sessions_linked')} | {x.get('relay_main_links_ok')} + {x.get('relay_channel_links_ok')} | "
+                     f"{'/'.join(str(int(k)) for k in x.get('pool_keys_before') or [])} / {_f(x.get('pool_capacity'))} | "
+                     f"{_f(x.get('setup_p50_ms'), 1)} | {_f(x.get('setup_max_ms'), 1)} | {_f(x.get('links_per_s'), 1)} | "
+                     f"{_f(x.get('relay_cpu_ms_per_link'), 2)} | {x.get('evicted')} | {'yes' if x.get('ok') else 'no: ' + '; '.join(x.get('errors', []))[:100]} |")
+        pl = ((r["W5"].get("libspice") or {}).get("median") or {}).get("links_per_s")
+        L.append("")
+        L.append(f"Median burst: **{_f(bu.get('links_per_s'), 1)} links/s** ({_f(bu.get('sessions_per_s'), 1)} sessions/s), "
+                 f"set-up p50 {_f(bu.get('setup_p50_ms'), 1)} ms, max {_f(bu.get('setup_max_ms'), 1)} ms; "
+                 f"libspice-server loop {_f(pl, 1)} sessions/s ({_f(2 * pl if pl else None, 1)} links/s): "
+                 f"**{_f(bu.get('x_libspice_loop'), 1)}×** (goal ≥ 20×).")
+        L.append("")
     if r.get("W6"):
         p = r.get("W6_params", {})
         L.append(f"### W6: {out['titles']['W6']}")
         L.append("")
         epd = ("`128:i=echo:` channels each (the relay's built-in echo)" if p.get("endpoint", "echo") == "echo" else
                "`128:i=unix:PATH` channels each, all to one `vmcload endpoint --mode echo`")
-        L.append("One relay (`vmcrelay serve --config`, all workers, default settings except `max-conns-per-worker` = "
-                 f"connections + 64, at most 8192), V `[[service]]`s on their own 127.0.0.1 ports with C {epd}; "
+        L.append("One relay (`vmcrelay serve --config`, all workers, default settings: `max-conns-per-worker` the default "
+                 f"16384; RLIMIT_NOFILE of the bench and its children {meta.get('nofile', '?')}), V `[[service]]`s on their own 127.0.0.1 ports with C {epd}; "
                  "one `vmcload idle` session per VM links its main and C channels "
                  f"({p.get('concurrency')} sessions at once), holds them {p.get('hold_s')} s with no traffic, then checks "
                  "every session and channel is still open and 64 sampled channels echo 64 B. Relay VmRSS, fds and threads "
@@ -230,7 +281,7 @@ def markdown(out, order):
                  f"falls below {p.get('mem_reserve_gib')} GiB (bench guard) or after 48 failed links.")
         L.append("")
         L.append("| size | connections held / wanted | relay RSS before → linked MiB | KiB per connection | KiB per channel | "
-                 "after hold KiB/conn | relay fds before → linked (limit) | fds / conn | threads / conn | link time s | "
+                 "after hold KiB/conn (/channel) | relay fds before → linked (limit) | fds / conn | threads / conn | link time s | "
                  "links/s | session link p50 / p99 ms | echo ok | stopped by |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
         for c in (r["W6"].values()):
@@ -246,7 +297,7 @@ def markdown(out, order):
                 L.append(f"| {x.get('label')} ({x.get('vms')} VMs × {x.get('channels_per_vm')}) | "
                          f"{_f(x.get('links_ok'))} / {_f(x.get('connections_wanted'))} | "
                          f"{kib(b.get('rss_kib'))} → {kib(l.get('rss_kib'))} | {_f(x.get('rss_kib_per_connection'), 1)} | "
-                         f"{_f(x.get('rss_kib_per_channel'), 1)} | {_f(x.get('rss_kib_per_connection_after_hold'), 1)} | "
+                         f"{_f(x.get('rss_kib_per_channel'), 1)} | {_f(x.get('rss_kib_per_connection_after_hold'), 1)} ({_f(x.get('rss_kib_per_channel_after_hold'), 1)}) | "
                          f"{_f(b.get('fds'))} → {_f(l.get('fds'))} ({lim[0]}/{lim[1]}) | {_f(x.get('fds_per_connection'), 2)} | "
                          f"{_f(x.get('threads_per_connection'), 2)} | {_f(x.get('link_elapsed_s'), 1)} | "
                          f"{_f(x.get('links_per_s'))} | {_f(sl.get('p50'), 1)} / {_f(sl.get('p99'), 1)} | "
@@ -259,6 +310,39 @@ def markdown(out, order):
                     L.append(f"W6 {x.get('label')}, relay resident memory by mapping once linked (largest first): " + "; ".join(
                         f"{g['mappings']}× {g['size_kib_each']:,} KiB {g['name']}: {g['rss_mib']:,} MiB" for g in top))
                     L.append("")
+    h1c = (r.get("H1") or {}).get("relay-copy-all") or {}
+    if h1c.get("runs"):
+        L.append(f"### H1: {out['titles'].get('H1', 'half-open flood')}")
+        L.append("")
+        L.append("`scripts/bench-lib/flood.py` (also `scripts/flood`): `vmcrelay serve --workers N --config F` with default "
+                 "limits and two services (flood, steady; each `disable-ticketing`, `128:0=echo:`): the healthy session "
+                 "has its own service because a fresh session replaces its service's old session as a whole. Flood: "
+                 "N connections, 250 per source address from 127.0.0.2, odd ones send `REDQ` + major 2 (8 bytes), even "
+                 "ones nothing; each one the relay closes is opened again (≤ 2,000/s). Healthy: a 64 B echo every 50 ms "
+                 "on `steady` from 127.0.0.100 (stall = longest gap between completed round trips). Fresh: 10 sessions "
+                 "on `flood` from 127.0.0.101 one after the other, main + channel + 64 KiB echoed byte-exact, timed "
+                 "from connect. RSS per half-open = (relay VmRSS median while the flood is held, before the fresh sessions − "
+                 "before the flood) / connections the client holds.")
+        L.append("")
+        L.append("| flood conns | client holds (median, min) | relay link stage (median / max) | opened / closed by relay | "
+                 "relay RSS before → held → max (fresh sessions) → 3 s after MiB | KiB per client-held | KiB per attempted | fresh ok | fresh median / max ms | "
+                 "healthy round trips | healthy max stall ms | relay warnings | ok |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for x in h1c["runs"]:
+            if not x.get("relay_rss_before_kib"):
+                L.append(f"| {x.get('connections', '?')} | FAILED: {x.get('error', '?')} |" + " |" * 11)
+                continue
+            fr, h = x.get("fresh") or {}, x.get("healthy") or {}
+            mib = lambda v: _f(v / 1024 if isinstance(v, (int, float)) else None, 1)  # noqa: E731
+            L.append(f"| {_f(x.get('connections'))} | {_f(x.get('client_held_median'))}, {_f(x.get('client_held_min'))} | "
+                     f"{_f(x.get('relay_link_stage_median'))} / {_f(x.get('relay_link_stage_max'))} | "
+                     f"{_f(x.get('client_opened_total'))} / {_f(x.get('closed_by_relay_total'))} | "
+                     f"{mib(x.get('relay_rss_before_kib'))} → {mib(x.get('relay_rss_held_kib'))} → {mib(x.get('relay_rss_during_max_kib'))} → {mib(x.get('relay_rss_after_kib'))} | "
+                     f"{_f(x.get('rss_kib_per_client_held'), 1)} | {_f(x.get('rss_kib_per_attempted'), 2)} | "
+                     f"{fr.get('ok')}/{fr.get('count')} | {_f(fr.get('median_ms'), 1)} / {_f(fr.get('max_ms'), 1)} | "
+                     f"{h.get('round_trips')} | {_f(h.get('max_stall_ms'), 1)} | {x.get('relay_log_warning_count')} | "
+                     f"{'yes' if x.get('ok') else 'no'} |")
+        L.append("")
     # summary
     L.append("### Summary (medians)")
     L.append("")
