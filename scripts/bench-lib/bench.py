@@ -1319,13 +1319,15 @@ def build(ctx, no_build):
                             log_path=os.path.join(ctx.logs, "build.log"))
         if rc != 0:
             raise BenchError(f"cargo build failed{procs.tail(os.path.join(ctx.logs, 'build.log'), 15)}")
-        src = os.path.join(ROOT, "benches/peers/spice_vmc_peer.c")
-        if not os.path.exists(ctx.peer) or os.path.getmtime(ctx.peer) < os.path.getmtime(src):
-            log("benches/peers/build.sh")
-            rc, out = procs.run([os.path.join(ROOT, "benches/peers/build.sh")], timeout=300,
-                                log_path=os.path.join(ctx.logs, "build.log"))
-            if rc != 0:
-                raise BenchError(f"benches/peers/build.sh failed{procs.tail(os.path.join(ctx.logs, 'build.log'), 15)}")
+    # The libspice-server peer is not a cargo binary: built when missing or
+    # older than its source, --no-build or not.
+    src = os.path.join(ROOT, "benches/peers/spice_vmc_peer.c")
+    if not os.path.exists(ctx.peer) or os.path.getmtime(ctx.peer) < os.path.getmtime(src):
+        log("benches/peers/build.sh")
+        rc, out = procs.run([os.path.join(ROOT, "benches/peers/build.sh")], timeout=300,
+                            log_path=os.path.join(ctx.logs, "build.log"))
+        if rc != 0:
+            raise BenchError(f"benches/peers/build.sh failed{procs.tail(os.path.join(ctx.logs, 'build.log'), 15)}")
     for b in (ctx.vmcrelay, ctx.vmcload):
         if not os.access(b, os.X_OK):
             raise BenchError(f"{b} missing: run cargo build --release --bins")
