@@ -476,8 +476,9 @@ fn raise_fd_limit(config: &ServeConfig) {
         info!(
             "main",
             "open-file limit is {got} (hard limit {hard}); workers × max-conns-per-worker × 2 = {want} descriptors \
-             would be needed, so about {} connections fit in all: raise LimitNOFILE= (systemd) or `ulimit -Hn`, or \
-             lower --max-conns",
+             would be needed (a channel takes its client socket and its endpoint's; a built-in echo:/sink: \
+             endpoint takes 2), so about {} connections fit in all: raise LimitNOFILE= (systemd) or `ulimit -Hn`, \
+             or lower --max-conns",
             got.saturating_sub(256) / 2
         );
     }

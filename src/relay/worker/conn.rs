@@ -178,12 +178,16 @@ pub(super) struct ConnStats {
 
 #[derive(Debug)]
 pub(super) struct Conn {
-    pub(super) fd: OwnedFd,
-    /// Whole-VM proxy: the paired connection (slot, generation) and our own
-    /// duplicate of its socket, so that our writes can never reach a reused
+    /// The client's (or upstream's) socket. Shared, not duplicated: the
+    /// registry's hang-up watch and a proxy pair hold clones, so a link
+    /// costs one descriptor, and the number cannot be reused while any
+    /// clone lives (the socket closes with the last one).
+    pub(super) fd: Arc<OwnedFd>,
+    /// Whole-VM proxy: the paired connection (slot, generation) and a
+    /// clone of its socket, so that our writes can never reach a reused
     /// descriptor number.
     pub(super) pair: Option<(u32, u32)>,
-    pub(super) pair_fd: Option<OwnedFd>,
+    pub(super) pair_fd: Option<Arc<OwnedFd>>,
     pub(super) peer: String,
     pub(super) service: usize,
     pub(super) since: Instant,
@@ -330,7 +334,7 @@ impl Worker {
     ) -> Option<u32> {
         let slot = self.free.pop()?;
         let conn = Conn {
-            fd,
+            fd: Arc::new(fd),
             pair: None,
             pair_fd: None,
             peer,

@@ -195,7 +195,7 @@ impl Worker {
                 Claim::Free => Some(Vec::new()),
             };
             if to_close.is_some() {
-                let watch = conn.fd.try_clone().ok().map(Arc::new);
+                let watch = Some(Arc::clone(&conn.fd));
                 reg.channels.insert((service, ci), Owner { place, session: req.connection_id, watch });
             }
             (claim, to_close)
@@ -351,7 +351,7 @@ impl Worker {
             conn.ctl_q.push_front((u16::MAX, tmp[..n].to_vec()));
         }
         if l.channel_type == CH_MAIN {
-            let watch = conn.fd.try_clone().ok().map(Arc::new);
+            let watch = Some(Arc::clone(&conn.fd));
             let session = self.new_session(conn.service, slot, watch);
             conn.session = session;
             conn.label = "main:0".into();

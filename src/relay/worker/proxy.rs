@@ -135,8 +135,8 @@ impl Worker {
             return refuse(self, conn, "connection table full (raise --max-conns)".into());
         };
         let up_gen = self.slots[up as usize].generation;
-        let dup_up = self.slots[up as usize].conn.as_ref().and_then(|c| c.fd.try_clone().ok());
-        let dup_me = conn.fd.try_clone().ok();
+        let dup_up = self.slots[up as usize].conn.as_ref().map(|c| Arc::clone(&c.fd));
+        let dup_me = Some(Arc::clone(&conn.fd));
         conn.pair = Some((up, up_gen));
         conn.pair_fd = dup_up;
         conn.chan = (req.channel_type, req.channel_id);

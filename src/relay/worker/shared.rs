@@ -73,8 +73,8 @@ pub(super) struct SessionEntry {
     /// Whole-VM proxy: the ticket QEMU accepted on this session's main
     /// link; the relay's own channels of the session require the same.
     pub(super) ticket: Option<Vec<u8>>,
-    /// A duplicate of the main client's socket, to see from any worker
-    /// whether that client already hung up (see [`hung_up`]).
+    /// The main client's socket (shared with its connection), to see from
+    /// any worker whether that client already hung up (see [`hung_up`]).
     pub(super) watch: Option<Arc<OwnedFd>>,
 }
 
@@ -82,7 +82,7 @@ pub(super) struct SessionEntry {
 pub(super) struct Owner {
     pub(super) place: Place,
     pub(super) session: u32,
-    /// A duplicate of the channel client's socket (see [`hung_up`]).
+    /// The channel client's socket, shared with its connection (see [`hung_up`]).
     pub(super) watch: Option<Arc<OwnedFd>>,
 }
 
@@ -91,8 +91,9 @@ pub(super) struct Owner {
 ///
 /// A close is asynchronous: a client that closes a channel and relinks it
 /// at once may find its previous link still registered. Such a link counts
-/// as free. The check is one non-blocking `poll` on a duplicate of the
-/// socket, so it is exact whichever worker owns the connection.
+/// as free. The check is one non-blocking `poll` on the
+/// socket the connection shares, so it is exact whichever worker owns
+/// the connection, and costs no descriptor of its own.
 pub(super) fn hung_up(watch: Option<&Arc<OwnedFd>>) -> bool {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::os::fd::AsFd;
