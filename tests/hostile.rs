@@ -556,3 +556,53 @@ fn out_of_fds_pauses_endpoint_accepts_without_spinning() {
     echo_stream(app);
     echo_on(&mut c, 1 << 20, 4343);
 }
+
+/// Soak finding 2, as documented: parallel links from a throttled address
+/// start one delay apart, so those queued past the link timeout are closed
+/// unanswered (no ticket judged, so no PERMISSION_DENIED; one `link
+/// timeout` line per tick), while those that start get PERMISSION_DENIED.
+/// Nothing else: no wrong-password reply without a judged ticket.
+#[test]
+fn throttled_parallel_links_past_the_link_timeout_close_unanswered() {
+    let dir = TempDir::new("hostile-throttle-queue");
+    let pw = dir.path("pw");
+    std::fs::write(&pw, "right-password\n").expect("pw");
+    let pws = pw.display().to_string();
+    let relay = start(&[
+        "--password-file",
+        &pws,
+        "--channel",
+        "128=echo:",
+        "--auth-fail-limit",
+        "1",
+        "--auth-fail-max-delay-secs",
+        "2",
+        "--link-timeout-secs",
+        "3",
+    ]);
+    let addr = relay.addr();
+    let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let first = Session::connect_from(&addr, Some(from), b"wrong", T);
+    assert!(matches!(first, Err(ClientError::Link(_))), "the first wrong ticket is judged: {first:?}");
+    let outcomes: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || Session::connect_from(&addr, Some(from), b"wrong", Duration::from_secs(15)))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    let denied = outcomes
+        .iter()
+        .filter(|r| matches!(r, Err(ClientError::Link(ClientLinkFailure::Result(LinkErrorCode::PermissionDenied)))))
+        .count();
+    let unanswered =
+        outcomes.iter().filter(|r| matches!(r, Err(ClientError::LinkEof) | Err(ClientError::Io(_)))).count();
+    eprintln!(
+        "FIGURES throttle queue: 6 parallel wrong links: {denied} PERMISSION_DENIED, {unanswered} closed unanswered"
+    );
+    assert_eq!(denied + unanswered, 6, "only those two outcomes: {outcomes:?}");
+    assert!(denied >= 1 && unanswered >= 1, "some start within the timeout, the queued rest do not: {outcomes:?}");
+    relay.wait_log("link timeout closed=", T);
+}
