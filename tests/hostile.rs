@@ -477,3 +477,132 @@ fn out_of_fds_pauses_accepts_without_spinning() {
     let mut c = s.open(128, 0, false).expect("channel once descriptors are free");
     echo_on(&mut c, 1 << 20, 4242);
 }
+
+/// A connection held until dropped that echoes what it reads.
+fn echo_stream(mut s: std::os::unix::net::UnixStream) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 || s.write_all(&buf[..n]).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Link-stage connections from four addresses (under each address's cap,
+/// so none is evicted): more than 64 descriptors.
+fn hold_fds(relay: &Relay) -> Vec<std::net::TcpStream> {
+    let sa: std::net::SocketAddr = relay.addr().parse().expect("addr");
+    let mut held = Vec::new();
+    for a in 2..6u8 {
+        for _ in 0..30 {
+            let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, a));
+            held.push(vmcrelay::relay::sync_client::tcp_from(sa, from).expect("connect (backlog)"));
+        }
+    }
+    held
+}
+
+/// The accept of a `unix-listen` endpoint backs off as the TCP listener's
+/// does: out of descriptors, the local app that connects waits in the
+/// backlog while the relay idles (before: the accept was re-armed at once
+/// into EMFILE, a busy loop with a warning each time), and once
+/// descriptors are free the app is accepted and the channel echoes.
+#[test]
+fn out_of_fds_pauses_endpoint_accepts_without_spinning() {
+    if !peers_available(&["setpriv", "prlimit"]) {
+        return;
+    }
+    let dir = TempDir::new("ep-emfile");
+    let sock = dir.path("app.sock");
+    let port = free_port();
+    let args: Vec<String> = [
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--workers",
+        "1",
+        "--disable-ticketing",
+        "--channel",
+        &format!("128=unix-listen:{}", sock.display()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let relay = Relay::start_under(
+        &["setpriv", "--inh-caps=-sys_resource", "--bounding-set=-sys_resource", "prlimit", "--nofile=64:64"],
+        &args,
+    );
+    let pid = relay.child.id();
+    // The channel links first: its endpoint accept is posted, waiting for the app.
+    let s = Session::connect(&relay.addr(), b"", T).expect("session");
+    let mut c = s.open(128, 0, false).expect("channel");
+    let held = hold_fds(&relay);
+    relay.wait_log("accept paused", T);
+    // The app connects into the backlog; the relay's accept finds no descriptor.
+    let app = std::os::unix::net::UnixStream::connect(&sock).expect("app connects (backlog)");
+    std::thread::sleep(Duration::from_millis(500));
+    let c0 = cpu_secs(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_secs(pid) - c0;
+    eprintln!("FIGURES endpoint emfile: relay CPU {used:.2} s over 3 s out of descriptors");
+    assert!(used < 0.5, "the relay spins while out of descriptors: {used:.2} s of CPU in 3 s");
+    let failed = relay.lines("endpoint accept failed");
+    assert!(failed.is_empty(), "a shortage is a pause, not a failure a line each: {} lines", failed.len());
+    assert!(relay.lines("accept paused").len() <= 2, "one rate-limited line");
+    drop(held);
+    // Descriptors come back; within the pause the app is accepted.
+    echo_stream(app);
+    echo_on(&mut c, 1 << 20, 4343);
+}
+
+/// Soak finding 2, as documented: parallel links from a throttled address
+/// start one delay apart, so those queued past the link timeout are closed
+/// unanswered (no ticket judged, so no PERMISSION_DENIED; one `link
+/// timeout` line per tick), while those that start get PERMISSION_DENIED.
+/// Nothing else: no wrong-password reply without a judged ticket.
+#[test]
+fn throttled_parallel_links_past_the_link_timeout_close_unanswered() {
+    let dir = TempDir::new("hostile-throttle-queue");
+    let pw = dir.path("pw");
+    std::fs::write(&pw, "right-password\n").expect("pw");
+    let pws = pw.display().to_string();
+    let relay = start(&[
+        "--password-file",
+        &pws,
+        "--channel",
+        "128=echo:",
+        "--auth-fail-limit",
+        "1",
+        "--auth-fail-max-delay-secs",
+        "2",
+        "--link-timeout-secs",
+        "3",
+    ]);
+    let addr = relay.addr();
+    let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+    let first = Session::connect_from(&addr, Some(from), b"wrong", T);
+    assert!(matches!(first, Err(ClientError::Link(_))), "the first wrong ticket is judged: {first:?}");
+    let outcomes: Vec<_> = (0..6)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || Session::connect_from(&addr, Some(from), b"wrong", Duration::from_secs(15)))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().expect("thread"))
+        .collect();
+    let denied = outcomes
+        .iter()
+        .filter(|r| matches!(r, Err(ClientError::Link(ClientLinkFailure::Result(LinkErrorCode::PermissionDenied)))))
+        .count();
+    let unanswered =
+        outcomes.iter().filter(|r| matches!(r, Err(ClientError::LinkEof) | Err(ClientError::Io(_)))).count();
+    eprintln!(
+        "FIGURES throttle queue: 6 parallel wrong links: {denied} PERMISSION_DENIED, {unanswered} closed unanswered"
+    );
+    assert_eq!(denied + unanswered, 6, "only those two outcomes: {outcomes:?}");
+    assert!(denied >= 1 && unanswered >= 1, "some start within the timeout, the queued rest do not: {outcomes:?}");
+    relay.wait_log("link timeout closed=", T);
+}

@@ -611,3 +611,91 @@ fn tls_uris_move_the_verified_pattern() {
     assert_eq!(code, 1, "{all}");
     assert!(all.contains("certificate verification failed"), "{all}");
 }
+
+/// Soak finding 3: `--mode up` reported success after losing the tail. A
+/// sink that stalls near the end for longer than vmcload used to wait for
+/// the relay's close (a fixed 10 s) let vmcload report ok, exit and so
+/// close the session, and the relay then closed the channel with the tail
+/// still unwritten. vmcload now waits for the far side's close within the
+/// run's `--timeout` (the relay closes a channel only after writing all it
+/// read to the endpoint) and fails the run if it never comes.
+#[test]
+fn up_waits_for_a_stalled_sink_and_reports_only_what_arrived() {
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+    const TOTAL: u64 = 4 * MIB;
+    const STALL_AT: u64 = TOTAL - 512 * 1024;
+    let dir = TempDir::new("vl-stall");
+    let sock = dir.path("stall.sock");
+    let l = UnixListener::bind(&sock).expect("bind");
+    // A sink that reads up to STALL_AT, stops reading for 12 s (so every
+    // byte of the tail is sent and sits in buffers), then reads to EOF,
+    // checking the pattern.
+    let sink = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("relay connects");
+        let mut got = 0u64;
+        let mut bad = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut want = vec![0u8; 64 * 1024];
+        let mut stalled = false;
+        loop {
+            let cap = if stalled { buf.len() } else { buf.len().min(usize::try_from(STALL_AT - got).expect("len")) };
+            if cap == 0 {
+                std::thread::sleep(Duration::from_secs(12));
+                stalled = true;
+                continue;
+            }
+            let n = match s.read(&mut buf[..cap]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            vmcrelay::load::pattern::fill(1, got, &mut want[..n]);
+            bad += u64::from(buf[..n] != want[..n]);
+            got += n as u64;
+        }
+        (got, bad)
+    });
+    let mut args = vec!["--listen".to_string(), format!("127.0.0.1:{}", free_port()), "--disable-ticketing".into()];
+    args.extend(["--channel".to_string(), format!("128=unix:{}", sock.display()), "--workers".into(), "1".into()]);
+    let relay = Relay::start(&args);
+    let json = dir.path("stall.json").to_str().expect("utf8").to_string();
+    let uri = relay.uri();
+    let run =
+        ["run", "--uri", &uri, "--channel", "128", "--mode", "up", "--size", "64K", "--bytes", "4M", "--json", &json];
+    let (code, v) = run_json(&run, &json);
+    let (got, bad) = sink.join().expect("sink");
+    eprintln!("FIGURES stalled sink: vmcload exit {code} ok={} sent={}, sink got {got}", v["ok"], v["bytes_sent"]);
+    assert_eq!(bad, 0, "the sink saw bytes out of pattern");
+    assert_eq!(got, TOTAL, "the sink got the whole upload (vmcload said ok={})", v["ok"]);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["ok"], true);
+    assert_eq!(u(&v, "bytes_sent"), TOTAL);
+}
+
+/// The other half: a far side that never closes is no success. vmcload
+/// half-closes, waits until `--timeout` (12 s, past the old fixed 10 s
+/// wait), and fails the run saying the
+/// tail is unconfirmed (before: ok after a fixed 10 s).
+#[test]
+fn up_without_the_far_sides_close_is_not_ok() {
+    use std::os::unix::net::UnixListener;
+    let dir = TempDir::new("vl-noclose");
+    let sock = dir.path("raw.sock");
+    let l = UnixListener::bind(&sock).expect("bind");
+    // A raw peer that reads everything yet never closes (the socket is
+    // kept until the test ends).
+    let keep = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().expect("vmcload connects");
+        let _ = std::io::copy(&mut s, &mut std::io::sink());
+        s
+    });
+    let json = dir.path("noclose.json").to_str().expect("utf8").to_string();
+    let p = sock.to_str().expect("utf8");
+    let run = ["run", "--raw-unix", p, "--mode", "up", "--bytes", "1M", "--timeout", "12", "--json", &json];
+    let (code, v) = run_json(&run, &json);
+    assert_ne!(code, 0, "{v:#}");
+    assert_eq!(v["ok"], false, "{v:#}");
+    let text = v["error_messages"].to_string();
+    assert!(text.contains("did not close"), "the report says why: {text}");
+    drop(keep);
+}

@@ -715,6 +715,9 @@ struct ServeArgs {
     drain_secs: Option<u64>,
     /// Failed tickets from one source address within --auth-fail-window-secs before its further links
     /// wait (1 s, doubling per failure, up to --auth-fail-max-delay-secs; 0: off) [default: 3].
+    /// Link starts from a throttled address are spaced one delay apart, so of many parallel
+    /// connections the ones queued past --link-timeout-secs are closed unanswered (no link reply;
+    /// counted as link_timeout), never told "wrong password".
     #[arg(long, value_name = "N")]
     auth_fail_limit: Option<u32>,
     /// The window over which failed tickets of an address are counted [default: 60].

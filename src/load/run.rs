@@ -35,7 +35,9 @@ const MAX_LATENCY_US: u64 = 600_000_000;
 /// What moves where.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// Client → endpoint bulk; the endpoint verifies.
+    /// Client → endpoint bulk; the endpoint verifies. A connection counts as
+    /// done once the far side closes after its half-close (the relay closes
+    /// a channel only after writing everything it read to the endpoint).
     Up,
     /// Endpoint → client bulk; the client verifies.
     Down,
@@ -332,16 +334,31 @@ fn up(ctx: &mut ModeCtx<'_>, tx: &mut TxHalf, rx: RxHalf) -> (Result<(), Fail>, 
     };
     let end = Instant::now();
     // Half-close and wait for the far side to close: under SPICE the relay
-    // closes the channel once it has written everything to the endpoint,
-    // so closing the session before that could cut the tail off.
+    // closes the channel only once it has written everything it read to
+    // the endpoint (and a raw endpoint closes once it has read to EOF), so
+    // that close is the only sign that the bytes got there. Closing the
+    // session before it would cut the tail off, and a run that stops
+    // waiting must not claim the upload arrived. The wait is bounded by the
+    // run's deadline (`--timeout`) and the stop flag, not by a guess.
     tx.finish();
-    match done_rx.recv_timeout(Duration::from_secs(10)) {
-        Ok(n) => {
-            ctx.counters.received.fetch_add(n, Ordering::Relaxed);
-            (result, Some(end), drainer.join().ok())
+    let deadline = ctx.start + ctx.sh.cfg.timeout;
+    loop {
+        match done_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(n) => {
+                ctx.counters.received.fetch_add(n, Ordering::Relaxed);
+                return (result, Some(end), drainer.join().ok());
+            }
+            Err(mpsc::RecvTimeoutError::Timeout)
+                if Instant::now() < deadline && !ctx.sh.stop.load(Ordering::Relaxed) => {}
+            // The far side never closed; leave the drainer to the process exit.
+            Err(_) => {
+                let unconfirmed = Fail::Error(format!(
+                    "sent {sent} bytes but the far side did not close the channel after the half-close: \
+                     no sign that the endpoint got them all (the tail may be lost)"
+                ));
+                return (result.and(Err(unconfirmed)), Some(end), None);
+            }
         }
-        // The far side never closed; leave the drainer to the process exit.
-        Err(_) => (result, Some(end), None),
     }
 }
 

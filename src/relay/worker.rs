@@ -104,9 +104,14 @@ enum Op {
     ClientPoll,
     EpPoll,
     AcceptRetry,
+    /// A unix-listen endpoint's accept paused for want of descriptors
+    /// (a connection op: the slot waits for its endpoint).
+    EpAcceptRetry,
+    /// `connect`: a local app's accept paused for want of descriptors.
+    LocalAcceptRetry,
 }
 
-const OPS: [Op; 23] = [
+const OPS: [Op; 25] = [
     Op::Accept,
     Op::Mailbox,
     Op::Tick,
@@ -130,6 +135,8 @@ const OPS: [Op; 23] = [
     Op::ClientPoll,
     Op::EpPoll,
     Op::AcceptRetry,
+    Op::EpAcceptRetry,
+    Op::LocalAcceptRetry,
 ];
 
 impl Op {
@@ -154,6 +161,7 @@ impl Op {
                 | Op::TlsWrite
                 | Op::ClientPoll
                 | Op::EpPoll
+                | Op::EpAcceptRetry
         )
     }
 }
@@ -210,13 +218,10 @@ pub struct Worker {
     /// Table-full rejections since the last log line, and when it was.
     rejected_quiet: u64,
     reject_logged: Instant,
-    /// Accepts that failed for want of file descriptors or memory since
-    /// the last log line, when it was, and the current pause before a
-    /// listener's accept is armed again (doubles up to 1 s, reset by the
-    /// next accepted connection).
-    starved_quiet: u64,
-    starved_logged: Instant,
-    accept_pause: Duration,
+    /// Accepts (TCP listeners, unix-listen endpoints, `connect`'s local
+    /// sockets) that failed for want of file descriptors or memory: the
+    /// pause before the next try and the rate-limited log line.
+    accept_backoff: lifecycle::AcceptBackoff,
     /// Accepted connections waiting for a slot (service, TLS listener,
     /// source address).
     pending: VecDeque<(OwnedFd, usize, bool, Option<std::net::IpAddr>)>,
@@ -299,9 +304,7 @@ impl Worker {
             evicted_quiet: 0,
             rejected_quiet: 0,
             reject_logged: Instant::now().checked_sub(Duration::from_secs(2)).unwrap_or_else(Instant::now),
-            starved_quiet: 0,
-            starved_logged: Instant::now().checked_sub(Duration::from_secs(61)).unwrap_or_else(Instant::now),
-            accept_pause: lifecycle::ACCEPT_PAUSE_MIN,
+            accept_backoff: lifecycle::AcceptBackoff::new(),
             pending: VecDeque::new(),
             evict_logged: Instant::now().checked_sub(Duration::from_secs(2)).unwrap_or_else(Instant::now),
             started: Instant::now(),
@@ -358,6 +361,7 @@ impl Worker {
             Op::Tick => self.on_tick(),
             Op::Retry => self.on_retry(),
             Op::LocalAccept => self.on_local_accept(slot as usize, c.result, c.fd),
+            Op::LocalAcceptRetry => self.on_local_accept_retry(slot as usize),
             Op::Linger => self.on_linger(),
             _ => self.on_conn_op(op, slot, generation, c),
         }

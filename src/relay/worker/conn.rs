@@ -413,6 +413,7 @@ impl Worker {
                 Op::EpWrite => w.on_ep_write(slot, conn, c.result, c.owned),
                 Op::EpConnect => w.on_ep_connect(slot, conn, c.result),
                 Op::EpAccept => w.on_ep_accept(slot, conn, c.result, c.fd),
+                Op::EpAcceptRetry => w.on_ep_accept_retry(slot, conn),
                 Op::SrvConnect => w.on_srv_connect(slot, conn, c.result),
                 Op::SpliceIn => w.on_splice_in(slot, conn, c.result),
                 Op::SpliceOut => w.on_splice_out(slot, conn, c.result),

@@ -28,6 +28,7 @@ use std::os::fd::AsFd;
 
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, UnixAddr, socket};
 
+use super::lifecycle::AcceptBackoff;
 use super::*;
 use crate::proto::auth::seed_from;
 use crate::proto::client_link::{self, ClientLinkConfig, ClientLinkFailure};
@@ -198,11 +199,28 @@ impl Worker {
         let Some(st) = self.ctl.as_mut().and_then(|c| c.specs.get_mut(ci)) else { return };
         st.accepting = false;
         let Some(fd) = fd else {
+            if AcceptBackoff::starved(res) && self.draining.is_none() {
+                // Out of descriptors: the app waits in the backlog while
+                // this accept pauses (see `AcceptBackoff`); `accepting`
+                // stays set so nothing re-arms it meanwhile.
+                st.accepting = true;
+                let listen = self.ctl_conf(ci).map_or_else(String::new, |c| c.endpoint.to_string());
+                let pause = self.accept_starved(&listen, res);
+                let t = token(Op::LocalAcceptRetry, u32::try_from(ci).unwrap_or(0), 0);
+                if let Err(e) = self.ring.timeout(pause, t) {
+                    warn!(self.who, "cannot pause a local accept: {e}");
+                    if let Some(st) = self.ctl.as_mut().and_then(|c| c.specs.get_mut(ci)) {
+                        st.accepting = false;
+                    }
+                }
+                return;
+            }
             if res != -libc::ECANCELED {
                 warn!(self.who, "local accept failed: {}", std::io::Error::from_raw_os_error(-res));
             }
             return self.ctl_arm_local_accepts();
         };
+        self.accept_backoff.reset();
         if self.draining.is_some() {
             return;
         }
@@ -223,6 +241,13 @@ impl Worker {
         } else {
             info!(self.who, "local app waits: no SPICE session yet (its bytes go nowhere if it leaves before)");
         }
+    }
+
+    /// The pause of spec `ci`'s local accept is over: wait for the app again.
+    pub(super) fn on_local_accept_retry(&mut self, ci: usize) {
+        let Some(st) = self.ctl.as_mut().and_then(|c| c.specs.get_mut(ci)) else { return };
+        st.accepting = false;
+        self.ctl_arm_local_accepts();
     }
 
     /// Opens a SPICE connection and starts its link: main (`ci` None,
@@ -500,7 +525,9 @@ impl Worker {
             Stage::Chan(_) => {
                 let generation = self.slots[slot as usize].generation;
                 let pred = move |t: u64| {
-                    decode(t).is_some_and(|(op, s, g)| s == slot && g == generation && op == Op::EpAccept)
+                    decode(t).is_some_and(|(op, s, g)| {
+                        s == slot && g == generation && matches!(op, Op::EpAccept | Op::EpAcceptRetry)
+                    })
                 };
                 if let Ok(n) = self.ring.cancel_where(pred, token(Op::Cancel, slot, generation)) {
                     conn.inflight += u32::try_from(n).unwrap_or(0);

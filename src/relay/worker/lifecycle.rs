@@ -7,25 +7,73 @@ use super::*;
 /// Accepted connections that may wait for a slot per worker.
 const PENDING_ACCEPTS: usize = 1024;
 
-/// The first and the longest pause of a listener's accepts when the
-/// process is out of file descriptors.
-pub(super) const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(50);
+/// The first and the longest pause of an accept when the process is out
+/// of file descriptors.
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(50);
 const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// Back-off of every accept a worker makes (TCP listeners, `unix-listen`
+/// endpoints, `connect`'s local sockets) when it fails for want of file
+/// descriptors or kernel memory. The connection stays in the listen
+/// backlog: re-arming at once would fail again at once, a busy loop. The
+/// shortage is the process's, not one socket's, so one pause serves them
+/// all: 50 ms, doubling to 1 s, back to 50 ms on the next accepted
+/// connection; one log line a minute with the count since.
+pub(super) struct AcceptBackoff {
+    pause: Duration,
+    quiet: u64,
+    logged: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    pub(super) fn new() -> Self {
+        Self { pause: ACCEPT_PAUSE_MIN, quiet: 0, logged: None }
+    }
+
+    /// Whether an accept's result is a shortage to wait out (rather than
+    /// a reason to re-arm at once or to give up).
+    pub(super) fn starved(res: i32) -> bool {
+        res < 0 && matches!(-res, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    }
+
+    /// An accept succeeded.
+    pub(super) fn reset(&mut self) {
+        self.pause = ACCEPT_PAUSE_MIN;
+    }
+
+    /// An accept starved: the pause to wait now (the next one doubles),
+    /// and whether to log (with the failures since the last line).
+    fn fail(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        let pause = self.pause;
+        self.pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
+        self.quiet += 1;
+        if self.logged.is_some_and(|t| now.duration_since(t) < Duration::from_secs(60)) {
+            return (pause, None);
+        }
+        self.logged = Some(now);
+        let n = std::mem::take(&mut self.quiet);
+        (pause, Some(n))
+    }
+}
 
 /// Free buffers a worker keeps registered (and their pages) between bursts.
 const BUFFERS_KEPT: usize = 8;
 
 impl Worker {
     pub(super) fn on_accept(&mut self, li: usize, c: Completion) {
-        // Out of file descriptors (or kernel memory) the connection stays
-        // in the listen backlog: re-arming at once would fail again at
-        // once, a busy loop. Pause this listener's accepts instead, longer
-        // each time it recurs, and say so once a minute.
-        let starved = c.result < 0 && matches!(-c.result, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM);
+        // Out of file descriptors (or kernel memory): pause this
+        // listener's accepts (see `AcceptBackoff`).
+        let starved = AcceptBackoff::starved(c.result);
+        let pause = if starved {
+            let addr = self.listeners.get(li).and_then(Option::as_ref).map(|l| l.addr.to_string()).unwrap_or_default();
+            Some(self.accept_starved(&addr, c.result))
+        } else {
+            None
+        };
         if !c.more && self.draining.is_none() {
-            if starved {
+            if let Some(pause) = pause {
                 let t = token(Op::AcceptRetry, u32::try_from(li).unwrap_or(0), 0);
-                if let Err(e) = self.ring.timeout(self.accept_pause, t) {
+                if let Err(e) = self.ring.timeout(pause, t) {
                     warn!(self.who, "cannot pause accept: {e}");
                 }
             } else {
@@ -33,14 +81,12 @@ impl Worker {
             }
         }
         if c.result < 0 {
-            if starved {
-                self.accept_starved(li, c.result);
-            } else if c.result != -libc::ECANCELED {
+            if !starved && c.result != -libc::ECANCELED {
                 warn!(self.who, "accept failed: {}", std::io::Error::from_raw_os_error(-c.result));
             }
             return;
         }
-        self.accept_pause = ACCEPT_PAUSE_MIN;
+        self.accept_backoff.reset();
         let Some(fd) = c.fd else { return };
         let Some((service, tls)) = self.listeners.get(li).and_then(Option::as_ref).map(|l| (l.service, l.tls)) else {
             return;
@@ -66,28 +112,24 @@ impl Worker {
         }
     }
 
-    /// An accept failed for want of file descriptors or memory: counted,
-    /// the pause doubled, one line a minute with the count since.
-    fn accept_starved(&mut self, li: usize, res: i32) {
+    /// An accept on `listen` (a TCP address or an endpoint) failed for
+    /// want of file descriptors or memory: counted, logged once a minute;
+    /// returns how long that accept pauses.
+    pub(super) fn accept_starved(&mut self, listen: &str, res: i32) -> Duration {
         self.stats().accepts_starved.fetch_add(1, Ordering::Relaxed);
-        self.starved_quiet += 1;
-        let pause = self.accept_pause;
-        self.accept_pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
-        let now = Instant::now();
-        if now.duration_since(self.starved_logged) >= Duration::from_secs(60) {
-            let addr = self.listeners.get(li).and_then(Option::as_ref).map(|l| l.addr.to_string()).unwrap_or_default();
+        let (pause, log) = self.accept_backoff.fail(Instant::now());
+        if let Some(failures) = log {
             let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(0, |l| l.0);
             warn!(
                 self.who,
-                "accept paused listen={addr} reason=\"{}\" pause_ms={} failures={} fd_limit={limit}: connections wait \
-                 in the listen backlog; raise LimitNOFILE= (or ulimit -n) or lower --max-conns (one line a minute)",
+                "accept paused listen={listen} reason=\"{}\" pause_ms={} failures={failures} fd_limit={limit}: \
+                 connections wait in the listen backlog; raise LimitNOFILE= (or ulimit -n) or lower --max-conns \
+                 (one line a minute)",
                 std::io::Error::from_raw_os_error(-res),
                 pause.as_millis(),
-                self.starved_quiet
             );
-            self.starved_logged = now;
-            self.starved_quiet = 0;
         }
+        pause
     }
 
     /// Slots freed since the last batch take the connections that waited
@@ -408,7 +450,10 @@ impl Worker {
                         decode(t).is_some_and(|(op, s, g)| {
                             s == slot
                                 && g == generation
-                                && matches!(op, Op::ClientRead | Op::TlsRead | Op::EpRead | Op::EpAccept)
+                                && matches!(
+                                    op,
+                                    Op::ClientRead | Op::TlsRead | Op::EpRead | Op::EpAccept | Op::EpAcceptRetry
+                                )
                         })
                     };
                     if let Ok(n) = w.ring.cancel_where(pred, token(Op::Cancel, slot, generation)) {

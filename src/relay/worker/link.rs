@@ -2,6 +2,7 @@
 //! (session, channel, busy policy), opening the endpoint before the
 //! result goes out, then the hand-over to the data stage (main or channel).
 
+use super::lifecycle::AcceptBackoff;
 use super::*;
 
 impl Worker {
@@ -426,9 +427,21 @@ impl Worker {
             if self.draining.is_some() {
                 return self.maybe_drained(slot, conn);
             }
+            if AcceptBackoff::starved(res) {
+                // Out of descriptors: the app waits in the backlog while
+                // this accept pauses (see `AcceptBackoff`).
+                let listen = self.endpoint_label(conn.service, ci);
+                let pause = self.accept_starved(&listen, res);
+                let t = self.tok(Op::EpAcceptRetry, slot);
+                let r = self.ring.timeout(pause, t);
+                self.pushed(slot, conn, r);
+                return;
+            }
             warn!(self.who, "endpoint accept failed: {}", std::io::Error::from_raw_os_error(-res));
             return self.accept_endpoint(slot, conn, ci);
         };
+        self.accept_backoff.reset();
+        let Stage::Chan(ch) = &mut conn.stage else { return };
         ch.ep = Some(fd);
         ch.ep_state = EpState::Open;
         ch.app_left = None;
@@ -443,6 +456,30 @@ impl Worker {
         }
         self.pump_in(slot, conn);
         self.pump_out(slot, conn);
+    }
+
+    /// The pause of a unix-listen endpoint's accept is over: try again
+    /// (unless the endpoint came or the channel drains meanwhile).
+    pub(super) fn on_ep_accept_retry(&mut self, slot: u32, conn: &mut Conn) {
+        let Stage::Chan(ch) = &conn.stage else { return };
+        if ch.ep.is_some() || ch.ep_state != EpState::Accepting {
+            return;
+        }
+        let ci = ch.conf;
+        if self.draining.is_some() {
+            return self.maybe_drained(slot, conn);
+        }
+        self.accept_endpoint(slot, conn, ci);
+    }
+
+    /// A channel's endpoint as configured, for log lines.
+    fn endpoint_label(&self, service: usize, ci: usize) -> String {
+        self.live
+            .config
+            .services
+            .get(service)
+            .and_then(|s| s.channels.get(ci))
+            .map_or_else(String::new, |c| c.endpoint.to_string())
     }
 
     pub(super) fn new_session(&mut self, service: usize, slot: u32, watch: Option<Arc<OwnedFd>>) -> u32 {

@@ -242,7 +242,8 @@ impl Throttle {
         s.logged = Some(now);
         let held = std::mem::take(&mut s.held_unlogged);
         Some(format!(
-            "throttle addr={ip} failed_tickets={} within_s={} delay_ms={} held_links_since_last_line={held}              (a wrong password, or a password guesser; raise --auth-fail-limit or wait {} s)",
+            "throttle addr={ip} failed_tickets={} within_s={} delay_ms={} held_links_since_last_line={held} \
+             (a wrong password, or a password guesser; raise --auth-fail-limit or wait {} s)",
             s.failures,
             now.duration_since(s.first).as_secs(),
             delay.as_millis(),
