@@ -404,3 +404,60 @@ fn refused_while_endpoint_down_is_announced_when_it_is_back() {
     assert_eq!(app.conns.load(Ordering::Relaxed), 1, "the endpoint opened for the check is the one the link uses");
     s.close();
 }
+
+/// When a session ends (its main channel closes), a channel of it whose
+/// endpoint write is still in flight writes what the relay already read
+/// before it closes: the endpoint gets exactly the bytes the relay counted
+/// as read from the client (the close line's `c2e_bytes`), byte-exact, in
+/// both data paths. The endpoint is slow so that a write is in flight.
+#[test]
+fn session_end_flushes_what_the_relay_read() {
+    for (k, path) in ["copy", "splice"].into_iter().enumerate() {
+        let dir = TempDir::new("flushend");
+        let sock = dir.path("slow.sock");
+        let l = UnixListener::bind(&sock).expect("bind endpoint");
+        let relay =
+            start(&["--data-path".into(), path.into(), "--channel".into(), format!("128=unix:{}", sock.display())]);
+        let total = 16 << 20;
+        let data = pattern(41 + k as u64, total);
+        let s = Session::connect(&relay.addr(), b"", Duration::from_secs(10)).expect("session");
+        let ch = s.open(128, 0, false).expect("open 128");
+        let (ep, _) = l.accept().expect("the relay connects its endpoint");
+        let sent = data.clone();
+        let mut w = ch.writer;
+        // The client sends until the relay stops taking (it stops reading
+        // while its endpoint write waits); errors after the close are expected.
+        let writer = std::thread::spawn(move || {
+            for chunk in sent.chunks(65536) {
+                if w.send(chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // The session ends while the endpoint has not read anything yet.
+        s.close();
+        std::thread::sleep(Duration::from_millis(500));
+        let reader = std::thread::spawn(move || {
+            let mut ep = ep;
+            let mut got = Vec::new();
+            ep.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+            let _ = ep.read_to_end(&mut got);
+            got
+        });
+        let got = reader.join().expect("endpoint reader");
+        let line = relay.wait_log("channel=128:0", Duration::from_secs(10));
+        let line = relay.lines("close peer").into_iter().find(|l| l.contains("channel=128:0")).unwrap_or(line);
+        let read: usize = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("c2e_bytes="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("c2e_bytes in {line}"));
+        assert!(line.contains("reason=\"session closed\""), "{path}: {line}");
+        assert!(read > 0 && read < total, "{path}: a partial upload was in flight: {read}");
+        assert_eq!(got.len(), read, "{path}: the endpoint got every byte the relay read ({line})");
+        assert!(got == data[..got.len()], "{path}: byte-exact");
+        drop(s);
+        let _ = writer.join();
+    }
+}

@@ -20,6 +20,9 @@ impl Worker {
         if conn.tls.is_some() {
             return self.tls_read(slot, conn);
         }
+        if self.take_flush_close(slot, conn) {
+            return;
+        }
         if conn.lend.rx_polling {
             return;
         }

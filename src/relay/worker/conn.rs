@@ -202,6 +202,11 @@ pub(super) struct Conn {
     pub(super) inflight: u32,
     pub(super) closing: Option<String>,
     pub(super) close_after_flush: Option<String>,
+    /// A channel whose session ended while bytes it read from the client
+    /// were still on their way to the endpoint: it reads no more and closes
+    /// (with this reason) once they are written, or when the flush bound
+    /// passes (`Worker::close_flushing`).
+    pub(super) flush_close: Option<(String, Instant)>,
     /// A client read or an endpoint write of `rx` (or of lz4 output) is in flight.
     pub(super) c2e_busy: bool,
     /// An endpoint read into `tx` or a client write from `tx` is in flight.
@@ -308,6 +313,14 @@ pub(super) const PIPE_BYTES: u32 = 1024 * 1024;
 /// client that never reads is cut off rather than buffered without bound).
 pub(super) const MAX_CTL_QUEUE: usize = 64;
 
+/// Why a session's channels close when the session ends (its main
+/// channel closed, or QEMU's did): such a close flushes first.
+pub(super) const SESSION_CLOSED: &str = "session closed";
+
+/// How long a channel whose session ended may take to write the bytes it
+/// already read to its endpoint (`Worker::close_flushing`).
+pub(super) const FLUSH_CLOSE_BOUND: Duration = Duration::from_secs(5);
+
 pub(super) struct Slot {
     pub(super) generation: u32,
     pub(super) conn: Option<Box<Conn>>,
@@ -346,6 +359,7 @@ impl Worker {
             inflight: 0,
             closing: None,
             close_after_flush: None,
+            flush_close: None,
             c2e_busy: false,
             tx_busy: false,
             tx_len: 0,
@@ -471,6 +485,34 @@ impl Worker {
         }
     }
 
+    /// Closes a channel whose session ended, without losing what the relay
+    /// already read from its client: while an endpoint write (or splice)
+    /// of those bytes is in flight, or read bytes wait in `rx`, the channel
+    /// reads no more from the client and closes once they are written
+    /// (`take_flush_close`), at most [`FLUSH_CLOSE_BOUND`] later. Anything
+    /// else closes at once.
+    pub(super) fn close_flushing(&mut self, slot: u32, conn: &mut Conn, reason: &str) {
+        if conn.closing.is_some() || conn.flush_close.is_some() {
+            return;
+        }
+        let Stage::Chan(ch) = &conn.stage else { return self.close(slot, conn, reason) };
+        let toward_endpoint =
+            conn.c2e_busy && !conn.lend.rx_reading && !conn.lend.rx_polling && !self.tls_reading(conn);
+        let waiting = conn.rx_pos < conn.rx_len || !ch.ranges.is_empty() || ch.lz4_pending.is_some() || ch.piped > 0;
+        if conn.client_role || ch.ep_state != EpState::Open || !(toward_endpoint || waiting) {
+            return self.close(slot, conn, reason);
+        }
+        conn.flush_close = Some((reason.to_string(), Instant::now()));
+    }
+
+    /// Where a flushing channel would read from its client again: every
+    /// byte it read is written, so it closes now. Returns whether it did.
+    pub(super) fn take_flush_close(&mut self, slot: u32, conn: &mut Conn) -> bool {
+        let Some((reason, _)) = conn.flush_close.take() else { return false };
+        self.close(slot, conn, &reason);
+        true
+    }
+
     pub(super) fn finish_close(&mut self, slot: u32, mut conn: Box<Conn>) {
         let reason = conn.closing.take().unwrap_or_default();
         let place = Place { worker: self.id, slot, generation: self.slots[slot as usize].generation };
@@ -497,7 +539,7 @@ impl Worker {
             }
         }
         for p in to_close {
-            self.shared.tell(p, "session closed");
+            self.shared.tell(p, SESSION_CLOSED);
         }
         fold_counters(&self.live.metrics, &mut conn);
         let mut linked = false;

@@ -373,7 +373,11 @@ impl Worker {
             match cmd {
                 Cmd::Close { slot, generation, reason } => {
                     if self.slots.get(slot as usize).is_some_and(|s| s.generation == generation) {
-                        self.with_conn(slot, |w, conn| w.close(slot, conn, reason));
+                        if reason == SESSION_CLOSED {
+                            self.with_conn(slot, |w, conn| w.close_flushing(slot, conn, reason));
+                        } else {
+                            self.with_conn(slot, |w, conn| w.close(slot, conn, reason));
+                        }
                     }
                 }
                 Cmd::Announce { slot, generation, channel } => self.on_announce(slot, generation, channel),
@@ -485,6 +489,27 @@ impl Worker {
                     && c.closing.is_none()
                     && now.duration_since(c.since) > timeout
             });
+            let flush_over = self.slots[slot as usize]
+                .conn
+                .as_ref()
+                .and_then(|c| c.flush_close.as_ref())
+                .is_some_and(|(_, t)| now.duration_since(*t) > FLUSH_CLOSE_BOUND);
+            if flush_over {
+                self.with_conn(slot, |w, conn| {
+                    if let Some((reason, _)) = conn.flush_close.take() {
+                        warn!(
+                            w.who,
+                            "peer={} channel={} endpoint did not take the last bytes within {} s of its session's end: \
+                             closing (unwritten bytes dropped)",
+                            conn.peer,
+                            conn.label,
+                            FLUSH_CLOSE_BOUND.as_secs()
+                        );
+                        w.close(slot, conn, &reason);
+                    }
+                });
+                continue;
+            }
             if late {
                 self.with_conn(slot, |w, conn| {
                     if conn.client_role {

@@ -636,9 +636,9 @@ impl Worker {
         info!(self.who, "session {session:#010x} ended with its upstream main");
         for p in to_close {
             if p.worker == self.id {
-                self.with_pair((p.slot, p.generation), |w, c, s| w.close(s, c, "session closed"));
+                self.with_pair((p.slot, p.generation), |w, c, s| w.close_flushing(s, c, SESSION_CLOSED));
             } else {
-                self.shared.tell(p, "session closed");
+                self.shared.tell(p, SESSION_CLOSED);
             }
         }
     }

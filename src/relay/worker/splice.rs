@@ -80,6 +80,9 @@ impl Worker {
             return self.maybe_drained(slot, conn);
         }
         // More of this body: splice again; else back to reading headers.
+        if self.take_flush_close(slot, conn) {
+            return;
+        }
         if conn.cur == Cur::Data && conn.deframer.body_remaining() >= SPLICE_MIN_BYTES {
             return self.splice_in(slot, conn);
         }
@@ -88,6 +91,9 @@ impl Worker {
 
     /// A non-blocking socket had nothing to give (or no room): wait for it.
     pub(super) fn splice_poll(&mut self, slot: u32, conn: &mut Conn, input: bool) {
+        if input && self.take_flush_close(slot, conn) {
+            return;
+        }
         let Stage::Chan(ch) = &mut conn.stage else { return };
         ch.poll_in = input;
         let fd = if input { Some(conn.fd.as_raw_fd()) } else { ch.ep.as_ref().map(AsRawFd::as_raw_fd) };

@@ -108,6 +108,10 @@ impl Worker {
         if self.tls_deliver(slot, conn) {
             return;
         }
+        // Plaintext the session held is delivered: a flushing channel ends here.
+        if self.take_flush_close(slot, conn) {
+            return;
+        }
         let Some(t) = conn.tls.as_mut() else { return };
         if t.eof {
             return;
@@ -251,6 +255,11 @@ impl Worker {
             info!(self.who, "tls peer={} result=failed kind=\"{what}\" error=\"{e}\"", conn.peer);
         }
         self.close(slot, conn, &format!("TLS {what}: {e}"));
+    }
+
+    /// A ciphertext read of this TLS connection is in flight.
+    pub(super) fn tls_reading(&self, conn: &Conn) -> bool {
+        conn.tls.as_ref().is_some_and(|t| t.cin.is_none())
     }
 
     /// Marks that the proxy pair waits for this session to be free.
