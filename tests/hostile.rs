@@ -11,6 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+
+/// Runs the relay with 64 descriptors and no way to raise the limit.
+const FD_STARVED: [&str; 5] =
+    ["setpriv", "--inh-caps=-sys_resource", "--bounding-set=-sys_resource", "prlimit", "--nofile=64:64"];
 use vmcrelay::proto::client_link::ClientLinkFailure;
 use vmcrelay::proto::link::LinkErrorCode;
 use vmcrelay::relay::sync_client::{Channel, ClientError, Session};
@@ -446,10 +450,7 @@ fn out_of_fds_pauses_accepts_without_spinning() {
             .iter()
             .map(|s| s.to_string())
             .collect();
-    let relay = Relay::start_under(
-        &["setpriv", "--inh-caps=-sys_resource", "--bounding-set=-sys_resource", "prlimit", "--nofile=64:64"],
-        &args,
-    );
+    let relay = Relay::start_under(&FD_STARVED, &args);
     let pid = relay.child.id();
     let sa: std::net::SocketAddr = relay.addr().parse().expect("addr");
     // Link-stage connections from four addresses (under each address's
@@ -530,10 +531,7 @@ fn out_of_fds_pauses_endpoint_accepts_without_spinning() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let relay = Relay::start_under(
-        &["setpriv", "--inh-caps=-sys_resource", "--bounding-set=-sys_resource", "prlimit", "--nofile=64:64"],
-        &args,
-    );
+    let relay = Relay::start_under(&FD_STARVED, &args);
     let pid = relay.child.id();
     // The channel links first: its endpoint accept is posted, waiting for the app.
     let s = Session::connect(&relay.addr(), b"", T).expect("session");

@@ -768,19 +768,8 @@ W5_BURST_EXTRA = ("--max-link-stage-per-addr", "256")
 
 
 def _metrics(port, timeout=2.0):
-    """Parses the relay's /metrics into {(family, labels): value}."""
-    import urllib.request
-    out = {}
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
-        for line in r.read().decode().splitlines():
-            if not line or line.startswith("#"):
-                continue
-            name, _, val = line.rpartition(" ")
-            try:
-                out[name] = float(val)
-            except ValueError:
-                pass
-    return out
+    """The relay's /metrics as {"family{labels}": value} (raises OSError)."""
+    return flood.fetch_metrics(port, timeout)
 
 
 def _key_pool(port):

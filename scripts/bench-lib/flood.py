@@ -91,13 +91,11 @@ def fd_count(pid):
         return None
 
 
-def metrics(port):
+def fetch_metrics(port, timeout=2.0):
+    """The relay's /metrics as {"family{labels}": value}; raises OSError."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+        text = r.read().decode()
     out = {}
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-            text = r.read().decode()
-    except OSError:
-        return out
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, _, val = line.rpartition(" ")
@@ -106,6 +104,14 @@ def metrics(port):
             except ValueError:
                 pass
     return out
+
+
+def metrics(port):
+    """As fetch_metrics, {} when the relay does not answer."""
+    try:
+        return fetch_metrics(port)
+    except OSError:
+        return {}
 
 
 def msum(m, prefix, must=""):
