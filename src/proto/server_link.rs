@@ -183,9 +183,12 @@ pub struct ServerLink {
     key: TicketKey,
     password: Option<Vec<u8>>,
     mini_header: bool,
-    /// Input accumulator: a header, a link body (≤ 4096), a mechanism or a
-    /// ticket. Sized for the largest of them.
-    inbuf: Box<[u8; MAX_LINK_BODY_LEN as usize]>,
+    /// Input accumulator: a header, a link body (≤ 4096, as the header
+    /// announced), a mechanism or a ticket. Grown to the field being read,
+    /// never past the largest of them, and empty until the first byte, so
+    /// a connection that sends nothing holds no input buffer (half-open
+    /// floods).
+    inbuf: Vec<u8>,
     have: usize,
     out: OutBuf<OUT_CAP>,
     request: Option<LinkRequest>,
@@ -203,7 +206,7 @@ impl ServerLink {
             key,
             password: config.password.clone(),
             mini_header: config.mini_header,
-            inbuf: Box::new([0; MAX_LINK_BODY_LEN as usize]),
+            inbuf: Vec::new(),
             have: 0,
             out: OutBuf::new(),
             request: None,
@@ -239,6 +242,11 @@ impl ServerLink {
                 State::Ticket => TICKET_LEN,
                 State::AwaitDecision | State::AwaitConfirm | State::Done => break,
             };
+            if self.inbuf.len() < want {
+                // Bounded: `want` is a fixed field size or a body size the
+                // header check capped at MAX_LINK_BODY_LEN.
+                self.inbuf.resize(want, 0);
+            }
             let n = (want - self.have).min(input.len() - used);
             self.inbuf[self.have..self.have + n].copy_from_slice(&input[used..used + n]);
             self.have += n;
