@@ -12,14 +12,15 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Runs the relay with 64 descriptors and no way to raise the limit.
-const FD_STARVED: [&str; 5] =
-    ["setpriv", "--inh-caps=-sys_resource", "--bounding-set=-sys_resource", "prlimit", "--nofile=64:64"];
 use vmcrelay::proto::client_link::ClientLinkFailure;
 use vmcrelay::proto::link::LinkErrorCode;
 use vmcrelay::relay::sync_client::{Channel, ClientError, Session};
 
 const T: Duration = Duration::from_secs(10);
+
+/// Runs the relay with 64 descriptors and no way to raise the limit.
+const FD_STARVED: [&str; 5] =
+    ["setpriv", "--inh-caps=-sys_resource", "--bounding-set=-sys_resource", "prlimit", "--nofile=64:64"];
 
 fn start(extra: &[&str]) -> Relay {
     let port = free_port();

@@ -767,13 +767,8 @@ W5_BURST_RUNS = 3
 W5_BURST_EXTRA = ("--max-link-stage-per-addr", "256")
 
 
-def _metrics(port, timeout=2.0):
-    """The relay's /metrics as {"family{labels}": value} (raises OSError)."""
-    return flood.fetch_metrics(port, timeout)
-
-
 def _key_pool(port):
-    m = _metrics(port)
+    m = flood.fetch_metrics(port)
     keys = [v for k, v in m.items() if k.startswith("vmcrelay_key_pool_keys{")]
     return keys, m.get("vmcrelay_key_pool_capacity")
 
@@ -814,9 +809,9 @@ def w5_burst(ctx, c, pw, budget):
                     break
                 time.sleep(0.2)
             run = {"pool_wait_s": round(time.monotonic() - t0, 2), "pool_keys_before": keys, "pool_capacity": cap}
-            before = _metrics(mport)
+            before = flood.fetch_metrics(mport)
             rep, cpu_s, _, _ = measure(ctx, pid, lambda: load_run(ctx, targs, "rr", "64", largs, f"W5b.{i}", 120))
-            after = _metrics(mport)
+            after = flood.fetch_metrics(mport)
 
             def delta(fam, res):
                 k = f'{fam}{{service="{c.key}",channel="main",result="{res}"}}'
