@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use vmcrelay::proto::client_link::ClientLinkFailure;
@@ -446,8 +446,16 @@ fn session_end_flushes_what_the_relay_read() {
             got
         });
         let got = reader.join().expect("endpoint reader");
-        let line = relay.wait_log("channel=128:0", Duration::from_secs(10));
-        let line = relay.lines("close peer").into_iter().find(|l| l.contains("channel=128:0")).unwrap_or(line);
+        // The endpoint's EOF can reach the test before the relay's close
+        // line reaches its log reader: wait for that line itself.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let line = loop {
+            if let Some(l) = relay.lines("close peer").into_iter().find(|l| l.contains("channel=128:0")) {
+                break l;
+            }
+            assert!(Instant::now() < deadline, "{path}: no close line for channel 128:0");
+            std::thread::sleep(Duration::from_millis(20));
+        };
         let read: usize = line
             .split_whitespace()
             .find_map(|f| f.strip_prefix("c2e_bytes="))
