@@ -96,6 +96,9 @@ pub(crate) struct ConnectCtl {
     opts: ConnectOptions,
     main: Option<(u32, u32)>,
     session: Option<u32>,
+    /// The server's CHANNELS_LIST came this session. Until it does, a port
+    /// name is not missing, only not known yet.
+    listed: bool,
     list: Vec<(u8, u8)>,
     specs: Vec<SpecState>,
     probes: usize,
@@ -124,6 +127,7 @@ pub fn run_connect_worker(shared: Arc<Shared>, opts: ConnectOptions) -> anyhow::
         opts,
         main: None,
         session: None,
+        listed: false,
         list: Vec::new(),
         specs: (0..n).map(|_| SpecState::default()).collect(),
         probes: 0,
@@ -682,6 +686,7 @@ impl Worker {
             ServerMsg::ChannelsList(l) => {
                 let entries: Vec<(u8, u8)> = l.iter().collect();
                 if let Some(ctl) = self.ctl.as_mut() {
+                    ctl.listed = true;
                     for e in entries {
                         if !ctl.list.contains(&e) {
                             ctl.list.push(e);
@@ -716,7 +721,9 @@ impl Worker {
             return;
         }
         let Some(ctl) = self.ctl.as_ref() else { return };
-        if ctl.session.is_none() {
+        // A local app that connects between MAIN_INIT and CHANNELS_LIST
+        // waits for the list: judging its port missing then would close it.
+        if ctl.session.is_none() || !ctl.listed {
             return;
         }
         let now = Instant::now();
@@ -945,6 +952,7 @@ impl Worker {
         if ctl.main == Some((slot, generation)) {
             ctl.main = None;
             ctl.session = None;
+            ctl.listed = false;
             ctl.list.clear();
             ctl.probes = 0;
             ctl.warned_missing.clear();
