@@ -12,67 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// A running `vmcrelay connect`, killed on drop.
-struct Connect {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Connect {
-    fn start(args: &[String]) -> Connect {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vmcrelay"))
-            .arg("connect")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmcrelay connect");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let err = child.stderr.take().expect("stderr");
-        let l2 = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if std::env::var("VMCRELAY_TEST_LOG").is_ok() {
-                    eprintln!("connect: {line}");
-                }
-                l2.lock().expect("log").push(line);
-            }
-        });
-        Connect { child, log }
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return st.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        self.log.lock().expect("log").join("\n")
-    }
-}
-
-impl Drop for Connect {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            // A failed test shows what connect logged (CI keeps no other trace).
-            for l in self.log.lock().map(|l| l.clone()).unwrap_or_default() {
-                eprintln!("connect: {l}");
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn qemu_qmp_port(port: u16, auth: &[String]) -> Qemu {
     let mut a: Vec<String> =
         vec!["-machine".into(), "none".into(), "-display".into(), "none".into(), "-nodefaults".into()];

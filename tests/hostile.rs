@@ -605,3 +605,84 @@ fn throttled_parallel_links_past_the_link_timeout_close_unanswered() {
     assert!(denied >= 1 && unanswered >= 1, "some start within the timeout, the queued rest do not: {outcomes:?}");
     relay.wait_log("link timeout closed=", T);
 }
+
+/// `connect`'s local accepts back off as serve's do: with 40 `unix-listen`
+/// channels under a 64-descriptor limit it cannot raise, local apps connect
+/// one by one until an accept finds no descriptor; then connect idles (one
+/// `accept paused` line naming LimitNOFILE, no `local accept failed`
+/// flood), and once four apps leave the waiting app is accepted, linked,
+/// and its channel echoes 1 MiB byte-exact.
+#[test]
+fn out_of_fds_pauses_connect_local_accepts_without_spinning() {
+    use std::io::{Read, Write};
+    if !peers_available(&["setpriv", "prlimit"]) {
+        return;
+    }
+    let dir = TempDir::new("connect-emfile");
+    let mut extra = vec!["--disable-ticketing".to_string()];
+    let types = 128u8..168;
+    for t in types.clone() {
+        extra.extend(["--channel".to_string(), format!("{t}=echo:")]);
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let relay = start(&extra);
+    let mut args = vec![relay.uri()];
+    for t in types.clone() {
+        args.extend(["--channel".to_string(), format!("{t}=unix-listen:{}", dir.path(&format!("{t}.sock")).display())]);
+    }
+    let connect = Connect::start_under(&FD_STARVED, &args);
+    for t in types.clone() {
+        wait_path(&dir.path(&format!("{t}.sock")), T);
+    }
+    let pid = connect.child.id();
+    // One app after another; each is accepted and linked (or its channel
+    // socket is refused) before the next, until an accept pauses.
+    let progress = || connect.lines("result=ok").len() + connect.lines("cannot create a socket").len();
+    let mut apps = Vec::new();
+    let mut paused = false;
+    for t in types.clone() {
+        let before = progress();
+        let app = std::os::unix::net::UnixStream::connect(dir.path(&format!("{t}.sock"))).expect("app connects");
+        apps.push(app);
+        let deadline = Instant::now() + T;
+        loop {
+            if !connect.lines("accept paused").is_empty() {
+                paused = true;
+                break;
+            }
+            assert!(Instant::now() < deadline, "app {t} neither linked nor paused:\n{}", connect.log_text());
+            if progress() > before {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if paused {
+            break;
+        }
+    }
+    assert!(paused, "40 apps under 64 descriptors never ran out:\n{}", connect.log_text());
+    let c0 = cpu_secs(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_secs(pid) - c0;
+    eprintln!("FIGURES connect emfile: connect CPU {used:.2} s over 3 s out of descriptors, {} apps", apps.len());
+    assert!(used < 0.5, "connect spins while out of descriptors: {used:.2} s of CPU in 3 s");
+    let failed = connect.lines("local accept failed");
+    assert!(failed.is_empty(), "a shortage is a pause, not a failure a line each: {failed:#?}");
+    let lines = connect.lines("accept paused");
+    assert!(lines.len() <= 2, "one rate-limited line, not a flood: {lines:#?}");
+    assert!(lines[0].contains("LimitNOFILE"), "the line says what to raise: {}", lines[0]);
+    // Four apps leave: their channels close and free descriptors; the app
+    // waiting in the backlog is accepted within the pause and linked.
+    let mut waiting = apps.pop().expect("the waiting app");
+    apps.drain(..4);
+    waiting.set_read_timeout(Some(T)).expect("timeout");
+    let data = pattern(77, 1 << 20);
+    let mut w = waiting.try_clone().expect("clone");
+    let d2 = data.clone();
+    let writer = std::thread::spawn(move || w.write_all(&d2).expect("write"));
+    let mut got = vec![0u8; data.len()];
+    waiting.read_exact(&mut got).unwrap_or_else(|e| panic!("echo of the waiting app: {e}\n{}", connect.log_text()));
+    writer.join().expect("writer");
+    assert!(got == data, "echo differs");
+    drop(apps);
+}

@@ -8,7 +8,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -254,29 +254,6 @@ fn gtk_need_secured_relinks_the_port_on_the_tls_port() {
     assert!(ok.iter().any(|l| l.contains("channel=main:0") && l.contains("tls=no")), "{ok:?}");
     assert!(ok.iter().any(|l| l.contains("channel=port:com.example.echo") && l.contains("tls=yes")), "{ok:?}");
     assert_eq!(relay.stop(), Some(0));
-}
-
-struct Connect(Child);
-
-impl Connect {
-    fn start(args: &[String]) -> Connect {
-        let child = Command::new(env!("CARGO_BIN_EXE_vmcrelay"))
-            .arg("connect")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(if std::env::var("VMCRELAY_TEST_LOG").is_ok() { Stdio::inherit() } else { Stdio::null() })
-            .spawn()
-            .expect("spawn connect");
-        Connect(child)
-    }
-}
-
-impl Drop for Connect {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// vmcrelay `connect` ↔ `serve` over TLS on user channel 128 (an echo

@@ -93,9 +93,9 @@ enum Op {
     Cancel,
     SrvConnect,
     Retry,
-    SpliceIn,
-    SpliceOut,
     SplicePoll,
+    /// Splice endpoint → client: the client socket has room again.
+    SpliceOutPoll,
     LocalAccept,
     Linger,
     PipeWrite,
@@ -111,7 +111,7 @@ enum Op {
     LocalAcceptRetry,
 }
 
-const OPS: [Op; 25] = [
+const OPS: [Op; 24] = [
     Op::Accept,
     Op::Mailbox,
     Op::Tick,
@@ -124,9 +124,8 @@ const OPS: [Op; 25] = [
     Op::Cancel,
     Op::SrvConnect,
     Op::Retry,
-    Op::SpliceIn,
-    Op::SpliceOut,
     Op::SplicePoll,
+    Op::SpliceOutPoll,
     Op::LocalAccept,
     Op::Linger,
     Op::PipeWrite,
@@ -153,9 +152,8 @@ impl Op {
                 | Op::EpConnect
                 | Op::EpAccept
                 | Op::SrvConnect
-                | Op::SpliceIn
-                | Op::SpliceOut
                 | Op::SplicePoll
+                | Op::SpliceOutPoll
                 | Op::PipeWrite
                 | Op::TlsRead
                 | Op::TlsWrite

@@ -509,18 +509,6 @@ impl Ring {
         self.push(i, e)
     }
 
-    /// Moves up to `len` bytes between two fds, one of which is a pipe.
-    /// A non-blocking fd may complete with `-EAGAIN`: wait with
-    /// [`Ring::poll`] and retry.
-    pub fn splice(&mut self, fd_in: RawFd, fd_out: RawFd, len: u32, token: u64) -> Result<(), SubmitError> {
-        let (i, ud) = self.take_op(token, None)?;
-        let e = opcode::Splice::new(types::Fd(fd_in), -1, types::Fd(fd_out), -1, len)
-            .flags(libc::SPLICE_F_MOVE)
-            .build()
-            .user_data(ud);
-        self.push(i, e)
-    }
-
     /// Completes once `fd` has any of `events` (`libc::POLLIN`, `POLLOUT`).
     pub fn poll(&mut self, fd: RawFd, events: i16, token: u64) -> Result<(), SubmitError> {
         let (i, ud) = self.take_op(token, None)?;

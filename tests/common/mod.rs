@@ -426,3 +426,86 @@ pub fn make_other_ca(dir: &Path) -> PathBuf {
     );
     dir.join("ca.pem")
 }
+
+/// A running `vmcrelay connect`, its stderr kept line by line; killed on
+/// drop (a failed test prints what it logged: CI keeps no other trace).
+pub struct Connect {
+    pub child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Connect {
+    /// Starts `vmcrelay connect ARGS`.
+    pub fn start(args: &[String]) -> Connect {
+        Self::start_under(&[], args)
+    }
+
+    /// Like [`Connect::start`], run under a wrapper command (e.g. `prlimit
+    /// --nofile=64:64`).
+    pub fn start_under(wrapper: &[&str], args: &[String]) -> Connect {
+        let mut cmd = match wrapper.split_first() {
+            Some((w, rest)) => {
+                let mut c = Command::new(w);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_vmcrelay"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_vmcrelay")),
+        };
+        let mut child = cmd
+            .arg("connect")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn vmcrelay connect");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let err = child.stderr.take().expect("stderr");
+        let l2 = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if std::env::var("VMCRELAY_TEST_LOG").is_ok() {
+                    eprintln!("connect: {line}");
+                }
+                l2.lock().expect("log").push(line);
+            }
+        });
+        Connect { child, log }
+    }
+
+    /// The exit code once connect exits within `timeout`, else None.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything logged so far, one line per line.
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log").join("\n")
+    }
+
+    /// Log lines containing `needle`.
+    pub fn lines(&self, needle: &str) -> Vec<String> {
+        self.log.lock().expect("log").iter().filter(|l| l.contains(needle)).cloned().collect()
+    }
+}
+
+impl Drop for Connect {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for l in self.log.lock().map(|l| l.clone()).unwrap_or_default() {
+                eprintln!("connect: {l}");
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -456,7 +456,12 @@ impl Worker {
                                 && g == generation
                                 && matches!(
                                     op,
-                                    Op::ClientRead | Op::TlsRead | Op::EpRead | Op::EpAccept | Op::EpAcceptRetry
+                                    Op::ClientRead
+                                        | Op::TlsRead
+                                        | Op::EpRead
+                                        | Op::EpAccept
+                                        | Op::EpAcceptRetry
+                                        | Op::SplicePoll
                                 )
                         })
                     };
