@@ -94,8 +94,6 @@ enum Op {
     SrvConnect,
     Retry,
     SplicePoll,
-    /// Splice endpoint → client: the client socket has room again.
-    SpliceOutPoll,
     LocalAccept,
     Linger,
     PipeWrite,
@@ -111,7 +109,7 @@ enum Op {
     LocalAcceptRetry,
 }
 
-const OPS: [Op; 24] = [
+const OPS: [Op; 23] = [
     Op::Accept,
     Op::Mailbox,
     Op::Tick,
@@ -125,7 +123,6 @@ const OPS: [Op; 24] = [
     Op::SrvConnect,
     Op::Retry,
     Op::SplicePoll,
-    Op::SpliceOutPoll,
     Op::LocalAccept,
     Op::Linger,
     Op::PipeWrite,
@@ -153,7 +150,6 @@ impl Op {
                 | Op::EpAccept
                 | Op::SrvConnect
                 | Op::SplicePoll
-                | Op::SpliceOutPoll
                 | Op::PipeWrite
                 | Op::TlsRead
                 | Op::TlsWrite

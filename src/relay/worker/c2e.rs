@@ -40,7 +40,9 @@ impl Worker {
         }
         let Some(rx) = self.take_rx(slot, conn) else { return };
         let mut size = self.ring.arena().buf_size();
-        if self.live.config.limits.data_path == DataPath::Splice && matches!(conn.stage, Stage::Chan(_)) {
+        if self.live.config.limits.data_path == DataPath::Splice
+            && matches!(&conn.stage, Stage::Chan(ch) if !ch.splice_off)
+        {
             // Read exactly up to the next header so payloads stay in the
             // socket for splice; a small body is read whole.
             let hl = conn.enc.header_len();
@@ -377,6 +379,7 @@ impl Worker {
             && conn.rx_pos >= conn.rx_len
             && conn.deframer.body_remaining() >= SPLICE_MIN_BYTES
             && ch.ep_state == EpState::Open
+            && !ch.splice_off
         {
             self.splice_in(slot, conn);
             return false;

@@ -55,24 +55,8 @@ pub(super) struct Chan {
     pub(super) piped: u32,
     /// Which splice a POLL wakes up: true = into the pipe (socket readable).
     pub(super) poll_in: bool,
-    /// Splice data path, endpoint → client: its own pipe (bytes in it
-    /// were taken from the endpoint and belong to the client, whatever
-    /// happens to the endpoint), made on first use.
-    pub(super) pipe_e2c: Option<(OwnedFd, OwnedFd)>,
-    /// Endpoint bytes in `pipe_e2c` not yet sent to the client.
-    pub(super) e2c_piped: u32,
-    /// Of those, the body bytes of the DATA message in progress (its
-    /// header is out, or going out).
-    pub(super) e2c_msg_left: u32,
-    /// That message's header, and how much of it the socket took.
-    pub(super) e2c_hdr: [u8; 18],
-    pub(super) e2c_hdr_len: u8,
-    pub(super) e2c_hdr_done: u8,
-    /// The endpoint's last read was bulk (≥ `SPLICE_MIN_BYTES`): splice
-    /// the next; small reads go back to the copy path (latency).
-    pub(super) e2c_bulk: bool,
-    /// Splice failed for this channel (no pipe, or an endpoint that
-    /// cannot splice): copy only.
+    /// No pipe could be made for splice (out of descriptors): this
+    /// channel copies.
     pub(super) splice_off: bool,
     /// Payload bytes dropped because no local app was there to take them.
     pub(super) dropped: u64,
@@ -127,13 +111,6 @@ impl Chan {
             pipe: None,
             piped: 0,
             poll_in: false,
-            pipe_e2c: None,
-            e2c_piped: 0,
-            e2c_msg_left: 0,
-            e2c_hdr: [0; 18],
-            e2c_hdr_len: 0,
-            e2c_hdr_done: 0,
-            e2c_bulk: false,
             splice_off: false,
             dropped: 0,
             app_left: None,
@@ -460,7 +437,6 @@ impl Worker {
                 Op::EpAcceptRetry => w.on_ep_accept_retry(slot, conn),
                 Op::SrvConnect => w.on_srv_connect(slot, conn, c.result),
                 Op::SplicePoll => w.on_splice_poll(slot, conn, c.result),
-                Op::SpliceOutPoll => w.on_splice_e2c_poll(slot, conn, c.result),
                 Op::PipeWrite => w.proxy_on_write(slot, conn, c.result, c.owned),
                 Op::TlsRead => w.on_tls_read(slot, conn, c.result, c.owned),
                 Op::TlsWrite => w.on_tls_write(slot, conn, c.result, c.owned),

@@ -152,10 +152,6 @@ impl Worker {
     /// each chunk.
     pub(super) fn read_endpoint(&mut self, slot: u32, conn: &mut Conn) {
         let Stage::Chan(ch) = &mut conn.stage else { return };
-        if ch.e2c_piped > 0 && !conn.tx_busy {
-            // Endpoint bytes wait in the splice pipe: they go first.
-            return self.splice_e2c(slot, conn);
-        }
         if ch.ep_state != EpState::Open || conn.tx_busy || !ch.ack.may_send() || ch.app_eof {
             return;
         }
@@ -163,14 +159,17 @@ impl Worker {
         if conn.lend.ep_polling {
             return;
         }
-        if self.e2c_splices(conn) {
-            self.put_tx(conn);
-            return self.splice_e2c(slot, conn);
-        }
         if !conn.lend.tx_ready && !conn.lend.tx_hot {
             // Quiet endpoint: wait for bytes without holding a buffer.
             self.put_tx(conn);
-            return self.ep_poll_fd(slot, conn, fd);
+            let t = self.tok(Op::EpPoll, slot);
+            let r = self.ring.poll(fd, libc::POLLIN, t);
+            let op = self.ring.last_op();
+            if self.pushed(slot, conn, r) {
+                conn.lend.ep_polling = true;
+                conn.lend.ep_op = op;
+            }
+            return;
         }
         let Some(txb) = self.take_tx(slot, conn) else { return };
         let Stage::Chan(ch) = &mut conn.stage else { return };
@@ -193,25 +192,6 @@ impl Worker {
         if self.pushed(slot, conn, r) {
             conn.tx_busy = true;
             conn.lend.ep_reading = true;
-            conn.lend.ep_op = op;
-        }
-    }
-
-    /// Waits for the endpoint to become readable (holding no buffer).
-    pub(super) fn ep_poll(&mut self, slot: u32, conn: &mut Conn) {
-        let Stage::Chan(ch) = &conn.stage else { return };
-        let Some(fd) = ch.ep.as_ref().map(AsRawFd::as_raw_fd) else { return };
-        if !conn.lend.ep_polling {
-            self.ep_poll_fd(slot, conn, fd);
-        }
-    }
-
-    fn ep_poll_fd(&mut self, slot: u32, conn: &mut Conn, fd: RawFd) {
-        let t = self.tok(Op::EpPoll, slot);
-        let r = self.ring.poll(fd, libc::POLLIN, t);
-        let op = self.ring.last_op();
-        if self.pushed(slot, conn, r) {
-            conn.lend.ep_polling = true;
             conn.lend.ep_op = op;
         }
     }
@@ -259,8 +239,6 @@ impl Worker {
         let chunk = ch.e2c_chunk.max(1);
         let hl = conn.enc.header_len();
         let mut n = usize::try_from(res).unwrap_or(0);
-        // Bulk reads switch this side to splice (when that path is chosen).
-        ch.e2c_bulk = n >= SPLICE_MIN_BYTES as usize;
         conn.st.e2c_bytes += n as u64;
         self.stats().e2c_bytes.fetch_add(n as u64, Ordering::Relaxed);
         conn.lend.tx_hot = true;
