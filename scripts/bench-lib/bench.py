@@ -528,7 +528,9 @@ def phase_w4(ctx, contenders, results, budget):
             if c.kind == "vmcrelay":
                 c.port = procs.free_port()
                 cfg = _w4_toml(ctx, c, specs, ep)
-                c.launch(ctx, [], "w4", max_conns=2 * n + 64, config=cfg)
+                # A batch links 100 sessions at once, all from 127.0.0.1: above
+                # the default per-address link-stage cap, which would evict them.
+                c.launch(ctx, [], "w4", max_conns=2 * n + 64, config=cfg, extra=W5_BURST_EXTRA)
                 pid = c.pid
             elif c.kind == "socat":
                 port, proc = c.launch(ctx, ep, "w4")
@@ -1397,7 +1399,6 @@ def main():
             ap.error(f"unknown W6 size {x} (small, large)")
     ctx.th_seconds = args.th_seconds or (1.5 if args.quick else 5.0)
     ctx.th_conc = max(1, args.th_concurrency)
-    ctx.th_procs = os.cpu_count() or 1
     budget = Budget(args.budget or (150 if args.quick else 960))
     import tempfile
 

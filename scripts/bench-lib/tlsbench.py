@@ -4,18 +4,14 @@ Contenders in front of the same endpoints, same run:
 - vmcrelay serve --tls-listen --x509-dir (copy data path, 1 worker / all workers);
 - benches/peers/spice_vmc_peer --tls-port --x509-dir (libspice-server 0.15.1, OpenSSL 3);
 - stunnel (OpenSSL 3) TLS → the endpoint's unix socket: raw TLS relaying, no SPICE.
-The client is vmcload (rustls 0.23, ring) for T1/T2: `--uri spice+tls://` or `--raw-tls`.
+The client is vmcload (rustls 0.23, ring): `vmcload run --uri spice+tls://` or `--raw-tls` for
+T1/T2, `vmcload handshake` for TH.
 
 Certificates are made at bench time with the openssl CLI, in QEMU's x509-dir layout.
 Python 3 stdlib only.
 """
 
 import os
-import resource
-import socket
-import ssl
-import struct
-import threading
 import time
 
 import procs
@@ -198,114 +194,25 @@ class Stunnel:
 # ---------------------------------------------------------------- TH: handshakes + link replies
 
 
-def link_mess(channel_type=1, channel_id=0, connection_id=0):
-    """SpiceLinkHeader + SpiceLinkMess for a main-channel link (what spice-gtk sends first):
-    common caps AUTH_SELECTION, AUTH_SPICE, MINI_HEADER."""
-    caps = struct.pack("<I", (1 << 0) | (1 << 1) | (1 << 3))
-    body = struct.pack("<IBBIII", connection_id, channel_type, channel_id, 1, 0, 18) + caps
-    return b"REDQ" + struct.pack("<III", 2, 2, len(body)) + body
-
-
-def _recv_exact(s, n):
-    out = bytearray()
-    while len(out) < n:
-        b = s.recv(n - len(out))
-        if not b:
-            raise ConnectionError(f"EOF after {len(out)} of {n} bytes")
-        out += b
-    return bytes(out)
-
-
-def one_link(sslctx, port, mess, timeout=10.0):
-    """TCP connect, full TLS handshake, SpiceLinkMess, the whole SpiceLinkReply (error 0 and
-    a 162-byte public key), close. Returns the negotiated (version, cipher)."""
-    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s = sslctx.wrap_socket(raw, server_hostname="127.0.0.1")
-        try:
-            s.sendall(mess)
-            hdr = _recv_exact(s, 16)
-            magic, major, _minor, size = struct.unpack("<4sIII", hdr)
-            if magic != b"REDQ" or major != 2 or size < 178 or size > 4096:
-                raise ConnectionError(f"bad link reply header {hdr.hex()}")
-            body = _recv_exact(s, size)
-            (err,) = struct.unpack_from("<I", body)
-            if err != 0:
-                raise ConnectionError(f"link reply error {err}")
-            return s.version(), s.cipher()[0]
-        finally:
-            s.close()
-    finally:
-        raw.close()
-
-
-def handshake_loop(ca_file, port, seconds, concurrency):
-    """`concurrency` client threads, each one link after the other for `seconds`.
-    Returns ok, failed, wall seconds, first errors, negotiated suites."""
-    sslctx = ssl.create_default_context(cafile=ca_file)
-    sslctx.options |= ssl.OP_NO_TICKET
-    mess = link_mess()
-    end = time.monotonic() + seconds
-    lock = threading.Lock()
-    st = {"ok": 0, "failed": 0, "errors": [], "suites": set()}
-
-    def worker():
-        while time.monotonic() < end:
-            try:
-                suite = one_link(sslctx, port, mess)
-                with lock:
-                    st["ok"] += 1
-                    st["suites"].add(" ".join(suite))
-            except (OSError, ssl.SSLError, ConnectionError) as e:
-                with lock:
-                    st["failed"] += 1
-                    if len(st["errors"]) < 3:
-                        st["errors"].append(f"{type(e).__name__}: {e}")
-
-    t0 = time.monotonic()
-    ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    ts = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(seconds + 30)
-    wall = time.monotonic() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    client_cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
-    return st["ok"], st["failed"], wall, st["errors"], sorted(st["suites"]), client_cpu
-
-
-def handshake_loop_procs(ca_file, port, seconds, concurrency, nprocs):
-    """handshake_loop in `nprocs` client processes (`python3 tlsbench.py --th-client`, threads
-    split among them), so the client is not one GIL-bound process. Sums counts and client CPU;
-    the wall time is the longest child loop."""
+def handshake_loop(ctx, ca_file, port, seconds, concurrency):
+    """`vmcload handshake`: `concurrency` client threads (Rust, rustls, resumption off), each one
+    link after the other for `seconds`: TCP connect, full TLS handshake, SpiceLinkMess, the whole
+    SpiceLinkReply (error 0), close. Returns ok, failed, wall seconds, first errors, negotiated
+    suites, client CPU seconds, set-up p50 ms."""
     import json
     import subprocess
-    import sys
 
-    nprocs = max(1, min(nprocs, concurrency))
-    kids = []
-    for i in range(nprocs):
-        threads = concurrency // nprocs + (1 if i < concurrency % nprocs else 0)
-        argv = [sys.executable, os.path.abspath(__file__), "--th-client", ca_file, port, seconds, threads]
-        kids.append(procs.spawn(argv, stdout=subprocess.PIPE))
-    ok = failed = 0
-    errs, suites, cpu, wall = [], set(), 0.0, seconds
-    for p in kids:
-        try:
-            out, _ = p.communicate(timeout=seconds + 60)
-            r = json.loads(out.decode().strip().splitlines()[-1])
-            ok, failed, cpu = ok + r["ok"], failed + r["failed"], cpu + r["client_cpu"]
-            wall = max(wall, r["wall"])
-            errs += r["errors"]
-            suites.update(r["suites"])
-        except (subprocess.TimeoutExpired, ValueError, IndexError, KeyError) as e:
-            failed += 1
-            errs.append(f"client process: {type(e).__name__}: {e}")
-        finally:
-            procs.stop(p, timeout=1)
-    return ok, failed, wall, errs[:3], sorted(suites), cpu
+    argv = [ctx.vmcload, "handshake", "--uri", f"spice+tls://127.0.0.1:{port}", "--ca-file", ca_file,
+            "-k", str(concurrency), "--duration", f"{seconds}s", "--json", "-", "-q"]
+    p = procs.spawn(argv, stdout=subprocess.PIPE)
+    try:
+        out, _ = p.communicate(timeout=seconds + 60)
+        r = json.loads(out.decode().strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, ValueError, IndexError) as e:
+        raise BenchError(f"vmcload handshake: {type(e).__name__}: {e}") from e
+    finally:
+        procs.stop(p, timeout=1)
+    return (r["ok"], r["failed"], r["wall"], r["errors"], sorted(r["suites"]), r["client_cpu"], r["p50_ms"])
 
 
 def phase_th(ctx, rows, results, budget, log):
@@ -316,8 +223,8 @@ def phase_th(ctx, rows, results, budget, log):
     Endpoint = ctx.endpoint_cls  # noqa: N806 (bench.Endpoint; bench imports this module)
     secs, conc = ctx.th_seconds, ctx.th_conc
     results["TH_params"] = {"seconds": secs, "concurrency": conc, "runs": ctx.runs,
-                            "client": f"Python ssl (OpenSSL 3), {conc} threads in {min(ctx.th_procs, conc)} "
-                                      "client processes, one fresh TCP + TLS connection per link, no session resumption"}
+                            "client": f"vmcload handshake (rustls 0.23, ring), {conc} threads in one process, one "
+                                      "fresh TCP + TLS connection per link, no session resumption"}
     for r in range(ctx.runs):
         order = rows[r % len(rows):] + rows[:r % len(rows)] if rows else []
         for key, name, c, x509, cert in order:
@@ -332,10 +239,9 @@ def phase_th(ctx, rows, results, budget, log):
                     c.launch(ctx, [f"usbredir:0=unix:{ep.path}"], f"th{r}")
                 else:
                     c.launch(ctx, ep, f"th{r}")
-                handshake_loop(ca_of(x509), c.port, min(0.5, secs / 3), 1)  # warm-up
+                handshake_loop(ctx, ca_of(x509), c.port, min(0.5, secs / 3), 1)  # warm-up
                 c0 = procs.tree_cpu_ticks(c.pid)
-                ok, failed, wall, errs, suites, client_cpu = handshake_loop_procs(
-                    ca_of(x509), c.port, secs, conc, ctx.th_procs)
+                ok, failed, wall, errs, suites, client_cpu, p50 = handshake_loop(ctx, ca_of(x509), c.port, secs, conc)
                 c1 = procs.tree_cpu_ticks(c.pid)
                 cpu = (c1 - c0) / procs.CLK_TCK if c0 is not None and c1 is not None else None
                 rec = {"ok": ok > 0 and failed == 0, "links_per_s": round(ok / wall, 1), "links": ok,
@@ -343,6 +249,7 @@ def phase_th(ctx, rows, results, budget, log):
                        "cpu_ms_per_link": round(cpu * 1000 / ok, 2) if cpu is not None and ok else None,
                        "relay_cpu_share": round(cpu / wall, 2) if cpu is not None and wall else None,
                        "client_cpu_share": round(client_cpu / wall, 2) if wall else None,
+                       "setup_p50_ms": p50,
                        "suites": suites, "error_messages": errs}
             except BenchError as e:
                 rec = {"ok": False, "error_messages": [str(e)]}
@@ -505,17 +412,3 @@ def markdown(out):
             L.append(f"| {t['target']} | {names.get(t['variant'], t['variant'])} | {cell} |")
         L.append("")
     return "\n".join(L)
-
-
-if __name__ == "__main__":
-    # Client process of TH: --th-client CA PORT SECONDS THREADS; one JSON line on stdout.
-    import json
-    import sys
-
-    if len(sys.argv) == 6 and sys.argv[1] == "--th-client":
-        ca, port, secs, threads = sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
-        ok, failed, wall, errs, suites, cpu = handshake_loop(ca, port, secs, threads)
-        print(json.dumps({"ok": ok, "failed": failed, "wall": wall, "errors": errs, "suites": suites,
-                          "client_cpu": cpu}), flush=True)
-        sys.exit(0)
-    sys.exit("usage: tlsbench.py --th-client CA PORT SECONDS THREADS (scripts/bench runs it)")

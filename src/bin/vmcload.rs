@@ -49,6 +49,45 @@ enum Cmd {
     Idle(IdleArgs),
     /// Start vmcrelay with three endpoints, run up, down and rr, explain the figures.
     Demo(DemoArgs),
+    /// TLS handshakes + SPICE link replies per second against a tls-port (fresh TCP + full handshake each).
+    #[command(after_help = HANDSHAKE_HELP)]
+    Handshake(HandshakeArgs),
+}
+
+const HANDSHAKE_HELP: &str = "\
+Each link: TCP connect, a full TLS handshake (no resumption), a main-channel
+SpiceLinkMess and the whole SpiceLinkReply (error 0), then close: the cost of
+a new client before any password is judged (scripts/bench's TH row). Threads
+link one after the other until --duration ends. Prints links/s and set-up
+p50/p99; --json writes one object (ok, failed, wall, links_per_s, p50_ms,
+p99_ms, max_ms, client_cpu, suites, errors). Exit 1 when no link succeeded.
+
+EXAMPLE
+  vmcload handshake --uri spice+tls://127.0.0.1:5931 --ca-file x509/ca-cert.pem -k 4 --duration 5s";
+
+#[derive(Args, Debug)]
+struct HandshakeArgs {
+    /// The server's TLS port: spice+tls://HOST:PORT or spice://HOST?tls-port=PORT.
+    #[arg(long, value_name = "URI")]
+    uri: String,
+    /// PEM CA file that signed the server's certificate.
+    #[arg(long, value_name = "FILE")]
+    ca_file: PathBuf,
+    /// Client threads, each linking one after the other.
+    #[arg(short = 'k', long, value_name = "K", default_value_t = 4)]
+    concurrency: usize,
+    /// How long to run (e.g. 5s, 500ms).
+    #[arg(long, value_name = "D", default_value = "5s")]
+    duration: String,
+    /// Per-link timeout.
+    #[arg(long, value_name = "D", default_value = "10s")]
+    timeout: String,
+    /// Write the figures as JSON to FILE (- for stdout).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// No human summary.
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 const RUN_HELP: &str = "\
@@ -575,6 +614,47 @@ fn cmd_demo(a: DemoArgs) -> anyhow::Result<bool> {
     demo::demo(&cfg).map_err(from_load)
 }
 
+fn cmd_handshake(a: HandshakeArgs) -> anyhow::Result<bool> {
+    use vmcrelay::load::handshake::{HandshakeConfig, run_handshakes};
+    let (addr, host) = match vmcrelay::relay::config::parse_spice_uri(&a.uri).map_err(usage)? {
+        ServerAddr::Tls { addr, host } => (addr, host),
+        _ => return Err(usage(format!("--uri {}: write spice+tls://HOST:PORT or spice://HOST?tls-port=PORT", a.uri))),
+    };
+    if a.concurrency == 0 {
+        return Err(usage("--concurrency must be at least 1"));
+    }
+    let duration = parse_duration(&a.duration).map_err(usage)?;
+    let timeout = parse_duration(&a.timeout).map_err(usage)?;
+    let tls = vmcrelay::tls::client_config(&vmcrelay::tls::ClientTlsOptions::with_ca_file(&a.ca_file))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = HandshakeConfig { addr, host, tls, threads: a.concurrency, duration, timeout };
+    let r = run_handshakes(&cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !a.quiet {
+        eprintln!(
+            "vmcload handshake: {} ok, {} failed in {:.2} s: {:.1} links/s, set-up p50 {:.2} ms p99 {:.2} ms max {:.2} \
+             ms, client CPU {:.2} s, {}",
+            r.ok,
+            r.failed,
+            r.wall_secs,
+            r.links_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.client_cpu_secs,
+            r.suites.join(", ")
+        );
+        for e in &r.errors {
+            eprintln!("  error: {e}");
+        }
+    }
+    match a.json.as_deref() {
+        Some(p) if p == std::path::Path::new("-") => println!("{}", r.to_json()),
+        Some(p) => std::fs::write(p, r.to_json() + "\n")?,
+        None => {}
+    }
+    Ok(r.ok > 0)
+}
+
 fn main() -> ExitCode {
     // No transparent huge pages: mimalloc asks for them on its arenas, and
     // with a thread per connection each thread's first pages then fault in
@@ -587,6 +667,7 @@ fn main() -> ExitCode {
         Cmd::Endpoint(a) => cmd_endpoint(a),
         Cmd::Idle(a) => cmd_idle(a),
         Cmd::Demo(a) => cmd_demo(a),
+        Cmd::Handshake(a) => cmd_handshake(a),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,

@@ -10,6 +10,7 @@
 //! - [`run`]: N connections on N threads, released together; modes `up`,
 //!   `down`, `echo`, `rr`; the watchdog and progress line.
 //! - [`endpoint`]: sink / source / echo apps on unix or TCP sockets.
+//! - [`handshake`]: TLS handshakes + link replies per second (TH).
 //! - [`idle`]: many sessions × channels linked and held idle (the server's
 //!   cost per idle channel), checked alive by an echo sample at the end.
 //! - [`report`]: the figures, as JSON and for humans.
@@ -21,6 +22,7 @@
 
 pub mod demo;
 pub mod endpoint;
+pub mod handshake;
 pub mod idle;
 pub mod pattern;
 pub mod report;
