@@ -699,3 +699,51 @@ fn up_without_the_far_sides_close_is_not_ok() {
     assert!(text.contains("did not close"), "the report says why: {text}");
     drop(keep);
 }
+
+/// `vmcload handshake` against `serve --tls-listen`: every link a full
+/// TLS handshake and a whole link reply (counted, none failed, TLS 1.3
+/// negotiated); with a CA that signed nothing of ours no link succeeds,
+/// the errors name the certificate, and it exits 1.
+#[test]
+fn handshake_counts_tls_links_and_fails_on_a_wrong_ca() {
+    let dir = TempDir::new("vl-hs");
+    make_x509_dir(&dir.0);
+    let ca = dir.path("ca-cert.pem").display().to_string();
+    let tls_port = free_port();
+    let args: Vec<String> = [
+        "--listen".to_string(),
+        format!("127.0.0.1:{}", free_port()),
+        "--tls-listen".into(),
+        format!("127.0.0.1:{tls_port}"),
+        "--x509-dir".into(),
+        dir.0.display().to_string(),
+        "--disable-ticketing".into(),
+        "--channel".into(),
+        "128=echo:".into(),
+    ]
+    .into();
+    let _relay = Relay::start(&args);
+    let uri = format!("spice+tls://127.0.0.1:{tls_port}");
+    let out = Command::new(VMCLOAD)
+        .args(["handshake", "--uri", &uri, "--ca-file", &ca, "-k", "2", "--duration", "1s", "--json", "-", "-q"])
+        .output()
+        .expect("vmcload handshake");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "handshake failed: {text} {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_str(text.trim()).expect("one JSON object");
+    assert!(v["ok"].as_u64().expect("ok") > 0, "{v}");
+    assert_eq!(v["failed"].as_u64(), Some(0), "{v}");
+    assert!(v["suites"][0].as_str().expect("a suite").contains("TLSv1_3"), "{v}");
+
+    let other = common::make_other_ca(&dir.path("other"));
+    let out = Command::new(VMCLOAD)
+        .args(["handshake", "--uri", &uri, "--ca-file", other.to_str().expect("utf8"), "-k", "1"])
+        .args(["--duration", "300ms", "--json", "-", "-q"])
+        .output()
+        .expect("vmcload handshake");
+    assert_eq!(out.status.code(), Some(1), "no link succeeded: exit 1");
+    let v: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).expect("JSON");
+    assert_eq!(v["ok"].as_u64(), Some(0), "{v}");
+    let e = v["errors"][0].as_str().expect("an error").to_lowercase();
+    assert!(e.contains("certificate") || e.contains("issuer"), "the error names the certificate: {e}");
+}
