@@ -85,9 +85,7 @@ fn link_request() -> Vec<u8> {
         connection_id: 0,
         channel_type: crate::proto::channel::CH_MAIN,
         channel_id: 0,
-        common_caps: Caps::from_words(&[
-            (1 << CAP_AUTH_SELECTION) | (1 << CAP_AUTH_SPICE) | (1 << CAP_MINI_HEADER),
-        ]),
+        common_caps: Caps::from_words(&[(1 << CAP_AUTH_SELECTION) | (1 << CAP_AUTH_SPICE) | (1 << CAP_MINI_HEADER)]),
         channel_caps: Caps::EMPTY,
     };
     let body_len = mess.encoded_len();
