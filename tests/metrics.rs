@@ -278,7 +278,7 @@ fn echo_messages(ch: &mut Channel, sizes: &[usize], seed: u64) -> usize {
 }
 
 /// Every family the README documents as the interface.
-const FAMILIES: [(&str, &str); 28] = [
+const FAMILIES: [(&str, &str); 29] = [
     ("vmcrelay_build_info", "gauge"),
     ("vmcrelay_uptime_seconds", "gauge"),
     ("vmcrelay_connections", "gauge"),
@@ -290,6 +290,7 @@ const FAMILIES: [(&str, &str); 28] = [
     ("vmcrelay_rejected_total", "counter"),
     ("vmcrelay_buffers_in_use", "gauge"),
     ("vmcrelay_buffers", "gauge"),
+    ("vmcrelay_buffers_pinned", "gauge"),
     ("vmcrelay_ring_ops_inflight", "gauge"),
     ("vmcrelay_ring_sq_full_total", "counter"),
     ("vmcrelay_key_pool_keys", "gauge"),
@@ -743,4 +744,46 @@ fn idle_channels_give_their_buffers_back_and_still_echo() {
         assert_eq!(echo_messages(ch, &[70_000, 1, 65_536], 200 + k as u64), 135_537, "channel {k} after idling");
     }
     drop(relay);
+}
+
+/// Connections that have not linked register no buffer: 120 half-open
+/// link-stage connections (every other one sent 8 bytes of a link header,
+/// so the relay read from it) leave `vmcrelay_buffers_pinned` at 0 (before:
+/// each link-stage read borrowed a 256 KiB registered buffer, pinned on
+/// first use). Once a session moves data, buffers are pinned, and a fresh
+/// session still links and echoes beside the half-open ones.
+#[test]
+fn half_open_links_pin_no_buffers() {
+    use std::net::{IpAddr, Ipv4Addr};
+    let (relay, maddr) = start_relay(&["--disable-ticketing", "--channel", "128=echo:"]);
+    let sum = |x: &[Sample], name: &str| -> f64 { x.iter().filter(|s| s.name == name).map(|s| s.value).sum() };
+    let sa: std::net::SocketAddr = relay.addr().parse().expect("addr");
+    let mut held = Vec::new();
+    for a in 2..6u8 {
+        for i in 0..30 {
+            let from = IpAddr::V4(Ipv4Addr::new(127, 0, 0, a));
+            let mut s = vmcrelay::relay::sync_client::tcp_from(sa, from).expect("connect");
+            if i % 2 == 1 {
+                s.write_all(b"REDQ\x02\x00\x00\x00").expect("partial link header");
+            }
+            held.push(s);
+        }
+    }
+    let seen = scrape_until(&maddr, "the 120 half-open connections", |x| {
+        sum(x, "vmcrelay_worker_connections") >= 120.0
+    });
+    // One more tick, so the snapshot follows the reads of the partial headers.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (now, _) = scrape(&maddr);
+    eprintln!(
+        "FIGURES half-open: {} connections, {} buffers pinned",
+        sum(&seen, "vmcrelay_worker_connections"),
+        sum(&now, "vmcrelay_buffers_pinned")
+    );
+    assert_eq!(sum(&now, "vmcrelay_buffers_pinned"), 0.0, "link-stage connections pinned buffers");
+    let s = Session::connect(&relay.addr(), b"", T).expect("fresh session beside the half-open ones");
+    let mut c = s.open(128, 0, false).expect("channel");
+    assert_eq!(echo_messages(&mut c, &[65_536, 100], 7), 65_636);
+    scrape_until(&maddr, "buffers pinned by traffic", |x| sum(x, "vmcrelay_buffers_pinned") > 0.0);
+    drop(held);
 }

@@ -317,6 +317,8 @@ pub struct WorkerSnapshot {
     pub buffers_in_use: u64,
     /// Registered buffers in the arena.
     pub buffers_total: u64,
+    /// Of those, registered with the ring now (pages pinned: resident).
+    pub buffers_pinned: u64,
     /// Ops in the kernel's hands.
     pub ops_inflight: u64,
     /// Pushes that found the submission queue full, since start.

@@ -471,11 +471,17 @@ fn render_metrics(server: &Server) -> String {
 
     let keys = shared.keys_ready();
     type SnapField = fn(&WorkerSnapshot) -> u64;
-    let per_worker: [(&str, &str, &str, SnapField); 4] = [
+    let per_worker: [(&str, &str, &str, SnapField); 5] = [
         ("vmcrelay_buffers_in_use", "gauge", "Registered buffers held by connections (last tick).", |s| {
             s.buffers_in_use
         }),
         ("vmcrelay_buffers", "gauge", "Registered buffers in the worker's arena.", |s| s.buffers_total),
+        (
+            "vmcrelay_buffers_pinned",
+            "gauge",
+            "Buffers registered with the ring now, their pages pinned (last tick).",
+            |s| s.buffers_pinned,
+        ),
         ("vmcrelay_ring_ops_inflight", "gauge", "io_uring ops in the kernel's hands (last tick).", |s| s.ops_inflight),
         (
             "vmcrelay_ring_sq_full_total",

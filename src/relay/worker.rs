@@ -199,6 +199,11 @@ pub struct Worker {
     /// SIGTERM/SIGINT in `serve`: no new connections; linked channels are
     /// served until they end, `drain_secs` at most, then `draining`.
     stopping: Option<Instant>,
+    /// Link-stage input (see `link_read`): the worker's one scratch
+    /// buffer, and while a link consumes from it: that connection's slot,
+    /// the bytes peeked into it, how many the link took, how many there are.
+    link_scratch: Vec<u8>,
+    link_peek: Option<(u32, Vec<u8>, usize, usize)>,
     /// Connections held back by the failed-ticket throttle: (slot,
     /// generation, not before). At most one per slot.
     held: Vec<(u32, u32, Instant)>,
@@ -292,6 +297,8 @@ impl Worker {
             rng: rand::rngs::StdRng::try_from_rng(&mut rand::rngs::SysRng)
                 .unwrap_or_else(|_| rand::rngs::StdRng::seed_from_u64(std::process::id().into())),
             draining: None,
+            link_scratch: Vec::new(),
+            link_peek: None,
             stopping: None,
             held: Vec::new(),
             link_stage: VecDeque::new(),

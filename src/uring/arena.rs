@@ -172,6 +172,12 @@ impl Arena {
         }
     }
 
+    /// Buffers registered with the ring now: their pages are pinned, so
+    /// resident whether or not a connection holds them.
+    pub fn registered_count(&self) -> usize {
+        self.registered.iter().filter(|&&r| r).count()
+    }
+
     /// Free, registered buffers beyond the `keep` most recently freed, the
     /// least recently used first (the bottom of the free stack).
     pub(crate) fn trim_candidates(&self, keep: usize, max: usize) -> Vec<BufId> {

@@ -38,6 +38,10 @@ impl Worker {
             }
             return;
         }
+        if matches!(conn.stage, Stage::Link { .. }) && conn.rx.is_none() {
+            // Not linked yet: no data buffer (see `link_read`).
+            return self.link_read(slot, conn);
+        }
         let Some(rx) = self.take_rx(slot, conn) else { return };
         let mut size = self.ring.arena().buf_size();
         if self.live.config.limits.data_path == DataPath::Splice

@@ -40,7 +40,13 @@ impl Worker {
             return;
         }
         let hl = conn.enc.header_len();
-        let linking = matches!(conn.stage, Stage::Link { .. } | Stage::CLink { .. } | Stage::ULink { hold: false, .. });
+        // A link stage with nothing to send takes no buffer (a connection
+        // that has not linked never touches one: see `link_read`).
+        let linking = match &conn.stage {
+            Stage::Link { link, .. } => !link.pending_output().is_empty(),
+            Stage::CLink { link, .. } | Stage::ULink { link, hold: false, .. } => !link.pending_output().is_empty(),
+            _ => false,
+        };
         if !linking && conn.ctl_q.is_empty() {
             // Nothing to send: the buffer goes back until data comes.
             self.put_tx(conn);

@@ -623,6 +623,7 @@ impl Worker {
             conns,
             buffers_in_use: (arena.count() - arena.free_count()) as u64,
             buffers_total: arena.count() as u64,
+            buffers_pinned: arena.registered_count() as u64,
             ops_inflight: self.ring.inflight() as u64,
             sq_full_events: self.ring.sq_full_events(),
             at: Some(now),

@@ -3,21 +3,107 @@
 //! result goes out, then the hand-over to the data stage (main or channel).
 
 use super::lifecycle::AcceptBackoff;
+use nix::errno::Errno;
+use nix::sys::socket::MsgFlags;
+
 use super::*;
 
+/// The worker's link-stage scratch buffer: a link header, the largest
+/// link body the state machine accepts, and a ticket.
+const LINK_SCRATCH_BYTES: usize = 8 * 1024;
+
 impl Worker {
+    /// Reads link-stage input without a registered buffer: the socket's
+    /// bytes are peeked (`MSG_PEEK`) into the worker's one scratch buffer,
+    /// the link takes what it wants, and exactly that much is consumed
+    /// from the socket (in `pump_link`); whatever follows the link (data-stage bytes) stays
+    /// in the socket for the data stage's own reads. A connection that has
+    /// not linked thus never touches (or pins) a 256 KiB data buffer: a
+    /// flood of half-open connections costs their link state only.
+    pub(super) fn link_read(&mut self, slot: u32, conn: &mut Conn) {
+        if let Some(p) = &self.link_peek {
+            if p.0 == slot {
+                // This link is consuming its peeked bytes (a nested call):
+                // it reads again once they are taken from the socket.
+                return;
+            }
+            // Another link holds the scratch buffer: wait on readiness,
+            // which completes at once if bytes are there.
+            conn.lend.rx_ready = false;
+            return self.read_client(slot, conn);
+        }
+        let mut buf = std::mem::take(&mut self.link_scratch);
+        buf.resize(LINK_SCRATCH_BYTES, 0);
+        let fd = conn.fd.as_raw_fd();
+        let peek = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        let n = match nix::sys::socket::recv(fd, &mut buf, peek) {
+            Ok(n) => n,
+            Err(Errno::EAGAIN | Errno::EINTR) => {
+                // Nothing after all: wait for readiness again.
+                self.link_scratch = buf;
+                conn.lend.rx_ready = false;
+                return self.read_client(slot, conn);
+            }
+            Err(e) => {
+                self.link_scratch = buf;
+                return self.close(slot, conn, &errno_reason("client read", -(e as i32)));
+            }
+        };
+        if n == 0 {
+            self.link_scratch = buf;
+            return self.close(slot, conn, "client closed");
+        }
+        conn.lend.rx_ready = false;
+        conn.last_rx = Instant::now();
+        self.link_peek = Some((slot, buf, 0, n));
+        let more = self.pump_link(slot, conn);
+        let Some((_, buf, used, _)) = self.link_peek.take() else { return };
+        self.link_scratch = buf;
+        if conn.closing.is_some() || !more {
+            return;
+        }
+        if matches!(conn.stage, Stage::Link { .. }) {
+            if used == 0 {
+                // The link wants nothing now (it waits for its reply to go
+                // out, or for the server side): it resumes through pump_in.
+                return;
+            }
+            return self.read_client(slot, conn);
+        }
+        // Linked: the data stage reads the rest from the socket itself.
+        self.pump_in(slot, conn);
+    }
+
     /// Link stage: feeds the state machine, acts on its actions. Returns
     /// whether more client input is wanted now.
     pub(super) fn pump_link(&mut self, slot: u32, conn: &mut Conn) -> bool {
         loop {
             let Stage::Link { link, .. } = &mut conn.stage else { return true };
-            let input = conn
-                .rx
-                .and_then(|b| self.ring.arena().get(b))
-                .and_then(|b| b.get(conn.rx_pos..conn.rx_len))
-                .unwrap_or_default();
-            let used = link.handle_input(input);
-            conn.rx_pos += used;
+            if let Some((_, buf, pos, len)) = self.link_peek.as_mut().filter(|p| p.0 == slot) {
+                // Peeked bytes (`link_read`): the link takes what it wants,
+                // and that is consumed from the socket at once, before any
+                // action can start a data-stage read.
+                let used = link.handle_input(buf.get(*pos..*len).unwrap_or_default());
+                if used > 0 {
+                    let flags = MsgFlags::MSG_DONTWAIT;
+                    match nix::sys::socket::recv(conn.fd.as_raw_fd(), &mut buf[*pos..*pos + used], flags) {
+                        Ok(k) if k == used => *pos += used,
+                        r => {
+                            let why = format!("client read: {used} peeked bytes not there ({r:?})");
+                            self.close(slot, conn, &why);
+                            return false;
+                        }
+                    }
+                }
+            } else {
+                let input = conn
+                    .rx
+                    .and_then(|b| self.ring.arena().get(b))
+                    .and_then(|b| b.get(conn.rx_pos..conn.rx_len))
+                    .unwrap_or_default();
+                let used = link.handle_input(input);
+                conn.rx_pos += used;
+            }
             let Some(action) = link.poll_action() else {
                 let done = link.is_done();
                 self.pump_out(slot, conn);
