@@ -769,9 +769,8 @@ fn half_open_links_pin_no_buffers() {
             held.push(s);
         }
     }
-    let seen = scrape_until(&maddr, "the 120 half-open connections", |x| {
-        sum(x, "vmcrelay_worker_connections") >= 120.0
-    });
+    let seen =
+        scrape_until(&maddr, "the 120 half-open connections", |x| sum(x, "vmcrelay_worker_connections") >= 120.0);
     // One more tick, so the snapshot follows the reads of the partial headers.
     std::thread::sleep(Duration::from_millis(1500));
     let (now, _) = scrape(&maddr);
