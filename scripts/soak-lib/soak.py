@@ -459,7 +459,11 @@ def _expect_close(s, deadline, greedy=True):
             return True  # an answer (e.g. a link error reply) is fine too
 
 
-def w_garbage(ctx):
+def w_garbage(index):
+    return lambda ctx: _w_garbage(ctx, index)
+
+
+def _w_garbage(ctx, index):
     kind = "garbage"
     lt = ctx.args.link_timeout_secs
     variants = [
@@ -483,7 +487,7 @@ def w_garbage(ctx):
         t0 = time.monotonic()
         deadline = t0 + lt + 6
         try:
-            ok = _garbage_one(ctx, v, deadline)
+            ok = _garbage_one(ctx, v, deadline, index)
         except spice.SpiceError as e:
             ctx.stats.fail(kind, f"{v}: {e}")
             ctx.sleep(1)
@@ -498,10 +502,10 @@ def w_garbage(ctx):
             ctx.stats.fail(kind, f"{v}: {what} ({time.monotonic() - t0:.1f} s)")
 
 
-def _garbage_one(ctx, v, deadline):
+def _garbage_one(ctx, v, deadline, index):
     """One hostile connection; True if the relay dealt with it."""
     if v.startswith("post-link"):
-        return _garbage_post_link(ctx, v, deadline)
+        return _garbage_post_link(ctx, v, deadline, index)
     s = spice.tcp(ctx.addr, GARBAGE, timeout=10)
     try:
         if v == "random":
@@ -544,12 +548,13 @@ def _garbage_one(ctx, v, deadline):
         s.close()
 
 
-def _garbage_post_link(ctx, v, deadline):
-    """A good link from the garbage address, then hostile messages."""
+def _garbage_post_link(ctx, v, deadline, index):
+    """A good link from the garbage address (channel CH_GARBAGE:index of
+    this garbage client), then hostile messages."""
     try:
         if v == "post-link-data-absurd":
             sess = spice.Session(ctx.addr, PASSWORD, GARBAGE)
-            conn = sess.open(CH_GARBAGE, 0)
+            conn = sess.open(CH_GARBAGE, index)
         else:
             sess = None
             conn = spice.link(ctx.addr, PASSWORD, spice.CH_MAIN, 0, 0, GARBAGE)
@@ -1082,11 +1087,14 @@ def relay_config(ctx):
     chans.append(f"{CH_RR}:0=echo:")
     for i in range(a.churn_clients):
         chans.append(f"{CH_CHURN}:{i}=echo:")
+    # One channel per garbage client: two of them linking the same channel
+    # in two sessions would replace each other (busy policy), a soak race.
+    for i in range(a.garbage_clients):
+        chans.append(f"{CH_GARBAGE}:{i}=echo:")
     chans += [
         f"{CH_KILL}:0=echo:",
         f"{CH_SLOW_CLIENT}:0=unix:{ctx.spath('slowsrc.sock')}",
         f"{CH_SLOW_EP}:0=unix:{ctx.spath('slowep.sock')}",
-        f"{CH_GARBAGE}:0=echo:",
         f"{CH_FRESH}:0=echo:",
         f"usbredir:0=unix:{ctx.restart_sock}",
         f"port:{RESTART_PORT}=unix:{ctx.restart_sock}",
@@ -1346,8 +1354,8 @@ def main(argv):
         threads.append(guarded(ctx, kind, fn))
     for _ in range(args.wrong_password_clients):
         threads.append(guarded(ctx, "wrong-password", w_wrong_password))
-    for _ in range(args.garbage_clients):
-        threads.append(guarded(ctx, "garbage", w_garbage))
+    for i in range(args.garbage_clients):
+        threads.append(guarded(ctx, "garbage", w_garbage(i)))
     if args.half_open:
         threads.append(guarded(ctx, "half-open", w_half_open))
     if not args.no_endpoint_restart:
