@@ -16,10 +16,11 @@ impl Worker {
     /// Reads link-stage input without a registered buffer: the socket's
     /// bytes are peeked (`MSG_PEEK`) into the worker's one scratch buffer,
     /// the link takes what it wants, and exactly that much is consumed
-    /// from the socket (in `pump_link`); whatever follows the link (data-stage bytes) stays
-    /// in the socket for the data stage's own reads. A connection that has
-    /// not linked thus never touches (or pins) a 256 KiB data buffer: a
-    /// flood of half-open connections costs their link state only.
+    /// from the socket (in `pump_link`); whatever follows the link
+    /// (data-stage bytes) stays in the socket for the data stage's own
+    /// reads. A connection that has not linked thus never touches (or
+    /// pins) a 256 KiB data buffer: a flood of half-open connections costs
+    /// their link state only.
     pub(super) fn link_read(&mut self, slot: u32, conn: &mut Conn) {
         if let Some(p) = &self.link_peek {
             if p.0 == slot {
