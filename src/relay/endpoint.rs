@@ -184,6 +184,13 @@ impl Builtins {
                 Err(_) => return false,
             }
         }
+        if end.done < end.pending.len() {
+            // The last read's echo went out in part: wait for room, not for
+            // input (level-triggered EPOLLIN would not fire again once the
+            // relay has sent everything, and the rest would sit here).
+            let ev = EpollEvent::new(EpollFlags::EPOLLOUT | EpollFlags::EPOLLRDHUP, key);
+            return self.epoll.modify(&end.sock, &mut { ev }).is_ok();
+        }
         true
     }
 }
