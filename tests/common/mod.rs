@@ -98,33 +98,7 @@ impl Relay {
             .and_then(|l| l.rsplit(':').next())
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
-        let mut cmd = match wrapper.split_first() {
-            Some((w, rest)) => {
-                let mut c = Command::new(w);
-                c.args(rest).arg(env!("CARGO_BIN_EXE_vmcrelay"));
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_vmcrelay")),
-        };
-        let mut child = cmd
-            .arg("serve")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmcrelay");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let err = child.stderr.take().expect("stderr");
-        let log2 = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if std::env::var("VMCRELAY_TEST_LOG").is_ok() {
-                    eprintln!("relay: {line}");
-                }
-                log2.lock().expect("log").push(line);
-            }
-        });
+        let (child, log) = spawn_logged(wrapper, "serve", args, "relay");
         let r = Relay { child, port, log };
         r.wait_log("ready workers=", Duration::from_secs(20));
         r
@@ -173,6 +147,45 @@ impl Relay {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Starts `vmcrelay SUBCOMMAND ARGS` (under `wrapper`, e.g. `prlimit
+/// --nofile=64:64`, when given) with its stderr kept line by line (and
+/// echoed as `TAG: line` with `VMCRELAY_TEST_LOG` set).
+fn spawn_logged(
+    wrapper: &[&str],
+    subcommand: &str,
+    args: &[String],
+    tag: &'static str,
+) -> (Child, Arc<Mutex<Vec<String>>>) {
+    let mut cmd = match wrapper.split_first() {
+        Some((w, rest)) => {
+            let mut c = Command::new(w);
+            c.args(rest).arg(env!("CARGO_BIN_EXE_vmcrelay"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_vmcrelay")),
+    };
+    let mut child = cmd
+        .arg(subcommand)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn vmcrelay {subcommand}: {e}"));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let err = child.stderr.take().expect("stderr");
+    let log2 = Arc::clone(&log);
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if std::env::var("VMCRELAY_TEST_LOG").is_ok() {
+                eprintln!("{tag}: {line}");
+            }
+            log2.lock().expect("log").push(line);
+        }
+    });
+    (child, log)
 }
 
 impl Drop for Relay {
@@ -443,33 +456,7 @@ impl Connect {
     /// Like [`Connect::start`], run under a wrapper command (e.g. `prlimit
     /// --nofile=64:64`).
     pub fn start_under(wrapper: &[&str], args: &[String]) -> Connect {
-        let mut cmd = match wrapper.split_first() {
-            Some((w, rest)) => {
-                let mut c = Command::new(w);
-                c.args(rest).arg(env!("CARGO_BIN_EXE_vmcrelay"));
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_vmcrelay")),
-        };
-        let mut child = cmd
-            .arg("connect")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn vmcrelay connect");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let err = child.stderr.take().expect("stderr");
-        let l2 = Arc::clone(&log);
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if std::env::var("VMCRELAY_TEST_LOG").is_ok() {
-                    eprintln!("connect: {line}");
-                }
-                l2.lock().expect("log").push(line);
-            }
-        });
+        let (child, log) = spawn_logged(wrapper, "connect", args, "connect");
         Connect { child, log }
     }
 
